@@ -1,0 +1,6 @@
+"""Persistence: SQLAlchemy 2.x on SQLite (WAL) by default; a Postgres URL also works."""
+
+from storage.db import Database, DataDirError
+from storage.models import Base
+
+__all__ = ["Base", "DataDirError", "Database"]

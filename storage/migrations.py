@@ -1,0 +1,76 @@
+"""Versioned schema: an ordered list of migrations, each applied once and recorded.
+
+Add a new `Migration` at the end of `MIGRATIONS`; never edit or reorder applied ones.
+A migration either creates whole tables of an ORM module or runs a function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import Engine
+
+__all__ = ["MIGRATIONS", "Migration", "apply_migrations", "applied_migrations"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: str
+    # "module:Table" names of ORM tables to create, e.g. "storage.models:users".
+    tables: tuple[str, ...] = ()
+    run: Callable[[Connection], None] | None = field(default=None, compare=False)
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "0001_core",
+        tables=(
+            "storage.models:users",
+            "storage.models:conversations",
+            "storage.models:messages",
+            "storage.models:feedback",
+        ),
+    ),
+]
+
+
+def _create_tables(conn: Connection, names: tuple[str, ...]) -> None:
+    for name in names:
+        module_name, table_name = name.split(":")
+        module = importlib.import_module(module_name)
+        table = module.Base.metadata.tables[table_name]
+        table.create(conn, checkfirst=True)
+
+
+def applied_migrations(conn: Connection) -> list[str]:
+    conn.execute(
+        text(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(id VARCHAR(100) PRIMARY KEY, applied_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)"
+        )
+    )
+    return [row[0] for row in conn.execute(text("SELECT id FROM schema_migrations ORDER BY id"))]
+
+
+def apply_migrations(engine: Engine) -> list[str]:
+    """Apply every pending migration in order, each in its own transaction."""
+    with engine.begin() as conn:
+        done = set(applied_migrations(conn))
+    newly: list[str] = []
+    for migration in MIGRATIONS:
+        if migration.id in done:
+            continue
+        with engine.begin() as conn:
+            _create_tables(conn, migration.tables)
+            if migration.run is not None:
+                migration.run(conn)
+            conn.execute(text("INSERT INTO schema_migrations (id) VALUES (:id)"), {"id": migration.id})
+        log.info("applied schema migration %s", migration.id)
+        newly.append(migration.id)
+    return newly
