@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EmbeddingModelMissing", "Embedder", "embedded_minilm_path"]
+__all__ = ["Embedder", "EmbeddingModelMissing", "embedded_minilm_path"]
 
 log = logging.getLogger(__name__)
 

@@ -140,6 +140,15 @@ class LearnerSettings:
     epochs: int = 1
     warmup_ratio: float = 0.1
     max_seq_len: int = 1024
+    # Training (issue 5): the reference's batch 1 x accumulation 2, warm-up capped at 100.
+    train_batch_size: int = 1
+    grad_accum_steps: int = 2
+    max_warmup_steps: int = 100
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant_with_warmup"
+    dpo_learning_rate: float = 1e-5
+    dpo_beta: float = 0.1
+    gate_seed: int = 1234
 
 
 @dataclass
@@ -194,9 +203,9 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-            if type(None) in args:
-                return None
+        empty = value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+        if empty and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], name)
     if origin is Literal:

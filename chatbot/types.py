@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -88,8 +88,10 @@ class ChatModel(Protocol):
         messages: Sequence[ChatMessage],
         params: GenerationParams,
         adapter: str | None = None,
-    ) -> Iterator[str]:
-        """Yield text pieces; raises ModelError/ModelTimeoutError mid-stream on failure."""
+    ) -> Generator[str, None, Completion]:
+        """Yield text pieces and return the final `Completion` (generator return value).
+
+        Raises ModelError/ModelTimeoutError mid-stream on failure."""
         ...
 
     def generate_batch(

@@ -37,6 +37,16 @@ MIGRATIONS: list[Migration] = [
             "storage.models:feedback",
         ),
     ),
+    Migration(
+        "0005_adapters",
+        tables=(
+            "storage.adapter_models:adapters",
+            "storage.adapter_models:adapter_activations",
+            "storage.adapter_models:training_runs",
+            "storage.adapter_models:gate_evaluations",
+        ),
+    ),
+    Migration("0006_memory", tables=("storage.memory_models:memory_facts",)),
 ]
 
 

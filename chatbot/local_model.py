@@ -1,0 +1,610 @@
+"""Local transformers backend: batched decoding on one worker thread, LoRA adapters via peft.
+
+All model work (forward passes, adapter loads and unloads, exclusive jobs such as the critic's
+logit scoring) runs on a single worker thread, so adapters can be swapped safely between
+batches while requests stream. Concurrent chat requests that arrive within a short window
+are decoded together in one left-padded batch: one forward pass per token for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatbot.types import (
+    BASE_ADAPTER,
+    ChatMessage,
+    Completion,
+    GenerationParams,
+    ModelBusyError,
+    ModelError,
+    ModelTimeoutError,
+)
+
+__all__ = ["AdapterLoadError", "LocalModel", "cpu_has_native_bf16", "pick_device_and_dtype"]
+
+log = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class AdapterLoadError(ModelError):
+    """An adapter directory was refused (unsafe format, missing files, wrong base)."""
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype != "auto":
+        return device, getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return device, torch.bfloat16
+    # fp32 on CPU: for a model this small, bf16 kernels are not faster even with native
+    # support (bench/chat_latency.py measures both), and elsewhere bf16 is far slower.
+    return device, torch.float32
+
+
+@dataclass
+class _Job:
+    prompts: list[list[int]]
+    params: GenerationParams
+    adapter: str | None
+    deadline: float
+    # One token queue per prompt for streaming; None entries mean "not streamed".
+    sinks: list[queue.Queue | None]
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Exclusive:
+    fn: Callable[[Any, Any], Any]
+    future: Future = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class LocalModel:
+    """A `ChatModel` backed by a local transformers model (HF id or directory)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        model_id: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        load_in_4bit: bool = True,
+        max_batch_size: int = 8,
+        queue_size: int = 16,
+        batch_window_ms: int = 15,
+        model: Any = None,
+        tokenizer: Any = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = str(model_path)
+        self.model_id = model_id or self.model_path
+        self.device, self.dtype = pick_device_and_dtype(device, dtype)
+        self.quantized = False
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        if model is None:
+            kwargs: dict[str, Any] = {"dtype": self.dtype}
+            if self.device.startswith("cuda") and load_in_4bit:
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_compute_dtype=torch.bfloat16,
+                    bnb_4bit_use_double_quant=True,
+                )
+                kwargs["device_map"] = {"": self.device}
+                self.quantized = True
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+            if not self.quantized:
+                model.to(self.device)
+        model.eval()
+        self.model = model
+        self._stop_ids = self._collect_stop_ids()
+        self._adapters: dict[str, str] = {}
+        self._retiring: set[str] = set()
+        self._in_use: dict[str, int] = {}
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_ms / 1000.0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._pending: deque = deque()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="upc-local-model", daemon=True)
+        self._worker.start()
+        log.info(
+            "loaded %s on %s (%s%s)",
+            self.model_id,
+            self.device,
+            self.dtype,
+            ", 4-bit NF4" if self.quantized else "",
+        )
+
+    # ----------------------------------------------------------------- public API
+    def format_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        items = [{"role": m.role, "content": m.content} for m in messages]
+        return self.tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
+        text = self.format_prompt(messages)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return len(self.encode(messages))
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        adapter: str | None = None,
+    ) -> Completion:
+        job = self._submit([self.encode(messages)], params, adapter, stream=False, block=False)
+        return self._wait(job, params)[0]
+
+    def generate_batch(
+        self,
+        conversations: Sequence[Sequence[ChatMessage]],
+        params: GenerationParams,
+        adapter: str | None = None,
+    ) -> list[Completion]:
+        if not conversations:
+            return []
+        prompts = [self.encode(c) for c in conversations]
+        job = self._submit(prompts, params, adapter, stream=False, block=True)
+        return self._wait(job, params)
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+        adapter: str | None = None,
+    ) -> Generator[str, None, Completion]:
+        job = self._submit([self.encode(messages)], params, adapter, stream=True, block=False)
+        sink = job.sinks[0]
+        assert sink is not None
+        try:
+            while True:
+                remaining = job.deadline - time.perf_counter() + 5.0
+                try:
+                    item = sink.get(timeout=max(remaining, 0.1))
+                except queue.Empty as exc:
+                    job.cancelled.set()
+                    raise ModelTimeoutError(f"no reply within {params.timeout_s:.0f}s") from exc
+                if item is _STOP:
+                    break
+                yield item
+            completion = job.future.result()[0]
+            if completion.finish_reason == "timeout":
+                raise ModelTimeoutError(f"the reply ran past {params.timeout_s:.0f}s")
+            if completion.finish_reason == "error":
+                raise ModelError(completion.extra.get("error", "generation failed"))
+            return completion
+        finally:
+            job.cancelled.set()
+
+    def run_exclusive(self, fn: Callable[[Any, Any], Any], timeout_s: float = 600.0) -> Any:
+        """Run `fn(model, tokenizer)` on the worker thread, serialized with generation."""
+        task = _Exclusive(fn)
+        self._put(task, block=True)
+        return task.future.result(timeout=timeout_s)
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def load_adapter(self, adapter_id: str, path: str | Path) -> None:
+        """Load a LoRA adapter next to the others (safetensors only); does not activate it."""
+        path = Path(path)
+        _check_adapter_dir(path)
+
+        def _load(model: Any, _tok: Any) -> None:
+            from peft import PeftModel
+
+            if adapter_id in self._adapters:
+                return
+            if not hasattr(model, "peft_config"):
+                self.model = PeftModel.from_pretrained(
+                    model, str(path), adapter_name=adapter_id, is_trainable=False
+                )
+                self.model.eval()
+            else:
+                model.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
+            self._adapters[adapter_id] = str(path)
+
+        started = time.perf_counter()
+        try:
+            self.run_exclusive(_load)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
+        log.info("adapter %s loaded in %.0f ms", adapter_id, 1000 * (time.perf_counter() - started))
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Unload once no queued or running request uses it."""
+        self._retiring.add(adapter_id)
+        self.run_exclusive(lambda _m, _t: self._reap_adapters())
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + len(self._pending)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._worker.join(timeout=30)
+
+    # ----------------------------------------------------------------- internals
+    def _collect_stop_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (
+            self.tokenizer.eos_token_id,
+            getattr(self.model.generation_config, "eos_token_id", None),
+        ):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list | tuple):
+                ids.update(int(i) for i in source)
+        for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|im_start|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+    def _submit(
+        self,
+        prompts: list[list[int]],
+        params: GenerationParams,
+        adapter: str | None,
+        *,
+        stream: bool,
+        block: bool,
+    ) -> _Job:
+        if self._closed:
+            raise ModelError("the model is shut down")
+        adapter = None if adapter in (None, BASE_ADAPTER) else adapter
+        if adapter is not None and adapter not in self._adapters:
+            raise ModelError(f"adapter {adapter!r} is not loaded")
+        job = _Job(
+            prompts=prompts,
+            params=params,
+            adapter=adapter,
+            deadline=time.perf_counter() + params.timeout_s,
+            sinks=[queue.Queue() if stream else None for _ in prompts],
+        )
+        if adapter is not None:
+            self._in_use[adapter] = self._in_use.get(adapter, 0) + 1
+        try:
+            self._put(job, block=block)
+        except ModelBusyError:
+            self._release(job)
+            raise
+        return job
+
+    def _put(self, item: Any, *, block: bool) -> None:
+        try:
+            if block:
+                self._queue.put(item, timeout=600)
+            else:
+                self._queue.put_nowait(item)
+        except queue.Full as exc:
+            raise ModelBusyError(
+                "the model is busy (request queue full); please try again in a moment"
+            ) from exc
+
+    def _wait(self, job: _Job, params: GenerationParams) -> list[Completion]:
+        try:
+            completions = job.future.result(timeout=params.timeout_s + 30)
+        except TimeoutError as exc:
+            job.cancelled.set()
+            raise ModelTimeoutError(f"no reply within {params.timeout_s:.0f}s") from exc
+        for completion in completions:
+            if completion.finish_reason == "error":
+                raise ModelError(completion.extra.get("error", "generation failed"))
+        if all(c.finish_reason == "timeout" for c in completions):
+            raise ModelTimeoutError(f"the reply ran past {params.timeout_s:.0f}s")
+        return completions
+
+    def _release(self, job: _Job) -> None:
+        if job.adapter is not None:
+            self._in_use[job.adapter] -= 1
+
+    def _reap_adapters(self) -> None:
+        for adapter_id in list(self._retiring):
+            if self._in_use.get(adapter_id, 0) > 0:
+                continue
+            if adapter_id in self._adapters and hasattr(self.model, "delete_adapter"):
+                self.model.delete_adapter(adapter_id)
+                del self._adapters[adapter_id]
+                log.info("adapter %s unloaded", adapter_id)
+            self._retiring.discard(adapter_id)
+
+    def _next_item(self, block: bool) -> Any:
+        if self._pending:
+            return self._pending.popleft()
+        if block:
+            return self._queue.get()
+        return self._queue.get_nowait()
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            item = self._next_item(block=True)
+            if item is _STOP:
+                return
+            if isinstance(item, _Exclusive):
+                self._run_exclusive(item)
+                continue
+            batch = [item]
+            self._gather(batch)
+            try:
+                self._decode(batch)
+            except Exception as exc:
+                log.exception("generation failed")
+                for job in batch:
+                    self._fail(job, exc)
+            finally:
+                for job in batch:
+                    self._release(job)
+                if self._retiring:
+                    self._reap_adapters()
+
+    def _run_exclusive(self, task: _Exclusive) -> None:
+        try:
+            task.future.set_result(task.fn(self.model, self.tokenizer))
+        except Exception as exc:
+            task.future.set_exception(exc)
+
+    def _gather(self, batch: list[_Job]) -> None:
+        """Collect compatible chat jobs arriving within the batch window."""
+        first = batch[0]
+        if len(first.prompts) >= self.max_batch_size:
+            return
+        deadline = time.perf_counter() + self.batch_window_s
+        size = len(first.prompts)
+        skipped: list[Any] = []
+        while size < self.max_batch_size:
+            if self._pending:
+                item = self._pending.popleft()
+            else:
+                timeout = deadline - time.perf_counter()
+                try:
+                    if timeout > 0:
+                        item = self._queue.get(timeout=timeout)
+                    else:
+                        item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if (
+                isinstance(item, _Job)
+                and item.adapter == first.adapter
+                and size + len(item.prompts) <= self.max_batch_size
+            ):
+                batch.append(item)
+                size += len(item.prompts)
+            else:
+                skipped.append(item)
+                if item is _STOP or isinstance(item, _Exclusive):
+                    break
+        self._pending.extendleft(reversed(skipped))
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        for sink in job.sinks:
+            if sink is not None:
+                sink.put(_STOP)
+        if not job.future.done():
+            job.future.set_result(
+                [
+                    Completion(
+                        text="",
+                        model_id=self.model_id,
+                        finish_reason="error",
+                        adapter_id=job.adapter or BASE_ADAPTER,
+                        extra={"error": str(exc)},
+                    )
+                    for _ in job.prompts
+                ]
+            )
+
+    def _adapter_context(self, adapter: str | None) -> Any:
+        from contextlib import nullcontext
+
+        model = self.model
+        if not hasattr(model, "peft_config"):
+            return nullcontext()
+        if adapter is None:
+            return model.disable_adapter()
+        model.set_adapter(adapter)
+        return nullcontext()
+
+    def _decode(self, batch: list[_Job]) -> None:
+        rows: list[tuple[_Job, int]] = [(job, i) for job in batch for i in range(len(job.prompts))]
+        prompts = [job.prompts[i] for job, i in rows]
+        n = len(rows)
+        started = time.perf_counter()
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention[r, width - len(p) :] = 1
+        input_ids = input_ids.to(self.device)
+        attention = attention.to(self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        params = [job.params for job, _ in rows]
+        max_new = max(p.max_new_tokens for p in params)
+        generators = [_make_generator(p.seed, self.device) for p in params]
+        generated: list[list[int]] = [[] for _ in range(n)]
+        emitted_text = [""] * n
+        done = [False] * n
+        reasons = ["length"] * n
+        first_token_at: list[float | None] = [None] * n
+        seen = [torch.tensor(sorted(set(p)), dtype=torch.long, device=self.device) for p in prompts]
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        with torch.inference_mode(), self._adapter_context(batch[0].adapter):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1, :].float()
+            position = positions[:, -1:]
+            for step in range(max_new):
+                next_ids = torch.empty(n, dtype=torch.long)
+                for r in range(n):
+                    if done[r]:
+                        next_ids[r] = pad_id
+                        continue
+                    next_ids[r] = _sample(logits[r], params[r], seen[r], generators[r])
+                now = time.perf_counter()
+                for r in range(n):
+                    if done[r]:
+                        continue
+                    job, idx = rows[r]
+                    token = int(next_ids[r])
+                    if first_token_at[r] is None:
+                        first_token_at[r] = now - job.submitted_at
+                    if job.cancelled.is_set():
+                        done[r], reasons[r] = True, "stop"
+                        continue
+                    if token in self._stop_ids:
+                        done[r], reasons[r] = True, "stop"
+                        continue
+                    generated[r].append(token)
+                    seen[r] = torch.cat([seen[r], next_ids[r : r + 1].to(self.device)])
+                    sink = job.sinks[idx]
+                    if sink is not None:
+                        text = self.tokenizer.decode(generated[r], skip_special_tokens=True)
+                        if not text.endswith("\ufffd") and len(text) > len(emitted_text[r]):
+                            sink.put(text[len(emitted_text[r]) :])
+                            emitted_text[r] = text
+                    if len(generated[r]) >= params[r].max_new_tokens:
+                        done[r], reasons[r] = True, "length"
+                    elif now > job.deadline:
+                        done[r], reasons[r] = True, "timeout"
+                if all(done) or step == max_new - 1:
+                    break
+                attention = torch.cat(
+                    [attention, torch.ones((n, 1), dtype=attention.dtype, device=self.device)],
+                    dim=1,
+                )
+                position = position + 1
+                out = self.model(
+                    input_ids=next_ids.to(self.device)[:, None],
+                    attention_mask=attention,
+                    position_ids=position,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits = out.logits[:, -1, :].float()
+        elapsed = time.perf_counter() - started
+        results: dict[int, list[Completion]] = {id(job): [] for job in batch}
+        for r, (job, idx) in enumerate(rows):
+            text = self.tokenizer.decode(generated[r], skip_special_tokens=True).strip()
+            sink = job.sinks[idx]
+            if sink is not None:
+                full = self.tokenizer.decode(generated[r], skip_special_tokens=True)
+                if len(full) > len(emitted_text[r]):
+                    sink.put(full[len(emitted_text[r]) :])
+                sink.put(_STOP)
+            results[id(job)].append(
+                Completion(
+                    text=text,
+                    model_id=self.model_id,
+                    adapter_id=job.adapter or BASE_ADAPTER,
+                    prompt_tokens=len(prompts[r]),
+                    completion_tokens=len(generated[r]),
+                    latency_s=time.perf_counter() - job.submitted_at,
+                    first_token_s=first_token_at[r],
+                    finish_reason=reasons[r],  # type: ignore[arg-type]
+                    extra={"batch_size": n, "decode_s": elapsed},
+                )
+            )
+        for job in batch:
+            job.future.set_result(results[id(job)])
+
+
+def _make_generator(seed: int | None, device: str) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    return generator
+
+
+def _sample(
+    logits: torch.Tensor,
+    params: GenerationParams,
+    seen: torch.Tensor,
+    generator: torch.Generator | None,
+) -> int:
+    logits = logits.clone()
+    if params.repetition_penalty and params.repetition_penalty != 1.0 and seen.numel():
+        picked = logits.index_select(0, seen)
+        picked = torch.where(
+            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+        )
+        logits.index_copy_(0, seen, picked)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / max(params.temperature, 1e-5)
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        keep = cumulative - sorted_probs < params.top_p
+        keep[0] = True
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator)
+        return int(order[int(choice)])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _check_adapter_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise AdapterLoadError(f"adapter directory {path} does not exist")
+    unsafe = [p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES]
+    if unsafe:
+        raise AdapterLoadError(
+            f"adapter {path.name} contains pickle files ({', '.join(unsafe)}); "
+            "only safetensors adapters are accepted"
+        )
+    for required in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / required).is_file():
+            raise AdapterLoadError(f"adapter {path.name} is missing {required}")

