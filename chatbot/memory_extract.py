@@ -228,6 +228,12 @@ _PROTOTYPES: dict[str, tuple[str, ...]] = {
         "works in marketing",
         "is a chef in a restaurant",
         "is an electrician",
+        "is an engineer",
+        "is a designer",
+        "is a manager",
+        "is a scientist",
+        "is a mechanic",
+        "works as a professional in their field",
     ),
     "education": (
         "studied computer science at university",
@@ -477,6 +483,8 @@ class _Candidate:
     category: str | None
     key: str | None
     text: str
+    # "I'm a/an X" describes the person even when no category fits: keep it as "other".
+    self_description: bool = False
 
 
 def _match_clause(clause: str) -> _Candidate | None:
@@ -515,7 +523,14 @@ def _match_clause(clause: str) -> _Candidate | None:
         text = rule.template.format(*groups)
         if len(text.split()) < 2:
             return None
-        return _Candidate(rule.category, rule.key, text)
+        return _Candidate(
+            rule.category,
+            rule.key,
+            text,
+            rule.template == "is {0}"
+            and rule.category is None
+            and text.startswith(("is a ", "is an ")),
+        )
     return None
 
 
@@ -581,8 +596,10 @@ class RulesExtractor:
                     continue
                 category, similarity = classes[i]
                 if similarity < self.min_similarity:
-                    continue
-                key = "occupation" if category == "occupation" else category
+                    if not cand.self_description:
+                        continue
+                    category = "other"
+                key = category
             if cand.text.lower() in seen:
                 continue
             seen.add(cand.text.lower())

@@ -20,6 +20,7 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -212,35 +213,42 @@ class LogitCritic:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         device = next(model.parameters()).device
+        # The judge is the base model: a chatbot LoRA adapter must not colour its scores.
+        base = model.disable_adapter() if hasattr(model, "peft_config") else nullcontext()
         try:
-            for dim in DIMENSIONS:
-                texts = [b + p + f"{dim}:" for b, p in zip(bases, prefixes, strict=True)]
-                for start in range(0, len(texts), self.batch_size):
-                    chunk = texts[start : start + self.batch_size]
-                    enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                    input_ids = enc["input_ids"].to(device)
-                    attn = enc["attention_mask"].to(device)
-                    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-                    with torch.no_grad():
-                        out = model(
-                            input_ids=input_ids, attention_mask=attn, position_ids=positions
+            with base:
+                for dim in DIMENSIONS:
+                    texts = [b + p + f"{dim}:" for b, p in zip(bases, prefixes, strict=True)]
+                    for start in range(0, len(texts), self.batch_size):
+                        chunk = texts[start : start + self.batch_size]
+                        enc = tok(
+                            chunk, return_tensors="pt", padding=True, add_special_tokens=False
                         )
-                    probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
-                    for row in range(len(chunk)):
-                        i = start + row
-                        prompt_tokens[i] += int(attn[row].sum())
-                        raw = [float(probs[row, ids].sum()) for ids in digit_ids]
-                        total = sum(raw)
-                        mass[i][dim] = total
-                        dists[i][dim] = [p / total for p in raw]
-                for i in range(len(items)):
-                    best = int(np.argmax(dists[i][dim])) + 1
-                    prefixes[i] += f"{dim}: {best}\n"
+                        input_ids = enc["input_ids"].to(device)
+                        attn = enc["attention_mask"].to(device)
+                        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+                        with torch.no_grad():
+                            out = model(
+                                input_ids=input_ids, attention_mask=attn, position_ids=positions
+                            )
+                        probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
+                        for row in range(len(chunk)):
+                            i = start + row
+                            prompt_tokens[i] += int(attn[row].sum())
+                            raw = [float(probs[row, ids].sum()) for ids in digit_ids]
+                            total = sum(raw)
+                            mass[i][dim] = total
+                            dists[i][dim] = [p / total for p in raw]
+                    for i in range(len(items)):
+                        best = int(np.argmax(dists[i][dim])) + 1
+                        prefixes[i] += f"{dim}: {best}\n"
         finally:
             tok.padding_side = old_side
         scores = []
         for i in range(len(items)):
-            expected = {d: float(sum((k + 1) * p for k, p in enumerate(dists[i][d]))) for d in DIMENSIONS}
+            expected = {
+                d: float(sum((k + 1) * p for k, p in enumerate(dists[i][d]))) for d in DIMENSIONS
+            }
             ints = {d: _score_from_expected(expected[d]) for d in DIMENSIONS}
             reasons = {
                 d: (
@@ -277,8 +285,7 @@ _PASSIVE_PHRASES = (
     "Sounds great!",
     "I see. Please go on.",
 )
-_STOPWORDS = frozenset(
-    """a about above after again against all am an and any are as at be because been before
+_STOPWORD_TEXT = """a about above after again against all am an and any are as at be because been before
     being below between both but by can could did do does doing down during each few for from
     further had has have having he her here hers herself him himself his how i if in into is it
     its itself just me more most my myself no nor not now of off on once only or other our ours
@@ -287,8 +294,8 @@ _STOPWORDS = frozenset(
     what when where which while who whom why will with would you your yours yourself yourselves
     really also maybe perhaps quite lot lots thing things something anything everything get got
     like well yes yeah oh great good nice sure let know tell think sounds sound today there's
-    it's that's i'm you're what's don't can't help assist""".split()
-)
+    it's that's i'm you're what's don't can't help assist"""
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _WORD = re.compile(r"[a-zA-Z][a-zA-Z'-]+")
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+")
 
@@ -367,9 +374,7 @@ class EmbeddingCritic:
         repeat_pen = max(_ramp(f["repeat_semantic"], *self.REPEAT_RANGE), f["repeat_lexical"])
         keep = (1.0 - passive_pen) * (1.0 - repeat_pen)
         rel01 = _ramp(f["sim_background"], *self.REL_RANGE) * keep
-        int01 = (
-            _ramp(0.6 * f["sim_last_user"] + 0.4 * f["sim_user_topics"], *self.INT_RANGE) * keep
-        )
+        int01 = _ramp(0.6 * f["sim_last_user"] + 0.4 * f["sim_user_topics"], *self.INT_RANGE) * keep
         info01 = min(1.0, f["novel_words"] / self.NOVEL_WORDS_FULL)
         val01 = info01 * (0.5 + 0.5 * max(rel01, int01)) * keep
         expected = {"rel": 1 + 4 * rel01, "int": 1 + 4 * int01, "val": 1 + 4 * val01}
@@ -402,8 +407,7 @@ class EmbeddingCritic:
             "rel": (
                 f"it connects to {item.user_name}'s background"
                 if ints["rel"] >= 4
-                else f"it does not connect to {item.user_name}'s work, history or interests"
-                + extra
+                else f"it does not connect to {item.user_name}'s work, history or interests" + extra
             ),
             "int": (
                 f"it builds on what {item.user_name} said"
@@ -422,8 +426,14 @@ class EmbeddingCritic:
 
 def _cache_key(critic: Critic, item: CriticInput) -> str:
     payload = json.dumps(
-        [critic.model_id, critic.prompt_version, item.user_name, item.background, item.history,
-         item.reply],
+        [
+            critic.model_id,
+            critic.prompt_version,
+            item.user_name,
+            item.background,
+            item.history,
+            item.reply,
+        ],
         ensure_ascii=False,
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -53,7 +53,7 @@ class Score:
     """Scores of one reply; ``rel``/``int``/``val`` are None when the reply is unscored."""
 
     rel: int | None = None
-    int: int | None = None  # noqa: A003 - the method's name for the interest dimension
+    int: int | None = None  # the method's name for the interest dimension
     val: int | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     raw: str = ""
@@ -180,7 +180,7 @@ class DialogueRecord:
 @dataclass
 class DimensionMeans:
     rel: float | None = None
-    int: float | None = None  # noqa: A003
+    int: float | None = None
     val: float | None = None
 
 

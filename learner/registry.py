@@ -520,9 +520,11 @@ class AdapterRegistry:
     def rollback(self, *, reason: str | None = None) -> str:
         """Go back to the adapter that was active before the current one."""
         stack = self._activation_stack()
-        stack.pop()
+        current = stack.pop()
         while stack:
             target = stack.pop()
+            if target == current:
+                continue
             if target == BASE_ADAPTER:
                 return self.activate(BASE_ADAPTER, reason=reason or "rollback", action="rollback")
             try:

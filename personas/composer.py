@@ -400,7 +400,9 @@ def build_isco800(
         group = taxonomy.sub_major(code)
         composer = _GroupComposer(code, occupations, generic, seed)
         taken_signatures: set = set()
-        drafts = [composer.compose(i, taken_names, taken_signatures) for i in range(USERS_PER_GROUP)]
+        drafts = [
+            composer.compose(i, taken_names, taken_signatures) for i in range(USERS_PER_GROUP)
+        ]
         # Setbacks went to the first users; shuffle so ids do not reveal who has one.
         order = list(range(USERS_PER_GROUP))
         composer.rng.shuffle(order)

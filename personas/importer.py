@@ -253,7 +253,9 @@ def parse_file(path: str | Path, set_name: str, default_split: str = "train") ->
             rows.append((where, dict(row)))
         personas = _record_rows(rows, set_name, default_split, problems)
     else:
-        raise PersonaImportError(source, [f"unknown file type {suffix!r} (use .json, .jsonl, .csv)"])
+        raise PersonaImportError(
+            source, [f"unknown file type {suffix!r} (use .json, .jsonl, .csv)"]
+        )
     seen: dict[str, int] = {}
     for persona in personas:
         seen[persona.id] = seen.get(persona.id, 0) + 1

@@ -122,7 +122,9 @@ class Persona:
         if not isinstance(self.background, str) or not self.background.strip():
             raise PersonaFormatError("background must be a non-empty string")
         if self.split not in SPLITS:
-            raise PersonaFormatError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+            raise PersonaFormatError(
+                f"split must be one of {', '.join(SPLITS)}, not {self.split!r}"
+            )
 
     @property
     def word_count(self) -> int:

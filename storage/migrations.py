@@ -47,6 +47,15 @@ MIGRATIONS: list[Migration] = [
         ),
     ),
     Migration("0006_memory", tables=("storage.memory_models:memory_facts",)),
+    Migration(
+        "0004_learner_corpus",
+        tables=(
+            "storage.learner_models:learn_runs",
+            "storage.learner_models:learn_dialogues",
+            "storage.learner_models:learn_turns",
+            "storage.learner_models:learn_curriculum",
+        ),
+    ),
 ]
 
 

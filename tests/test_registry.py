@@ -306,3 +306,35 @@ def test_active_choice_persists_across_instances(tmp_path, peft_dir):
     (data / "adapters" / ACTIVE_FILE).unlink()
     third = AdapterRegistry(data / "adapters", db2)
     assert third.active_id() == "a"
+
+
+def test_adapters_cli(tmp_path, peft_dir, capsys):
+    import argparse
+
+    from chatbot.settings import load_settings
+    from learner.adapters_cli import register
+
+    settings = load_settings(env={}, data_dir=tmp_path / "cli-data")
+    parser = argparse.ArgumentParser(prog="upc")
+    register(parser.add_subparsers(dest="group"))
+
+    def upc(*argv: str) -> int:
+        args = parser.parse_args(list(argv))
+        return args.func(args, settings)
+
+    assert upc("adapters", "import", str(peft_dir), "--id", "gpu1") == 0
+    assert upc("adapters", "activate", "gpu1") == 0
+    assert upc("adapters", "list") == 0
+    out = capsys.readouterr().out
+    assert "active: gpu1" in out and "*  gpu1" in out
+    assert upc("adapters", "show", "gpu1") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["verified"] and shown["active"] and shown["status"] == "active"
+    assert upc("adapters", "retire", "gpu1") == 1
+    assert "is active" in capsys.readouterr().err
+    assert upc("adapters", "activate", "base") == 0
+    assert upc("adapters", "retire", "gpu1", "--reason", "old") == 0
+    assert upc("adapters", "rollback") == 1  # gpu1 is retired, base is the first
+    assert upc("adapters", "import", str(tmp_path / "missing")) == 1
+    reg = AdapterRegistry(settings.adapters_dir, Database.from_settings(settings))
+    assert reg.active_id() == "base" and reg.get("gpu1").status_reason == "old"

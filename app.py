@@ -1,0 +1,12 @@
+"""Start UPC Chat (also the entry point Hugging Face Spaces run)."""
+
+import os
+import sys
+
+from chatbot.cli import main
+
+if __name__ == "__main__":
+    # Spaces route traffic to 0.0.0.0:7860; elsewhere the settings decide.
+    if os.environ.get("SPACE_ID"):
+        os.environ.setdefault("UPC_HOST", "0.0.0.0")
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,146 @@
+"""Which adapter serves which conversation, and live hot-swapping of the active one.
+
+The registry (learner.registry) is the source of truth for the active adapter. A watcher
+thread polls it, so `upc adapters activate` in another process reaches the running app
+without a restart: the new adapter is loaded next to the current one, requests switch to
+it, and the old one is unloaded once no in-flight request uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatbot.types import BASE_ADAPTER, ChatModel
+
+__all__ = ["ABSplit", "ActiveAdapter", "AdapterManager"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    id: str
+    path: Path | None  # None for the base model
+
+
+@dataclass(frozen=True)
+class ABSplit:
+    candidate: ActiveAdapter
+    share: float  # 0..1 of new conversations routed to the candidate
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        model: ChatModel,
+        source: Callable[[], ActiveAdapter] | None = None,
+        ab_source: Callable[[], ABSplit | None] | None = None,
+        poll_s: float = 2.0,
+    ):
+        self.model = model
+        self.source = source
+        self.ab_source = ab_source
+        self.poll_s = poll_s
+        self._active = BASE_ADAPTER
+        self._ab: ABSplit | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_swap_s: float | None = None
+        self.last_error: str | None = None
+
+    @property
+    def active(self) -> str:
+        return self._active
+
+    def adapter_for(self, conversation_id: str) -> str:
+        """The adapter for a reply: the A/B candidate for its share of conversations."""
+        ab = self._ab
+        if ab is not None and ab.share > 0:
+            bucket = int(hashlib.sha256(conversation_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            if bucket < ab.share:
+                return ab.candidate.id
+        return self._active
+
+    def activate(self, adapter: ActiveAdapter) -> float:
+        """Load the adapter next to the current one, switch to it, unload the old one.
+
+        Raises if the new adapter cannot be loaded; the current one keeps serving.
+        """
+        with self._lock:
+            if adapter.id == self._active:
+                return 0.0
+            started = time.perf_counter()
+            old = self._active
+            if adapter.id != BASE_ADAPTER:
+                self._ensure_loaded(adapter)
+            self._active = adapter.id
+            if old != BASE_ADAPTER and not self._needed_by_ab(old):
+                self.model.unload_adapter(old)  # type: ignore[attr-defined]
+            self.last_swap_s = time.perf_counter() - started
+            log.info("active adapter %s -> %s in %.0f ms", old, adapter.id, 1000 * self.last_swap_s)
+            return self.last_swap_s
+
+    def set_ab(self, split: ABSplit | None) -> None:
+        with self._lock:
+            if split is not None and split.candidate.id != BASE_ADAPTER:
+                self._ensure_loaded(split.candidate)
+            previous = self._ab
+            self._ab = split
+            if (
+                previous is not None
+                and previous.candidate.id not in (BASE_ADAPTER, self._active)
+                and (split is None or split.candidate.id != previous.candidate.id)
+            ):
+                self.model.unload_adapter(previous.candidate.id)  # type: ignore[attr-defined]
+
+    def sync(self) -> None:
+        """Bring the served adapter in line with the registry; keep serving on failure."""
+        try:
+            if self.source is not None:
+                wanted = self.source()
+                if wanted.id != self._active:
+                    self.activate(wanted)
+            if self.ab_source is not None:
+                split = self.ab_source()
+                if split != self._ab:
+                    self.set_ab(split)
+            self.last_error = None
+        except Exception as exc:  # noqa: BLE001 - a bad adapter must not stop serving
+            if str(exc) != self.last_error:
+                log.error("adapter sync failed, still serving %s: %s", self._active, exc)
+            self.last_error = str(exc)
+
+    def start(self) -> None:
+        if self._thread is not None or self.source is None:
+            return
+        self.sync()
+        self._thread = threading.Thread(target=self._watch, name="upc-adapter-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.sync()
+
+    def _ensure_loaded(self, adapter: ActiveAdapter) -> None:
+        loaded = getattr(self.model, "adapters", None)
+        if loaded is None:
+            return  # remote backends address adapters by model name
+        if adapter.id not in loaded:
+            if adapter.path is None:
+                raise ValueError(f"adapter {adapter.id} has no files")
+            self.model.load_adapter(adapter.id, adapter.path)  # type: ignore[attr-defined]
+
+    def _needed_by_ab(self, adapter_id: str) -> bool:
+        return self._ab is not None and self._ab.candidate.id == adapter_id

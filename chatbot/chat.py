@@ -1,0 +1,425 @@
+"""Conversations: store every turn, build prompts, stream replies, feedback.
+
+Ordering guarantees: a user message is committed before generation starts; a bot reply is
+committed when it completes, or with status `interrupted` (and its partial text) when the
+model fails, times out or the client goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from sqlalchemy import func, select
+
+from chatbot.prompting import load_prompt
+from chatbot.types import (
+    BASE_ADAPTER,
+    ChatMessage,
+    ChatModel,
+    Completion,
+    GenerationParams,
+    ModelBusyError,
+    ModelError,
+)
+from chatbot.validation import InputError, clean_message
+from storage import Database
+from storage.models import Conversation, Feedback, Message, User, utcnow
+
+__all__ = [
+    "ChatService",
+    "ConversationSummary",
+    "MemoryHooks",
+    "MessageRecord",
+    "NotFoundError",
+    "RateLimitError",
+    "ReplyEvent",
+]
+
+log = logging.getLogger(__name__)
+
+
+class NotFoundError(LookupError):
+    """No such conversation or message *for this user* (others' data looks absent)."""
+
+
+class RateLimitError(InputError):
+    pass
+
+
+class MemoryHooks(Protocol):
+    """What the chat needs from the per-user memory (see chatbot.memory)."""
+
+    def remember(
+        self, user_id: str, text: str, *, message_id: str | None, conversation_id: str | None
+    ) -> object: ...
+
+    def context_block(self, user_id: str, query: str, *, top_k: int, token_budget: int) -> str: ...
+
+    def profile(self, user_id: str) -> str: ...
+
+    def is_enabled(self, user_id: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    id: str
+    seq: int
+    role: str
+    content: str
+    status: str
+    adapter_id: str | None
+    created_at: datetime
+    rating: int | None = None
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    id: str
+    title: str
+    updated_at: datetime
+    message_count: int
+
+
+@dataclass(frozen=True)
+class ReplyEvent:
+    kind: str  # "delta" | "done" | "error"
+    text: str
+    message_id: str | None = None
+    status: str | None = None
+
+
+class _RateLimiter:
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._hits: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def check(self, user_id: str) -> None:
+        if self.per_minute <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits[user_id]
+            while hits and now - hits[0] > 60:
+                hits.popleft()
+            if len(hits) >= self.per_minute:
+                wait = int(60 - (now - hits[0])) + 1
+                raise RateLimitError(
+                    f"You can send {self.per_minute} messages a minute; please wait {wait}s."
+                )
+            hits.append(now)
+
+
+class ChatService:
+    def __init__(
+        self,
+        db: Database,
+        model: ChatModel,
+        *,
+        params: GenerationParams,
+        max_message_chars: int = 4000,
+        history_turns: int = 12,
+        messages_per_minute: int = 0,
+        adapter_for: Callable[[str], str] | None = None,
+        memory: MemoryHooks | None = None,
+        memory_top_k: int = 5,
+        memory_token_budget: int = 160,
+    ):
+        self.db = db
+        self.model = model
+        self.params = params
+        self.max_message_chars = max_message_chars
+        self.history_turns = history_turns
+        self.adapter_for = adapter_for or (lambda _conversation_id: BASE_ADAPTER)
+        self.memory = memory
+        self.memory_top_k = memory_top_k
+        self.memory_token_budget = memory_token_budget
+        self._limiter = _RateLimiter(messages_per_minute)
+        self._system = load_prompt("upc_system")
+
+    # ------------------------------------------------------------ conversations
+    def list_conversations(self, user_id: str) -> list[ConversationSummary]:
+        _require_user(user_id)
+        with self.db.session() as s:
+            counts = (
+                select(Message.conversation_id, func.count(Message.id).label("n"))
+                .group_by(Message.conversation_id)
+                .subquery()
+            )
+            rows = s.execute(
+                select(Conversation, func.coalesce(counts.c.n, 0))
+                .outerjoin(counts, counts.c.conversation_id == Conversation.id)
+                .where(Conversation.user_id == user_id)
+                .order_by(Conversation.updated_at.desc())
+            ).all()
+            return [
+                ConversationSummary(c.id, c.title, c.updated_at, int(n)) for c, n in rows
+            ]
+
+    def create_conversation(self, user_id: str) -> str:
+        _require_user(user_id)
+        with self.db.session() as s:
+            if s.get(User, user_id) is None:
+                raise NotFoundError("unknown user")
+            conversation = Conversation(user_id=user_id)
+            s.add(conversation)
+            s.flush()
+            return conversation.id
+
+    def messages(self, user_id: str, conversation_id: str) -> list[MessageRecord]:
+        with self.db.session() as s:
+            self._owned(s, user_id, conversation_id)
+            ratings = dict(
+                s.execute(
+                    select(Feedback.message_id, Feedback.rating)
+                    .join(Message, Message.id == Feedback.message_id)
+                    .where(Message.conversation_id == conversation_id)
+                    .where(Feedback.user_id == user_id)
+                ).all()
+            )
+            rows = s.scalars(
+                select(Message)
+                .where(Message.conversation_id == conversation_id)
+                .where(Message.status != "superseded")
+                .order_by(Message.seq)
+            ).all()
+            return [
+                MessageRecord(
+                    m.id, m.seq, m.role, m.content, m.status, m.adapter_id, m.created_at,
+                    ratings.get(m.id),
+                )
+                for m in rows
+            ]
+
+    def delete_conversation(self, user_id: str, conversation_id: str) -> None:
+        with self.db.session() as s:
+            s.delete(self._owned(s, user_id, conversation_id))
+
+    # ------------------------------------------------------------ replies
+    def stream_greeting(self, user_id: str, conversation_id: str) -> Generator[ReplyEvent]:
+        """The bot speaks first. Uses the memory profile when there is one."""
+        with self.db.session() as s:
+            conversation = self._owned(s, user_id, conversation_id)
+            if s.scalar(select(func.count(Message.id)).where(Message.conversation_id == conversation.id)):
+                return
+        profile = self._memory_profile(user_id)
+        if profile:
+            instruction = load_prompt("upc_greeting_known").fill(profile=profile)
+        else:
+            instruction = str(load_prompt("upc_greeting"))
+        messages = [ChatMessage("system", f"{self._system}\n{instruction}")]
+        yield from self._stream_reply(user_id, conversation_id, messages)
+
+    def send(self, user_id: str, conversation_id: str, text: object) -> Generator[ReplyEvent]:
+        """Validate and store the user's message, then stream and store the reply.
+
+        Raises InputError (nothing stored) or NotFoundError before yielding anything.
+        """
+        cleaned = clean_message(text, self.max_message_chars)
+        with self.db.session() as s:
+            self._owned(s, user_id, conversation_id)
+        self._limiter.check(user_id)
+        message_id = self._append(
+            conversation_id, role="user", content=cleaned, status="complete"
+        )
+        self._remember_async(user_id, cleaned, message_id, conversation_id)
+        return self._stream_reply(user_id, conversation_id, self._prompt(user_id, conversation_id))
+
+    def regenerate(self, user_id: str, conversation_id: str) -> Generator[ReplyEvent]:
+        """Replace the last bot reply with a new one (the old one is kept, superseded)."""
+        with self.db.session() as s:
+            self._owned(s, user_id, conversation_id)
+            last = s.scalar(
+                select(Message)
+                .where(Message.conversation_id == conversation_id)
+                .where(Message.status != "superseded")
+                .order_by(Message.seq.desc())
+                .limit(1)
+            )
+            if last is None or last.role != "assistant":
+                raise InputError("There is no bot reply to regenerate yet.")
+            has_user_turn = s.scalar(
+                select(func.count(Message.id))
+                .where(Message.conversation_id == conversation_id)
+                .where(Message.role == "user")
+            )
+            last.status = "superseded"
+        if not has_user_turn:
+            messages = [ChatMessage("system", f"{self._system}\n{load_prompt('upc_greeting')}")]
+            return self._stream_reply(user_id, conversation_id, messages)
+        return self._stream_reply(user_id, conversation_id, self._prompt(user_id, conversation_id))
+
+    def rate(
+        self, user_id: str, message_id: str, rating: int, reason: str | None = None
+    ) -> None:
+        if rating not in (1, -1):
+            raise InputError("A rating is like (+1) or dislike (-1).")
+        if reason is not None:
+            reason = clean_message(reason, 1000) if reason.strip() else None
+        with self.db.session() as s:
+            message = s.get(Message, message_id)
+            if message is None or message.role != "assistant":
+                raise NotFoundError("no such reply")
+            self._owned(s, user_id, message.conversation_id)
+            existing = s.scalar(
+                select(Feedback)
+                .where(Feedback.message_id == message_id)
+                .where(Feedback.user_id == user_id)
+            )
+            if existing is None:
+                s.add(Feedback(message_id=message_id, user_id=user_id, rating=rating, reason=reason))
+            else:
+                existing.rating, existing.reason, existing.created_at = rating, reason, utcnow()
+
+    # ------------------------------------------------------------ internals
+    def _owned(self, s, user_id: str, conversation_id: str) -> Conversation:  # type: ignore[no-untyped-def]
+        _require_user(user_id)
+        conversation = s.get(Conversation, conversation_id) if conversation_id else None
+        if conversation is None or conversation.user_id != user_id:
+            raise NotFoundError("no such conversation")
+        return conversation
+
+    def _append(self, conversation_id: str, **fields: object) -> str:
+        with self.db.session() as s:
+            seq = s.scalar(
+                select(func.coalesce(func.max(Message.seq), -1)).where(
+                    Message.conversation_id == conversation_id
+                )
+            )
+            message = Message(conversation_id=conversation_id, seq=int(seq) + 1, **fields)
+            s.add(message)
+            conversation = s.get(Conversation, conversation_id)
+            conversation.updated_at = utcnow()
+            if fields.get("role") == "user" and conversation.title == "New conversation":
+                conversation.title = _title_from(str(fields["content"]))
+            s.flush()
+            return message.id
+
+    def _prompt(self, user_id: str, conversation_id: str) -> list[ChatMessage]:
+        with self.db.session() as s:
+            rows = s.scalars(
+                select(Message)
+                .where(Message.conversation_id == conversation_id)
+                .where(Message.status != "superseded")
+                .order_by(Message.seq.desc())
+                .limit(self.history_turns * 2)
+            ).all()
+        history = [ChatMessage(m.role, m.content) for m in reversed(rows) if m.content]  # type: ignore[arg-type]
+        system = str(self._system)
+        last_user = next((m.content for m in reversed(history) if m.role == "user"), "")
+        block = self._memory_context(user_id, last_user)
+        if block:
+            system = f"{system}\n{block}"
+        return [ChatMessage("system", system), *history]
+
+    def _memory_enabled(self, user_id: str) -> bool:
+        if self.memory is None:
+            return False
+        try:
+            return self.memory.is_enabled(user_id)
+        except Exception:  # noqa: BLE001 - memory must never break chat
+            log.warning("memory unavailable; chatting without it", exc_info=True)
+            return False
+
+    def _memory_context(self, user_id: str, query: str) -> str:
+        if not self._memory_enabled(user_id):
+            return ""
+        try:
+            return self.memory.context_block(  # type: ignore[union-attr]
+                user_id, query, top_k=self.memory_top_k, token_budget=self.memory_token_budget
+            )
+        except Exception:  # noqa: BLE001 - memory must never break chat
+            log.warning("memory recall failed; chatting without it", exc_info=True)
+            return ""
+
+    def _memory_profile(self, user_id: str) -> str:
+        if not self._memory_enabled(user_id):
+            return ""
+        try:
+            return self.memory.profile(user_id)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - memory must never break chat
+            log.warning("memory profile failed; greeting without it", exc_info=True)
+            return ""
+
+    def _remember_async(
+        self, user_id: str, text: str, message_id: str, conversation_id: str
+    ) -> None:
+        if not self._memory_enabled(user_id):
+            return
+
+        def work() -> None:
+            try:
+                self.memory.remember(  # type: ignore[union-attr]
+                    user_id, text, message_id=message_id, conversation_id=conversation_id
+                )
+            except Exception:  # noqa: BLE001 - memory must never break chat
+                log.warning("memory extraction failed", exc_info=True)
+
+        # Synchronous: extraction is fast (rules + one embedding) and must finish before
+        # the next turn reads memory; failures are logged, never raised into the chat.
+        work()
+
+    def _stream_reply(
+        self, user_id: str, conversation_id: str, messages: list[ChatMessage]
+    ) -> Generator[ReplyEvent]:
+        adapter = self.adapter_for(conversation_id)
+        pieces: list[str] = []
+        completion: Completion | None = None
+        error: str | None = None
+        started = time.perf_counter()
+        stream = self.model.stream(messages, self.params, adapter=adapter)
+        try:
+            while True:
+                try:
+                    piece = next(stream)
+                except StopIteration as stop:
+                    completion = stop.value
+                    break
+                pieces.append(piece)
+                yield ReplyEvent("delta", piece)
+        except ModelBusyError as exc:
+            error = str(exc)
+        except ModelError as exc:
+            error = f"The model failed mid-reply: {exc}"
+        finally:
+            text = "".join(pieces).strip()
+            status = "complete" if completion is not None and error is None else "interrupted"
+            if status == "interrupted" and error is None:
+                error = "The reply was interrupted (the page was closed or reloaded)."
+            message_id = None
+            if text or status == "interrupted":
+                message_id = self._append(
+                    conversation_id,
+                    role="assistant",
+                    content=text,
+                    status=status,
+                    error=error,
+                    model_id=completion.model_id if completion else self.model.model_id,
+                    adapter_id=(completion.adapter_id if completion else adapter) or BASE_ADAPTER,
+                    gen_params=self.params.to_dict(),
+                    latency_ms=1000 * (time.perf_counter() - started),
+                    prompt_tokens=completion.prompt_tokens if completion else None,
+                    completion_tokens=completion.completion_tokens if completion else None,
+                )
+            stream.close()
+        if error is not None:
+            yield ReplyEvent("error", error, message_id, status)
+        else:
+            yield ReplyEvent("done", text, message_id, status)
+
+
+def _require_user(user_id: str) -> None:
+    if not user_id:
+        raise NotFoundError("no user")
+
+
+def _title_from(text: str) -> str:
+    line = " ".join(text.split())
+    return line[:60] + ("…" if len(line) > 60 else "")

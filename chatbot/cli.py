@@ -1,0 +1,130 @@
+"""The `upc` command. Each area registers its own sub-command group."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from chatbot.settings import Settings, SettingsError, load_settings, masked_dict
+
+__all__ = ["main"]
+
+# (module, function) pairs that add sub-command groups; missing modules are skipped.
+_GROUPS = [
+    ("personas.cli", "register"),
+    ("learner.cli", "register"),
+    ("learner.adapters_cli", "register"),
+    ("chatbot.memory_cli", "register"),
+    ("learner.jobs_cli", "register"),
+    ("learner.export_cli", "register"),
+    ("learner.eval_cli", "register"),
+]
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from chatbot.server import launch
+    from chatbot.services import build_services
+
+    if args.host:
+        settings.server.host = args.host
+    if args.port:
+        settings.server.port = args.port
+    services = build_services(settings)
+    try:
+        launch(settings, services)
+    finally:
+        services.close()
+    return 0
+
+
+def _materialize(_args: argparse.Namespace, settings: Settings) -> int:
+    from chatbot.runtime import ensure_embedded_model
+
+    path = ensure_embedded_model(settings.models_dir)
+    print(f"embedded model ready at {path}")
+    return 0
+
+
+def _settings(_args: argparse.Namespace, settings: Settings) -> int:
+    print(json.dumps(masked_dict(settings), indent=2))
+    return 0
+
+
+def _users_add(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from chatbot.accounts import AccountError, Accounts
+    from storage import Database
+
+    password = args.password or getpass.getpass(f"password for {args.name}: ")
+    accounts = Accounts(Database.from_settings(settings), admin_names=settings.admin_user_names)
+    try:
+        user = accounts.create(args.name, password, is_admin=args.admin)
+    except AccountError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"created user {user.username} (admin={user.is_admin})")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upc", description="UPC Chat: a chatbot that keeps learning.")
+    parser.add_argument("--config", help="TOML settings file (default: $UPC_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the web app (and the /v1 API)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=_serve)
+
+    sub.add_parser("materialize", help="convert the embedded model once").set_defaults(func=_materialize)
+    sub.add_parser("settings", help="print the effective settings").set_defaults(func=_settings)
+
+    users = sub.add_parser("users", help="manage accounts").add_subparsers(dest="users_command", required=True)
+    add = users.add_parser("add", help="create a user")
+    add.add_argument("name")
+    add.add_argument("--password", help="(default: prompt)")
+    add.add_argument("--admin", action="store_true")
+    add.set_defaults(func=_users_add)
+
+    for module_name, function in _GROUPS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        register: Callable = getattr(module, function)
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"settings error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(getattr(logging, settings.log_level.upper(), logging.INFO))
+    from storage.db import DataDirError
+
+    try:
+        return int(args.func(args, settings) or 0)
+    except DataDirError as exc:
+        print(f"data dir error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Wires the app's components together from settings, with explicit arguments."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatbot.accounts import Accounts
+from chatbot.adapters import AdapterManager
+from chatbot.chat import ChatService
+from chatbot.runtime import ModelPool
+from chatbot.settings import Settings
+from chatbot.types import ChatModel, GenerationParams
+from storage import Database
+
+__all__ = ["Services", "build_services", "session_secret"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    accounts: Accounts
+    models: ModelPool
+    chatbot_model: ChatModel
+    chat: ChatService
+    adapters: AdapterManager
+    memory: Any = None
+    registry: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.adapters.stop()
+        self.models.close()
+        self.db.dispose()
+
+
+def session_secret(settings: Settings) -> str:
+    """A stable secret for browser-side state: env var, else a key file in the data dir."""
+    from_env = os.environ.get(settings.auth.session_secret_env)
+    if from_env:
+        return from_env
+    path: Path = settings.data_dir / "session.key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32), encoding="utf-8")
+        path.chmod(0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def generation_params(settings: Settings) -> GenerationParams:
+    g = settings.generation
+    return GenerationParams(
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        repetition_penalty=g.repetition_penalty,
+        timeout_s=g.timeout_s,
+    )
+
+
+def _build_memory(settings: Settings, db: Database, models: ModelPool) -> Any:
+    if not settings.memory.enabled:
+        return None
+    try:
+        from chatbot.memory import build_memory_service
+    except ImportError:
+        return None
+    return build_memory_service(settings, db)
+
+
+def _build_registry(settings: Settings, db: Database) -> Any:
+    try:
+        from learner.registry import AdapterRegistry
+    except ImportError:
+        return None
+    return AdapterRegistry(settings.adapters_dir, db)
+
+
+def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None) -> Services:
+    db = Database.from_settings(settings)
+    accounts = Accounts(db, admin_names=settings.admin_user_names)
+    models = ModelPool(settings)
+    model = chatbot_model or models.get(settings.chatbot)
+    registry = _build_registry(settings, db)
+    source = getattr(registry, "active_adapter", None)
+    ab_source = getattr(registry, "ab_split", None)
+    adapters = AdapterManager(model, source=source, ab_source=ab_source)
+    memory = _build_memory(settings, db, models)
+    chat = ChatService(
+        db,
+        model,
+        params=generation_params(settings),
+        max_message_chars=settings.limits.max_message_chars,
+        history_turns=settings.limits.history_turns,
+        messages_per_minute=settings.limits.messages_per_minute,
+        adapter_for=adapters.adapter_for,
+        memory=memory,
+        memory_top_k=settings.memory.top_k,
+        memory_token_budget=settings.memory.token_budget,
+    )
+    adapters.start()
+    return Services(
+        settings=settings,
+        db=db,
+        accounts=accounts,
+        models=models,
+        chatbot_model=model,
+        chat=chat,
+        adapters=adapters,
+        memory=memory,
+        registry=registry,
+    )

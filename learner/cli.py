@@ -1,0 +1,233 @@
+"""`upc learn ...`: corpus generation (Algorithm 1) and curriculum selection.
+
+Add a subcommand by writing ``_add_<name>(sub)`` and listing it in ``SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["SUBCOMMANDS", "generation_config", "learn_subparsers", "register"]
+
+log = logging.getLogger(__name__)
+
+PAPER_ITER1 = {"regeneration_rate": 0.377, "avg_regenerations": 0.785}
+
+
+def learn_subparsers(subparsers: Any) -> Any:
+    """Create the ``learn`` group and return its sub-command action."""
+    parser = subparsers.add_parser("learn", help="generate training dialogues and curricula")
+    parser.set_defaults(func=lambda args, settings: (parser.print_help(), 2)[1])
+    return parser.add_subparsers(dest="learn_command", metavar="COMMAND")
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="run critic-guided dialogue generation (Algorithm 1)")
+    p.add_argument("--split", default="train", choices=("train", "validation", "test"))
+    p.add_argument("--users", type=int, default=16, help="number of simulated users")
+    p.add_argument("--iteration", type=int, default=None, help="default: resume or next")
+    p.add_argument("--adapter", default=None, help="chatbot adapter id (default: base model)")
+    p.add_argument("--turns", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_generate)
+
+
+def _add_select(sub: Any) -> None:
+    p = sub.add_parser("select", help="select the curriculum training set of an iteration")
+    p.add_argument("--iteration", type=int, required=True)
+    p.add_argument("--alpha", type=int, default=None)
+    p.add_argument("--beta", type=int, default=None)
+    p.set_defaults(func=_select)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_generate, _add_select]
+
+
+def register(subparsers: Any) -> Any:
+    sub = learn_subparsers(subparsers)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return sub
+
+
+def generation_config(settings: Any, **overrides: Any):  # type: ignore[no-untyped-def]
+    from chatbot.types import GenerationParams
+    from learner.generate import GenerationConfig
+
+    gen = settings.generation
+    learner = settings.learner
+    values: dict[str, Any] = {
+        "turns": learner.turns,
+        "max_regenerations": learner.max_regenerations,
+        "accept_threshold": learner.accept_threshold,
+        "batch_size": learner.batch_size,
+        "chatbot_params": GenerationParams(
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            repetition_penalty=gen.repetition_penalty,
+            timeout_s=gen.timeout_s,
+        ),
+        "user_params": GenerationParams(
+            max_new_tokens=64,
+            temperature=0.8,
+            top_p=gen.top_p,
+            repetition_penalty=gen.repetition_penalty,
+            timeout_s=gen.timeout_s,
+        ),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerationConfig(**values)
+
+
+def _pick_iteration(store: Any, requested: int | None) -> int:
+    if requested is not None:
+        if requested < 1:
+            raise ValueError("--iteration must be 1 or more")
+        return requested
+    iterations = store.iterations()
+    for iteration in iterations:
+        run = store.get_run(iteration)
+        if run is not None and run.status != "done":
+            return iteration
+    return (max(iterations) + 1) if iterations else 1
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    fm, lm, tok = stats["first_means"], stats["final_means"], stats["tokens"]
+    lines = [
+        f"iteration {stats['iteration']}: {stats['done']} done, {stats['failed']} failed "
+        f"of {stats['dialogues']} dialogues; {stats['turns']} scored turns",
+        f"  regeneration rate      {stats['regeneration_rate']:.1%} "
+        f"(paper, iteration 1: {PAPER_ITER1['regeneration_rate']:.1%})",
+        f"  regenerations / reply  {stats['avg_regenerations']:.3f} "
+        f"(paper, iteration 1: {PAPER_ITER1['avg_regenerations']:.3f})",
+        f"  easy dialogues         {stats['easy']} ({stats['easy_rate']:.1%})",
+        f"  first attempt  rel {f(fm['rel'])}  int {f(fm['int'])}  val {f(fm['val'])}",
+        f"  final reply    rel {f(lm['rel'])}  int {f(lm['int'])}  val {f(lm['val'])}",
+        f"  unscored               {stats['unscored']}",
+        f"  tokens                 chatbot {tok['chatbot']}  user {tok['user']}  "
+        f"critic {tok['critic']}",
+    ]
+    if stats["failure_causes"]:
+        lines.append(f"  failures by role       {stats['failure_causes']}")
+    return "\n".join(lines)
+
+
+def _generate(args: argparse.Namespace, settings: Any) -> int:
+    from tqdm import tqdm
+
+    from chatbot.runtime import ModelPool
+    from learner.critic import build_critic
+    from learner.curriculum import compute_stats, personas_for_iteration
+    from learner.generate import CorpusGenerator
+    from learner.store import CorpusStore
+    from personas.catalog import PersonaCatalog
+    from storage.db import Database
+
+    if args.users < 1:
+        print("--users must be 1 or more")
+        return 2
+    store = CorpusStore(Database.from_settings(settings))
+    iteration = _pick_iteration(store, args.iteration)
+    catalog = PersonaCatalog.load(settings)
+    existing = store.get_run(iteration)
+    if existing is not None:
+        ids = existing.config.get("persona_ids", [])
+        personas = [catalog.get(pid) for pid in ids]
+        print(f"resuming iteration {iteration} ({len(personas)} users)")
+    else:
+        pool_personas = catalog.all(split=args.split)
+        if not pool_personas:
+            print(f"no personas in split {args.split!r}")
+            return 2
+        personas = personas_for_iteration(
+            pool_personas, store, iteration, args.users, seed=args.seed
+        )
+    config = generation_config(settings, turns=args.turns, adapter=args.adapter, seed=args.seed)
+    pool = ModelPool(settings)
+    try:
+        chatbot = pool.get(settings.chatbot)
+        user_model = pool.get(settings.user_sim)
+        critic_model = pool.get(settings.critic) if settings.learner.critic == "llm" else None
+        critic = build_critic(settings, model=critic_model)
+        bars: dict[str, Any] = {}
+        total_turns = len(personas) * max(config.turns - 1, 0)
+        if not args.no_progress:
+            bars = {
+                "dialogue": tqdm(total=len(personas), desc="dialogues", position=0),
+                "turn": tqdm(total=len(personas) + total_turns, desc="turns", position=1),
+                "regeneration": tqdm(desc="regenerations", position=2),
+            }
+
+        def progress(kind: str, n: int) -> None:
+            if kind in bars:
+                bars[kind].update(n)
+
+        generator = CorpusGenerator(
+            chatbot, user_model, critic, config, store=store, progress=progress
+        )
+        run, _resumed = store.open_run(
+            iteration,
+            split=args.split,
+            config={**config.to_dict(), "persona_ids": [p.id for p in personas]},
+            models={
+                **generator.model_ids(),
+                "prompt_versions": generator.prompt_versions,
+            },
+        )
+        result = generator.run(personas, run.id)
+        for bar in bars.values():
+            bar.close()
+        dialogues = store.dialogues(run.id)
+        stats = compute_stats(dialogues, iteration, settings.learner.alpha, settings.learner.beta)
+        store.finish_run(run.id, stats.to_dict(), stats.tokens)
+    finally:
+        pool.close()
+    print(format_stats(stats.to_dict()))
+    if result.skipped:
+        print(f"  resumed: {result.skipped} dialogues were already finished")
+    print(f"  elapsed                {result.elapsed_s:.1f}s")
+    return 0
+
+
+def _select(args: argparse.Namespace, settings: Any) -> int:
+    from learner.curriculum import select_iteration
+    from learner.store import CorpusStore
+    from storage.db import Database
+
+    store = CorpusStore(Database.from_settings(settings))
+    try:
+        result = select_iteration(
+            store,
+            settings.runs_dir,
+            args.iteration,
+            alpha=args.alpha if args.alpha is not None else settings.learner.alpha,
+            beta=args.beta if args.beta is not None else settings.learner.beta,
+            accept_threshold=settings.learner.accept_threshold,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(format_stats(result.stats.to_dict()))
+    print(
+        json.dumps(
+            {
+                "output_dir": str(result.output_dir),
+                "sft": result.sft_count,
+                "pairs": result.pair_count,
+                "pending_users": len(result.pending_persona_ids),
+                "ids_sha256": result.ids_hash,
+            },
+            indent=2,
+        )
+    )
+    return 0

@@ -1,0 +1,469 @@
+"""Algorithm 1: critic-guided dialogue corpus generation, all dialogues advanced in lockstep.
+
+Every step (greeting, self-introduction, reply, critique, regeneration, user answer) is one
+``generate_batch`` call over all active dialogues of a chunk, so the local backend decodes
+them in one left-padded batch and the OpenAI backend sends them with bounded concurrency.
+With a ``CorpusStore`` each finished turn is written at once; a rerun of the same iteration
+skips finished dialogues and continues part-way ones from their last stored turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chatbot.prompting import load_prompt
+from chatbot.types import ChatMessage, ChatModel, Completion, GenerationParams, ModelError
+from learner.critic import Critic
+from learner.records import CriticInput, DialogueRecord, PersonaLike, Score, TurnRecord
+from learner.simulated_user import clean_user_text, user_messages, user_prompt_version
+from learner.store import CorpusStore
+
+__all__ = [
+    "CorpusGenerator",
+    "GenerationConfig",
+    "RunResult",
+    "is_apology",
+    "regeneration_request",
+    "run_dialogues",
+]
+
+log = logging.getLogger(__name__)
+
+_APOLOGY = re.compile(
+    r"^\W*(?:i(?:'m|\s+am)\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|sorry|my\s+apolog|"
+    r"i\s+apologi[sz]e|apologies)",
+    re.IGNORECASE,
+)
+_RETRYABLE = (ModelError, TimeoutError, ConnectionError, OSError)
+Progress = Callable[[str, int], None]
+
+
+def is_apology(text: str) -> bool:
+    return bool(_APOLOGY.match(text))
+
+
+def regeneration_request(score: Score, threshold: int, last_user_message: str) -> str:
+    """The feedback message listing, per failing dimension, the critic's reason."""
+    names = {"rel": "relevance to them", "int": "their interest", "val": "value"}
+    problems = "\n".join(
+        f"- {names[d]} ({score.get(d)}/5): {score.reasons.get(d) or 'too low'}"
+        for d in score.failing(threshold)
+    )
+    return load_prompt("regenerate", "learner").fill(
+        problems=problems, last_user_message=last_user_message
+    )
+
+
+@dataclass
+class GenerationConfig:
+    turns: int = 5
+    max_regenerations: int = 3
+    accept_threshold: int = 4
+    batch_size: int = 16
+    max_apology_retries: int = 3
+    # Bounded retries of a role call that raises (timeouts, 500s, connection errors).
+    role_retries: int = 3
+    retry_backoff_s: float = 0.5
+    chatbot_params: GenerationParams = field(
+        default_factory=lambda: GenerationParams(max_new_tokens=96, temperature=0.7)
+    )
+    user_params: GenerationParams = field(
+        default_factory=lambda: GenerationParams(max_new_tokens=64, temperature=0.8)
+    )
+    adapter: str | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    dialogues: list[DialogueRecord]
+    skipped: int = 0  # already finished before this call (resume)
+    elapsed_s: float = 0.0
+
+    @property
+    def failed(self) -> list[DialogueRecord]:
+        return [d for d in self.dialogues if d.status == "failed"]
+
+
+class _Failed(Exception):
+    """One dialogue's role call failed for good."""
+
+
+@dataclass
+class _Live:
+    persona: PersonaLike
+    record: DialogueRecord
+
+    @property
+    def active(self) -> bool:
+        return self.record.status == "running"
+
+    def history(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if self.record.greeting:
+            out.append(("assistant", self.record.greeting))
+        if self.record.user_intro:
+            out.append(("user", self.record.user_intro))
+        for turn in self.record.turns:
+            out.append(("assistant", turn.final_reply))
+            out.append(("user", turn.user_answer))
+        return out
+
+    def next_turn(self) -> int:
+        return len(self.record.turns) + 2
+
+
+class CorpusGenerator:
+    def __init__(
+        self,
+        chatbot: ChatModel,
+        user_model: ChatModel,
+        critic: Critic,
+        config: GenerationConfig | None = None,
+        *,
+        store: CorpusStore | None = None,
+        progress: Progress | None = None,
+    ):
+        self.chatbot = chatbot
+        self.user_model = user_model
+        self.critic = critic
+        self.config = config or GenerationConfig()
+        self.store = store
+        self.progress = progress or (lambda _kind, _n: None)
+        self.system_prompt = load_prompt("upc_system")
+        self.greeting_prompt = load_prompt("upc_greeting")
+        self._step = 0
+
+    @property
+    def prompt_versions(self) -> dict[str, str]:
+        return {
+            "chatbot_system": self.system_prompt.version,
+            "chatbot_greeting": self.greeting_prompt.version,
+            "regenerate": load_prompt("regenerate", "learner").version,
+            "user": user_prompt_version(),
+            "critic": self.critic.prompt_version,
+        }
+
+    def model_ids(self) -> dict[str, Any]:
+        return {
+            "chatbot_model_id": self.chatbot.model_id,
+            "user_model_id": self.user_model.model_id,
+            "critic_model_id": self.critic.model_id,
+            "adapter": self.config.adapter,
+        }
+
+    # ------------------------------------------------------------------ entry
+    def run(self, personas: Sequence[PersonaLike], run_id: str | None = None) -> RunResult:
+        """Generate (or resume) one dialogue per persona; a store needs ``run_id``."""
+        if self.store is not None and run_id is None:
+            raise ValueError("a run_id is needed to store the run")
+        started = time.perf_counter()
+        lives: list[_Live] = []
+        skipped = 0
+        for position, persona in enumerate(personas):
+            record = DialogueRecord(
+                id=uuid.uuid4().hex,
+                persona_id=persona.id,
+                persona_name=persona.name,
+                prompt_versions=self.prompt_versions,
+                **self.model_ids(),
+            )
+            if self.store is not None:
+                record = self.store.begin_dialogue(run_id, position, record)
+            if record.status != "running":
+                skipped += 1
+            lives.append(_Live(persona, record))
+        todo = [live for live in lives if live.active]
+        size = max(1, self.config.batch_size)
+        for start in range(0, len(todo), size):
+            self._run_chunk(todo[start : start + size])
+        return RunResult([live.record for live in lives], skipped, time.perf_counter() - started)
+
+    # ------------------------------------------------------------- lockstep
+    def _run_chunk(self, chunk: list[_Live]) -> None:
+        while True:
+            alive = [live for live in chunk if live.active]
+            for live in alive:
+                if live.record.user_intro and live.next_turn() > self.config.turns:
+                    live.record.status = "done"
+                    self._finish(live)
+            alive = [live for live in alive if live.active]
+            if not alive:
+                return
+            greet = [live for live in alive if not live.record.greeting]
+            if greet:
+                self._greet(greet)
+                continue
+            intro = [live for live in alive if not live.record.user_intro]
+            if intro:
+                self._introduce(intro)
+                continue
+            self._turn(alive)
+
+    def _greet(self, lives: list[_Live]) -> None:
+        convs = [
+            [
+                ChatMessage("system", str(self.system_prompt)),
+                ChatMessage("user", str(self.greeting_prompt)),
+            ]
+            for _ in lives
+        ]
+        for live, completion in self._generate("chatbot", lives, convs):
+            text = completion.text.strip()
+            if not text:
+                self._fail(live, "chatbot: empty greeting")
+                continue
+            live.record.greeting = text
+
+    def _introduce(self, lives: list[_Live]) -> None:
+        texts = self._user_answers(lives, first_turn=True)
+        for live, text in texts:
+            live.record.user_intro = text
+            if self.store is not None:
+                self.store.save_opening(live.record)
+            self.progress("turn", 1)
+
+    def _turn(self, lives: list[_Live]) -> None:
+        cfg = self.config
+        histories = {id(live): live.history() for live in lives}
+        convs = [self._chat_messages(histories[id(live)]) for live in lives]
+        first = self._generate("chatbot", lives, convs)
+        pairs = [(live, c.text.strip()) for live, c in first]
+        scored = self._score(pairs, histories)
+        turns: dict[int, TurnRecord] = {}
+        for live, reply, score in scored:
+            last_user = histories[id(live)][-1][1]
+            turns[id(live)] = TurnRecord(
+                index=live.next_turn(),
+                user_message=last_user,
+                first_reply=reply,
+                first_score=score,
+                final_reply=reply,
+                final_score=score,
+            )
+        while True:
+            need = [
+                live
+                for live in lives
+                if live.active
+                and id(live) in turns
+                and turns[id(live)].final_score.failing(cfg.accept_threshold)
+                and turns[id(live)].regenerations < cfg.max_regenerations
+            ]
+            if not need:
+                break
+            self._regenerate(need, turns, histories)
+        done = [live for live in lives if live.active and id(live) in turns]
+        for live in done:
+            histories[id(live)].append(("assistant", turns[id(live)].final_reply))
+        answers = self._user_answers(done, first_turn=False, histories=histories)
+        for live, text in answers:
+            turn = turns[id(live)]
+            turn.user_answer = text
+            live.record.turns.append(turn)
+            if self.store is not None:
+                self.store.save_turn(live.record, turn, cfg.accept_threshold)
+            self.progress("turn", 1)
+
+    def _regenerate(
+        self,
+        lives: list[_Live],
+        turns: dict[int, TurnRecord],
+        histories: dict[int, list[tuple[str, str]]],
+    ) -> None:
+        cfg = self.config
+        convs = {}
+        for live in lives:
+            turn = turns[id(live)]
+            request = regeneration_request(
+                turn.final_score, cfg.accept_threshold, turn.user_message
+            )
+            convs[id(live)] = [
+                *self._chat_messages(histories[id(live)]),
+                ChatMessage("assistant", turn.final_reply),
+                ChatMessage("user", request),
+            ]
+        candidates: dict[int, str] = {}
+        pending = list(lives)
+        for attempt in range(cfg.max_apology_retries + 1):
+            if not pending:
+                break
+            results = self._generate("chatbot", pending, [convs[id(x)] for x in pending])
+            still = []
+            for live, completion in results:
+                text = completion.text.strip()
+                if text and not is_apology(text):
+                    candidates[id(live)] = text
+                    continue
+                if attempt < cfg.max_apology_retries:
+                    turns[id(live)].apology_retries += 1
+                    still.append(live)
+            pending = still
+        for live in lives:
+            if live.active:
+                turns[id(live)].regenerations += 1
+                self.progress("regeneration", 1)
+        # A regeneration that kept apologising is dropped: the previous reply stays.
+        fresh = [(live, candidates[id(live)]) for live in lives if id(live) in candidates]
+        for live, reply, score in self._score(fresh, histories):
+            turn = turns[id(live)]
+            turn.final_reply = reply
+            turn.final_score = score
+
+    # --------------------------------------------------------------- helpers
+    def _chat_messages(self, history: list[tuple[str, str]]) -> list[ChatMessage]:
+        return [
+            ChatMessage("system", str(self.system_prompt)),
+            *(ChatMessage(role, content) for role, content in history),  # type: ignore[arg-type]
+        ]
+
+    def _params(self, base: GenerationParams) -> GenerationParams:
+        self._step += 1
+        values = base.to_dict()
+        values["seed"] = self.config.seed * 1_000_003 + self._step
+        return GenerationParams(**values)
+
+    def _generate(
+        self, role: str, lives: list[_Live], convs: list[list[ChatMessage]]
+    ) -> list[tuple[_Live, Completion]]:
+        """One batched call; on repeated failure, retry items alone, failing only those."""
+        model = self.chatbot if role == "chatbot" else self.user_model
+        base = self.config.chatbot_params if role == "chatbot" else self.config.user_params
+        adapter = self.config.adapter if role == "chatbot" else None
+        if not lives:
+            return []
+
+        def call(items: list[list[ChatMessage]]) -> list[Completion]:
+            return model.generate_batch(items, self._params(base), adapter=adapter)
+
+        results = self._with_retries(role, lives, convs, call)
+        out = []
+        for live, completion in results:
+            live.record.tokens.add(role, completion.prompt_tokens + completion.completion_tokens)
+            out.append((live, completion))
+        return out
+
+    def _with_retries(self, role: str, lives: list[_Live], items: list[Any], call: Callable):
+        cfg = self.config
+        error: BaseException | None = None
+        for attempt in range(cfg.role_retries):
+            try:
+                return list(zip(lives, call(items), strict=True))
+            except _RETRYABLE as exc:
+                error = exc
+                log.warning("%s call failed (attempt %d): %s", role, attempt + 1, exc)
+                time.sleep(cfg.retry_backoff_s * (attempt + 1))
+        if len(lives) == 1:
+            self._fail(lives[0], f"{role}: {type(error).__name__}: {error}")
+            return []
+        out = []
+        for live, item in zip(lives, items, strict=True):
+            out.extend(self._with_retries(role, [live], [item], call))
+        return out
+
+    def _score(
+        self, pairs: list[tuple[_Live, str]], histories: dict[int, list[tuple[str, str]]]
+    ) -> list[tuple[_Live, str, Score]]:
+        pairs = [(live, reply) for live, reply in pairs if live.active]
+        if not pairs:
+            return []
+        items = [
+            CriticInput(
+                user_name=live.persona.name,
+                background=live.persona.background,
+                history=tuple(histories[id(live)]),
+                reply=reply,
+            )
+            for live, reply in pairs
+        ]
+        lives = [live for live, _ in pairs]
+        scored = self._with_retries("critic", lives, items, self.critic.score_batch)
+        replies = {id(live): reply for live, reply in pairs}
+        out = []
+        for live, score in scored:
+            live.record.tokens.add("critic", score.tokens)
+            out.append((live, replies[id(live)], score))
+        return out
+
+    def _user_answers(
+        self,
+        lives: list[_Live],
+        *,
+        first_turn: bool,
+        histories: dict[int, list[tuple[str, str]]] | None = None,
+    ) -> list[tuple[_Live, str]]:
+        """User-model replies; an empty (unusable) answer is retried, then fails the dialogue."""
+        answers: dict[int, str] = {}
+        pending = [live for live in lives if live.active]
+        for _ in range(self.config.role_retries):
+            if not pending:
+                break
+            convs = [
+                user_messages(
+                    live.persona,
+                    histories[id(live)] if histories else live.history(),
+                    first_turn=first_turn,
+                )
+                for live in pending
+            ]
+            still = []
+            for live, completion in self._generate("user", pending, convs):
+                text = clean_user_text(completion.text, live.persona.name)
+                if text:
+                    answers[id(live)] = text
+                else:
+                    still.append(live)
+            pending = still
+        for live in pending:
+            if live.active:
+                self._fail(live, "user: no usable answer after retries")
+        return [(live, answers[id(live)]) for live in lives if live.active and id(live) in answers]
+
+    def _fail(self, live: _Live, cause: str) -> None:
+        log.warning("dialogue %s (%s) failed: %s", live.record.id, live.persona.id, cause)
+        live.record.status = "failed"
+        live.record.cause = cause
+        self._finish(live)
+
+    def _finish(self, live: _Live) -> None:
+        if self.store is not None:
+            self.store.finish_dialogue(live.record)
+        self.progress("dialogue", 1)
+
+
+def run_dialogues(
+    chatbot: ChatModel,
+    user_model: ChatModel,
+    critic: Critic,
+    personas: Sequence[PersonaLike],
+    *,
+    turns: int = 5,
+    regenerate: bool = False,
+    adapter: str | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_regenerations: int = 3,
+    accept_threshold: int = 4,
+) -> list[DialogueRecord]:
+    """T-turn dialogues with every reply except the greeting scored (no storage).
+
+    With ``regenerate=False`` (evaluation) the first attempt is the final reply.
+    """
+    config = GenerationConfig(
+        turns=turns,
+        max_regenerations=max_regenerations if regenerate else 0,
+        accept_threshold=accept_threshold,
+        batch_size=batch_size,
+        adapter=adapter,
+        seed=seed,
+    )
+    return CorpusGenerator(chatbot, user_model, critic, config).run(personas).dialogues
