@@ -156,7 +156,7 @@ def create_app(services: Services) -> gr.Blocks:
         ]
         if admin_tab is not None:
             load_outputs.append(admin_tab)
-        demo.load(on_load, [browser_id], load_outputs)
+        demo.load(on_load, [browser_id], load_outputs, api_name="load")
 
         def on_new(bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
             user = user_of(request, bid)
@@ -168,7 +168,10 @@ def create_app(services: Services) -> gr.Blocks:
             yield gr.update(choices=choices, value=cid), cid, history, ids, ""
 
         new_button.click(
-            on_new, [browser_id], [conversations, conversation_id, chatbot, message_ids, status]
+            on_new,
+            [browser_id],
+            [conversations, conversation_id, chatbot, message_ids, status],
+            api_name="new_conversation",
         )
 
         def on_select(cid: str, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
@@ -182,7 +185,10 @@ def create_app(services: Services) -> gr.Blocks:
             return cid, history, ids, ""
 
         conversations.input(
-            on_select, [conversations, browser_id], [conversation_id, chatbot, message_ids, status]
+            on_select,
+            [conversations, browser_id],
+            [conversation_id, chatbot, message_ids, status],
+            api_name="open_conversation",
         )
 
         def on_send(text: str, cid: str, history: list[dict], bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
@@ -205,8 +211,10 @@ def create_app(services: Services) -> gr.Blocks:
         send_outputs = [textbox, conversation_id, chatbot, message_ids, status, conversations]
         send_inputs = [textbox, conversation_id, chatbot, browser_id]
         limit = settings.limits.queue_size
-        textbox.submit(on_send, send_inputs, send_outputs, concurrency_limit=limit)
-        send_button.click(on_send, send_inputs, send_outputs, concurrency_limit=limit)
+        textbox.submit(on_send, send_inputs, send_outputs, concurrency_limit=limit, api_name="send")
+        send_button.click(
+            on_send, send_inputs, send_outputs, concurrency_limit=limit, api_visibility="private"
+        )
 
         def on_regenerate(cid: str, history: list[dict], bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
             user = user_of(request, bid)
@@ -226,6 +234,7 @@ def create_app(services: Services) -> gr.Blocks:
             [conversation_id, chatbot, browser_id],
             [chatbot, message_ids, status],
             concurrency_limit=limit,
+            api_name="regenerate",
         )
 
         def on_like(data: gr.LikeData, ids: list, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
@@ -248,7 +257,7 @@ def create_app(services: Services) -> gr.Blocks:
                 return f"⚠️ {exc}"
             return "Thanks for the feedback."
 
-        chatbot.like(on_like, [message_ids, browser_id], [status])
+        chatbot.like(on_like, [message_ids, browser_id], [status], api_name="rate")
 
         def on_prefs(learning: bool, memory_on: bool, bid: str, request: gr.Request) -> str:
             user = user_of(request, bid)
@@ -260,8 +269,12 @@ def create_app(services: Services) -> gr.Blocks:
                 f"memory {'on' if memory_on else 'off'}."
             )
 
-        learning_box.input(on_prefs, [learning_box, memory_box, browser_id], [settings_status])
-        memory_box.input(on_prefs, [learning_box, memory_box, browser_id], [settings_status])
+        learning_box.input(
+            on_prefs, [learning_box, memory_box, browser_id], [settings_status], api_name="preferences"
+        )
+        memory_box.input(
+            on_prefs, [learning_box, memory_box, browser_id], [settings_status], api_visibility="private"
+        )
         if memory_panel is not None:
             memory_panel(demo)
     return demo

@@ -390,6 +390,8 @@ class ChatService:
             error = f"The model failed mid-reply: {exc}"
         finally:
             text = "".join(pieces).strip()
+            if completion is not None and error is None and not text:
+                error = "The model returned an empty reply."
             status = "complete" if completion is not None and error is None else "interrupted"
             if status == "interrupted" and error is None:
                 error = "The reply was interrupted (the page was closed or reloaded)."

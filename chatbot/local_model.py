@@ -470,6 +470,7 @@ class LocalModel:
         reasons = ["length"] * n
         first_token_at: list[float | None] = [None] * n
         seen = [torch.tensor(sorted(set(p)), dtype=torch.long, device=self.device) for p in prompts]
+        stop_index = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=self.device)
 
         from transformers import DynamicCache
 
@@ -491,7 +492,11 @@ class LocalModel:
                     if done[r]:
                         next_ids[r] = pad_id
                         continue
-                    next_ids[r] = _sample(logits[r], params[r], seen[r], generators[r])
+                    row_logits = logits[r]
+                    if len(generated[r]) < params[r].min_new_tokens:
+                        row_logits = row_logits.clone()
+                        row_logits[stop_index] = float("-inf")
+                    next_ids[r] = _sample(row_logits, params[r], seen[r], generators[r])
                 now = time.perf_counter()
                 for r in range(n):
                     if done[r]:

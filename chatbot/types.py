@@ -36,6 +36,8 @@ class GenerationParams:
     repetition_penalty: float = 1.15
     seed: int | None = None
     timeout_s: float = 120.0
+    # Stop tokens are suppressed until this many tokens exist, so replies are never empty.
+    min_new_tokens: int = 1
 
     @property
     def greedy(self) -> bool:

@@ -32,7 +32,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--iteration", type=int, default=None, help="default: resume or next")
     p.add_argument("--adapter", default=None, help="chatbot adapter id (default: base model)")
     p.add_argument("--turns", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_generate)
 
@@ -150,7 +150,7 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
             print(f"no personas in split {args.split!r}")
             return 2
         personas = personas_for_iteration(
-            pool_personas, store, iteration, args.users, seed=args.seed
+            pool_personas, store, iteration, args.users, seed=args.seed or 0
         )
     config = generation_config(settings, turns=args.turns, adapter=args.adapter, seed=args.seed)
     pool = ModelPool(settings)

@@ -77,7 +77,9 @@ class GenerationConfig:
         default_factory=lambda: GenerationParams(max_new_tokens=64, temperature=0.8)
     )
     adapter: str | None = None
-    seed: int = 0
+    # Sampling seed (None: unseeded). The local backend seeds every row alike, so a seed
+    # makes identical prompts (the greetings of one chunk) come out identical.
+    seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -327,6 +329,8 @@ class CorpusGenerator:
         ]
 
     def _params(self, base: GenerationParams) -> GenerationParams:
+        if self.config.seed is None:
+            return base
         self._step += 1
         values = base.to_dict()
         values["seed"] = self.config.seed * 1_000_003 + self._step
@@ -449,7 +453,7 @@ def run_dialogues(
     turns: int = 5,
     regenerate: bool = False,
     adapter: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     batch_size: int = 16,
     max_regenerations: int = 3,
     accept_threshold: int = 4,

@@ -404,7 +404,11 @@ def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True)
 
     def generate(k: int, users: int | None) -> Mapping[str, Any]:
         argv = ["learn", "generate", "--split", "train", "--iteration", str(k)]
-        _learn_cli(settings, argv + (["--users", str(users)] if users else []))
+        argv += ["--users", str(users)] if users else []
+        # Algorithm 2: the current (active) chatbot generates the next corpus.
+        active = registry.active_id()
+        argv += ["--adapter", active] if active != BASE_ADAPTER else []
+        _learn_cli(settings, argv)
         return {}
 
     def select(k: int) -> Mapping[str, Any]:

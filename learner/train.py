@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from storage.adapter_models import TrainingRun
 from storage.db import Database
@@ -605,6 +605,8 @@ def train_adapter(
                 peft_config=peft_config,
                 callbacks=[_ProgressCallback(status, run_id, "sft", history)],
             )
+            # Library code logs; the trainer's stdout printer is not wanted (tqdm stays optional).
+            trainer.remove_callback(PrinterCallback)
             started = time.perf_counter()
             trainer.train()
             train_seconds = time.perf_counter() - started
@@ -709,6 +711,7 @@ def _train_dpo(
         processing_class=tokenizer,
         callbacks=[_ProgressCallback(status, run_id, "dpo", history)],
     )
+    trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     output = trainer.train()
     if "ref" in getattr(trainer.model, "peft_config", {}):
