@@ -18,33 +18,31 @@ from pathlib import Path
 
 from chatbot.types import BASE_ADAPTER, ChatModel
 
-__all__ = ["ABSplit", "ActiveAdapter", "AdapterManager"]
+__all__ = ["ABSplit", "AdapterManager"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ActiveAdapter:
-    id: str
-    path: Path | None  # None for the base model
-
-
-@dataclass(frozen=True)
 class ABSplit:
-    candidate: ActiveAdapter
-    share: float  # 0..1 of new conversations routed to the candidate
+    candidate: str
+    share: float  # 0..1 of conversations routed to the candidate
 
 
 class AdapterManager:
     def __init__(
         self,
         model: ChatModel,
-        source: Callable[[], ActiveAdapter] | None = None,
+        source: Callable[[], str] | None = None,
+        resolve: Callable[[str], Path] | None = None,
         ab_source: Callable[[], ABSplit | None] | None = None,
         poll_s: float = 2.0,
     ):
         self.model = model
+        # `source` names the wanted adapter cheaply; `resolve` verifies it and gives its
+        # directory, and runs only when the adapter changes.
         self.source = source
+        self.resolve = resolve
         self.ab_source = ab_source
         self.poll_s = poll_s
         self._active = BASE_ADAPTER
@@ -65,47 +63,47 @@ class AdapterManager:
         if ab is not None and ab.share > 0:
             bucket = int(hashlib.sha256(conversation_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
             if bucket < ab.share:
-                return ab.candidate.id
+                return ab.candidate
         return self._active
 
-    def activate(self, adapter: ActiveAdapter) -> float:
+    def activate(self, adapter_id: str) -> float:
         """Load the adapter next to the current one, switch to it, unload the old one.
 
         Raises if the new adapter cannot be loaded; the current one keeps serving.
         """
         with self._lock:
-            if adapter.id == self._active:
+            if adapter_id == self._active:
                 return 0.0
             started = time.perf_counter()
             old = self._active
-            if adapter.id != BASE_ADAPTER:
-                self._ensure_loaded(adapter)
-            self._active = adapter.id
+            if adapter_id != BASE_ADAPTER:
+                self._ensure_loaded(adapter_id)
+            self._active = adapter_id
             if old != BASE_ADAPTER and not self._needed_by_ab(old):
                 self.model.unload_adapter(old)  # type: ignore[attr-defined]
             self.last_swap_s = time.perf_counter() - started
-            log.info("active adapter %s -> %s in %.0f ms", old, adapter.id, 1000 * self.last_swap_s)
+            log.info("active adapter %s -> %s in %.0f ms", old, adapter_id, 1000 * self.last_swap_s)
             return self.last_swap_s
 
     def set_ab(self, split: ABSplit | None) -> None:
         with self._lock:
-            if split is not None and split.candidate.id != BASE_ADAPTER:
+            if split is not None and split.candidate != BASE_ADAPTER:
                 self._ensure_loaded(split.candidate)
             previous = self._ab
             self._ab = split
             if (
                 previous is not None
-                and previous.candidate.id not in (BASE_ADAPTER, self._active)
-                and (split is None or split.candidate.id != previous.candidate.id)
+                and previous.candidate not in (BASE_ADAPTER, self._active)
+                and (split is None or split.candidate != previous.candidate)
             ):
-                self.model.unload_adapter(previous.candidate.id)  # type: ignore[attr-defined]
+                self.model.unload_adapter(previous.candidate)  # type: ignore[attr-defined]
 
     def sync(self) -> None:
         """Bring the served adapter in line with the registry; keep serving on failure."""
         try:
             if self.source is not None:
                 wanted = self.source()
-                if wanted.id != self._active:
+                if wanted != self._active:
                     self.activate(wanted)
             if self.ab_source is not None:
                 split = self.ab_source()
@@ -133,14 +131,14 @@ class AdapterManager:
         while not self._stop.wait(self.poll_s):
             self.sync()
 
-    def _ensure_loaded(self, adapter: ActiveAdapter) -> None:
+    def _ensure_loaded(self, adapter_id: str) -> None:
         loaded = getattr(self.model, "adapters", None)
         if loaded is None:
             return  # remote backends address adapters by model name
-        if adapter.id not in loaded:
-            if adapter.path is None:
-                raise ValueError(f"adapter {adapter.id} has no files")
-            self.model.load_adapter(adapter.id, adapter.path)  # type: ignore[attr-defined]
+        if adapter_id not in loaded:
+            if self.resolve is None:
+                raise ValueError(f"no way to find the files of adapter {adapter_id}")
+            self.model.load_adapter(adapter_id, self.resolve(adapter_id))  # type: ignore[attr-defined]
 
     def _needed_by_ab(self, adapter_id: str) -> bool:
-        return self._ab is not None and self._ab.candidate.id == adapter_id
+        return self._ab is not None and self._ab.candidate == adapter_id

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from chatbot.embeddings import Embedder
 from chatbot.memory_extract import (
@@ -403,16 +403,44 @@ class MemoryService:
         conversation_id: str | None = None,
     ) -> MemoryFact:
         """Store one fact as given (e.g. typed by the user), with the same dedup rules."""
+        fact = ExtractedFact(category, key or category, text)
+        return self.add_facts(
+            user_id, [fact], message_id=message_id, conversation_id=conversation_id
+        )[0]
+
+    def add_facts(
+        self,
+        user_id: str,
+        facts: Sequence[ExtractedFact],
+        *,
+        message_id: str | None = None,
+        conversation_id: str | None = None,
+    ) -> list[MemoryFact]:
+        """Store already-extracted facts (one embedding batch, one transaction), with dedup.
+
+        Works with memory off too: it is an explicit write, not background extraction.
+        """
         uid = _require_user_id(user_id)
-        if category not in MEMORY_CATEGORIES:
-            raise ValueError(f"unknown memory category {category!r}")
-        clean = " ".join((text or "").split())
-        if not clean:
-            raise ValueError("a memory fact needs some text")
+        clean: list[ExtractedFact] = []
+        for fact in facts:
+            if fact.category not in MEMORY_CATEGORIES:
+                raise ValueError(f"unknown memory category {fact.category!r}")
+            text = " ".join((fact.text or "").split())
+            if not text:
+                raise ValueError("a memory fact needs some text")
+            clean.append(
+                ExtractedFact(
+                    fact.category,
+                    normalise_key(fact.key or fact.category, fact.category),
+                    text[:500],
+                    fact.vector if text == fact.text else None,
+                )
+            )
         with self.db.session() as session:
             self._user_enabled(session, uid)
-        fact = ExtractedFact(category, normalise_key(key or category, category), clean[:500])
-        return self._store(uid, [fact], message_id, conversation_id)[0]
+        if not clean:
+            return []
+        return self._store(uid, clean, message_id, conversation_id)
 
     def _store(
         self,
@@ -436,7 +464,11 @@ class MemoryService:
         with self._write_lock:
             with self.db.session() as session:
                 existing = list(
-                    session.execute(select(MemoryFactRow).where(MemoryFactRow.user_id == uid))
+                    session.execute(
+                        select(MemoryFactRow)
+                        .options(undefer(MemoryFactRow.embedding))
+                        .where(MemoryFactRow.user_id == uid)
+                    )
                     .scalars()
                     .all()
                 )
@@ -725,9 +757,15 @@ class MemoryService:
     # ------------------------------------------------------------------ maintenance
 
     def rebuild(self) -> int:
-        """Recreate the Chroma index from SQLite; returns the number of facts indexed."""
+        """Recreate the Chroma index from SQLite; returns the number of facts indexed.
+
+        Meanwhile recall in this process runs on SQLite only. Chroma's embedded mode is not
+        multi-process safe: rebuild a `PersistentClient` dir while the app is stopped.
+        """
         with self._index_lock:
             self._drop_client()
+            self._retry_at = float("inf")
+        try:
             try:
                 client = self._connect()
                 try:
@@ -743,11 +781,15 @@ class MemoryService:
                 shutil.rmtree(self.chroma_path)
                 client = self._connect()
                 collection = self._open_collection(client)
+            count = self._reindex_all(collection)
+        finally:
+            with self._index_lock:
+                self._retry_at = 0.0
+        with self._index_lock:
             self._client, self._collection = client, collection
-            self._retry_at = 0.0
-            self._pending_deletes.clear()
-            self._pending_user_wipes.clear()
-            return self._reindex_all(collection)
+            # Deletions made while rebuilding may have hit already-indexed batches.
+            self._flush_pending(collection)
+        return count
 
     def _reindex_all(self, collection: Any) -> int:
         dim = self.embedder.dim
@@ -756,6 +798,7 @@ class MemoryService:
             with self.db.session() as session:
                 rows = session.execute(
                     select(MemoryFactRow)
+                    .options(undefer(MemoryFactRow.embedding))
                     .where(MemoryFactRow.id > last_id)
                     .order_by(MemoryFactRow.id)
                     .limit(_BATCH)

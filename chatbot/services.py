@@ -88,9 +88,12 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
     models = ModelPool(settings)
     model = chatbot_model or models.get(settings.chatbot)
     registry = _build_registry(settings, db)
-    source = getattr(registry, "active_adapter", None)
-    ab_source = getattr(registry, "ab_split", None)
-    adapters = AdapterManager(model, source=source, ab_source=ab_source)
+    adapters = AdapterManager(
+        model,
+        source=registry.active_id if registry is not None else None,
+        resolve=registry.verified_path if registry is not None else None,
+        ab_source=getattr(registry, "ab_split", None),
+    )
     memory = _build_memory(settings, db, models)
     chat = ChatService(
         db,

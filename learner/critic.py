@@ -229,7 +229,10 @@ class LogitCritic:
                         positions = (attn.cumsum(-1) - 1).clamp(min=0)
                         with torch.no_grad():
                             out = model(
-                                input_ids=input_ids, attention_mask=attn, position_ids=positions
+                                input_ids=input_ids,
+                                attention_mask=attn,
+                                position_ids=positions,
+                                logits_to_keep=1,
                             )
                         probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
                         for row in range(len(chunk)):

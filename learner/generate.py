@@ -40,8 +40,14 @@ _APOLOGY = re.compile(
     r"i\s+apologi[sz]e|apologies)",
     re.IGNORECASE,
 )
+# C0 control characters (not tab/newline) that a small model may emit: never keep them.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _RETRYABLE = (ModelError, TimeoutError, ConnectionError, OSError)
 Progress = Callable[[str, int], None]
+
+
+def _clean(text: str) -> str:
+    return _CONTROL.sub("", text).strip()
 
 
 def is_apology(text: str) -> bool:
@@ -220,7 +226,7 @@ class CorpusGenerator:
             for _ in lives
         ]
         for live, completion in self._generate("chatbot", lives, convs):
-            text = completion.text.strip()
+            text = _clean(completion.text)
             if not text:
                 self._fail(live, "chatbot: empty greeting")
                 continue
@@ -239,7 +245,7 @@ class CorpusGenerator:
         histories = {id(live): live.history() for live in lives}
         convs = [self._chat_messages(histories[id(live)]) for live in lives]
         first = self._generate("chatbot", lives, convs)
-        pairs = [(live, c.text.strip()) for live, c in first]
+        pairs = [(live, _clean(c.text)) for live, c in first]
         scored = self._score(pairs, histories)
         turns: dict[int, TurnRecord] = {}
         for live, reply, score in scored:
@@ -302,7 +308,7 @@ class CorpusGenerator:
             results = self._generate("chatbot", pending, [convs[id(x)] for x in pending])
             still = []
             for live, completion in results:
-                text = completion.text.strip()
+                text = _clean(completion.text)
                 if text and not is_apology(text):
                     candidates[id(live)] = text
                     continue

@@ -12,6 +12,7 @@ from learner.records import PersonaLike
 __all__ = ["clean_user_text", "user_messages", "user_prompt_version"]
 
 _SPEAKER = re.compile(r"^\s*\**\s*([A-Z][\w .'-]{0,30})\s*\**\s*:\s*")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _OTHER_SIDE = re.compile(r"\n\s*\**\s*(?:chatbot|assistant|bot|ai|user)\s*\**\s*:", re.IGNORECASE)
 
 
@@ -42,7 +43,7 @@ def user_messages(
 
 def clean_user_text(text: str, name: str) -> str:
     """Strip a leading speaker label and anything written for the other side."""
-    text = text.strip()
+    text = _CONTROL.sub("", text).strip()
     cut = _OTHER_SIDE.search(text)
     if cut:
         text = text[: cut.start()]

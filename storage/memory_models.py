@@ -41,7 +41,7 @@ class MemoryFactRow(Base):
     source_message_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     source_conversation_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # float32 MiniLM vector: lets rebuild and the SQLite-only fallback work without re-embedding.
-    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
     # False until the vector is confirmed in Chroma; unindexed facts are healed later.
     indexed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,31 +20,13 @@ from learner.records import DIMENSIONS, CriticInput
 from learner.sanity import evaluate_critic, load_sanity_cases
 
 
-@pytest.fixture(scope="session")
-def embedded_model_dir() -> Path:
-    path = Path(os.environ.get("UPC_TEST_MODEL_DIR", "/tmp/smol"))
-    if not (path / "config.json").exists():
-        pytest.skip(f"embedded model dir {path} not available")
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny(embedded_model_dir: Path):
+def tiny(tiny_model_dir: Path):
     """A tiny randomly initialised Llama with the real SmolLM2 tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=len(tok),
-    )
-    model = LlamaForCausalLM(config).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     return model, tok
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,34 +41,12 @@ PERSONAS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def embedded_model_dir() -> Path:
-    path = Path(os.environ.get("UPC_TEST_MODEL_DIR", "/tmp/smol"))
-    if not (path / "config.json").exists():
-        pytest.skip(f"embedded model dir {path} not available")
-    return path
-
-
 @pytest.fixture(scope="module")
-def local(embedded_model_dir: Path) -> Iterator:
+def local(tiny_model_dir: Path) -> Iterator:
     """A LocalModel over a tiny randomly initialised Llama with the SmolLM2 tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from chatbot.local_model import LocalModel
 
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=len(tok),
-    )
-    model = LlamaForCausalLM(config).eval()
-    lm = LocalModel("tiny", model=model, tokenizer=tok, device="cpu", model_id="tiny-llama")
+    lm = LocalModel(tiny_model_dir, device="cpu", model_id="tiny-llama")
     yield lm
     lm.close()
 
@@ -225,7 +202,7 @@ class _Server:
         self.requests = 0
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests += 1
                 status, content = policy(body)

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -15,15 +13,6 @@ from personas.diversity import DUPLICATE_THRESHOLD, diversity_report
 from personas.generator import GeneratorConfig, PersonaGenerator, parse_candidate
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def embedded_model_dir() -> Path:
-    # Placeholder until tests/conftest.py provides the materializing fixture of the same name.
-    path = Path(os.environ.get("UPC_TEST_MODEL_DIR", "/tmp/smol"))
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"embedded model not found at {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

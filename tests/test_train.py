@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -46,15 +45,6 @@ DIALOGUES = [
         ],
     },
 ]
-
-
-@pytest.fixture(scope="session")
-def embedded_model_dir() -> Path:
-    # Placeholder until tests/conftest.py provides the materializing fixture of the same name.
-    path = Path(os.environ.get("UPC_TEST_MODEL_DIR", "/tmp/smol"))
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"embedded model not found at {path}")
-    return path
 
 
 @pytest.fixture(scope="module")
