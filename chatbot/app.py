@@ -341,8 +341,14 @@ def _personas_tab(services: Services) -> None:
 def _admin_tab(services: Services, user_of, browser_id) -> Any:  # type: ignore[no-untyped-def]
     try:
         from chatbot.console import build_console
+        from chatbot.demo_mode import build_operator_signin, console_enabled
     except ImportError:
         return None
+    if not console_enabled(services.settings):
+        return None  # anonymous mode without an admin secret: no console at all
     with gr.Tab("Operator console", id="console", visible=False) as tab:
         build_console(services, user_of, browser_id)
+    if services.settings.auth.mode == "anonymous":
+        with gr.Tab("Operator sign-in", id="operator-signin"):
+            build_operator_signin(services, user_of, browser_id, tab)
     return tab

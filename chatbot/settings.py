@@ -149,6 +149,16 @@ class LearnerSettings:
     dpo_learning_rate: float = 1e-5
     dpo_beta: float = 0.1
     gate_seed: int = 1234
+    # Issue 7: the scheduler, learning from logged dialogues, the poisoning guard.
+    curriculum_cron: str = ""  # crontab expression; when set it replaces the interval
+    curriculum_users: int = 0  # users per scheduled iteration (0: the generator's default)
+    retrain_check_minutes: int = 10
+    scheduler_lease_seconds: int = 60
+    scheduler_poll_seconds: float = 2.0
+    misfire_grace_minutes: int = 60
+    logged_max_conversations: int = 50  # per critique run
+    guard_user_threshold: float = 0.3  # share of flagged user turns that excludes a user
+    guard_min_user_turns: int = 3
 
 
 @dataclass

