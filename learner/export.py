@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -321,7 +321,9 @@ class ExportFilters:
     def validate(self) -> None:
         unknown = set(self.sources) - set(SOURCES)
         if unknown or not self.sources:
-            raise ExportError(f"sources must be a non-empty subset of {SOURCES}, got {self.sources}")
+            raise ExportError(
+                f"sources must be a non-empty subset of {SOURCES}, got {self.sources}"
+            )
         if self.feedback not in FEEDBACK_CHOICES:
             raise ExportError(f"feedback must be one of {FEEDBACK_CHOICES}, got {self.feedback!r}")
         for name in ("min_score", "max_score"):
@@ -411,11 +413,7 @@ def resolve_export_file(exports_dir: Path, export_id: str, filename: str) -> Pat
     of the path may be a symlink, and the resolved path must lie inside the export dir.
     """
     _check_export_id(export_id)
-    if (
-        not isinstance(filename, str)
-        or not _FILENAME.fullmatch(filename)
-        or ".." in filename
-    ):
+    if not isinstance(filename, str) or not _FILENAME.fullmatch(filename) or ".." in filename:
         raise ExportPathError("invalid file name")
     base = Path(exports_dir).resolve()
     export_dir = base / export_id
@@ -575,7 +573,9 @@ class _Reader:
     def _user_infos(self, con: Connection, user_ids: set[str]) -> dict[str, _UserInfo]:
         missing = [u for u in user_ids if u not in self._users]
         if missing:
-            names = dict(con.execute(select(User.id, User.username).where(User.id.in_(missing))).all())
+            names = dict(
+                con.execute(select(User.id, User.username).where(User.id.in_(missing))).all()
+            )
             facts: dict[str, list[str]] = {u: [] for u in missing}
             for uid, text in con.execute(
                 select(MemoryFactRow.user_id, MemoryFactRow.text).where(
@@ -721,11 +721,15 @@ class _Reader:
                 if not dialogues:
                     return
                 last = (dialogues[-1].created_at, dialogues[-1].id)
-                turns = con.execute(
-                    select(TurnRow)
-                    .where(TurnRow.dialogue_id.in_([d.id for d in dialogues]))
-                    .order_by(TurnRow.dialogue_id, TurnRow.turn_index)
-                ).scalars().all()
+                turns = (
+                    con.execute(
+                        select(TurnRow)
+                        .where(TurnRow.dialogue_id.in_([d.id for d in dialogues]))
+                        .order_by(TurnRow.dialogue_id, TurnRow.turn_index)
+                    )
+                    .scalars()
+                    .all()
+                )
             by_dialogue: dict[str, list[TurnRow]] = {}
             for t in turns:
                 by_dialogue.setdefault(t.dialogue_id, []).append(t)
@@ -823,7 +827,10 @@ def _synthetic_record(d: Any, rows: list[TurnRow]) -> ExportRecord:
         final = CriticScores.from_score_dict(t.final_score)
         first = CriticScores.from_score_dict(t.first_score)
         if t.regenerations > 0:
-            history = [BotAttempt(t.first_reply, "initial", first), BotAttempt(t.final_reply, "critic", final)]
+            history = [
+                BotAttempt(t.first_reply, "initial", first),
+                BotAttempt(t.final_reply, "critic", final),
+            ]
         else:
             history = [BotAttempt(t.final_reply, "initial", final)]
         bot(
@@ -898,3 +905,446 @@ def _scrub_record(
             )
             for n, a in enumerate(turn.regeneration_history)
         ]
+
+
+# ----------------------------------------------------------------------------- schemas
+
+_CRITIC_TYPE = pa.struct(
+    [
+        ("rel", pa.int64()),
+        ("int", pa.int64()),
+        ("val", pa.int64()),
+        ("mean", pa.float64()),
+        ("reasons", pa.struct([("rel", pa.string()), ("int", pa.string()), ("val", pa.string())])),
+        ("critic_model_id", pa.string()),
+    ]
+)
+_ATTEMPT_TYPE = pa.struct(
+    [
+        ("content", pa.string()),
+        ("origin", pa.string()),
+        ("critic", _CRITIC_TYPE),
+        ("feedback", pa.int64()),
+    ]
+)
+_TURN_TYPE = pa.struct(
+    [
+        ("role", pa.string()),
+        ("message_id", pa.string()),
+        ("seq", pa.int64()),
+        ("created_at", pa.string()),
+        ("status", pa.string()),
+        ("adapter_id", pa.string()),
+        ("model_id", pa.string()),
+        ("critic", _CRITIC_TYPE),
+        ("first_critic", _CRITIC_TYPE),
+        ("regenerations", pa.int64()),
+        ("regeneration_history", pa.list_(_ATTEMPT_TYPE)),
+        ("feedback", pa.int64()),
+        ("feedback_reason", pa.string()),
+        ("latency_ms", pa.float64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("gen_params_json", pa.string()),
+    ]
+)
+_META_TYPE = pa.struct(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("created_at", pa.string()),
+        ("updated_at", pa.string()),
+        ("split", pa.string()),
+        ("user", pa.string()),
+        ("title", pa.string()),
+        ("persona_id", pa.string()),
+        ("iteration", pa.int64()),
+        ("status", pa.string()),
+        ("adapter_ids", pa.list_(pa.string())),
+        ("n_messages", pa.int64()),
+        ("n_bot_turns", pa.int64()),
+        ("regenerated", pa.bool_()),
+        ("regenerations", pa.int64()),
+        ("mean_rel", pa.float64()),
+        ("mean_int", pa.float64()),
+        ("mean_val", pa.float64()),
+        ("mean_score", pa.float64()),
+        ("likes", pa.int64()),
+        ("dislikes", pa.int64()),
+        ("chatbot_model_id", pa.string()),
+        ("critic_model_id", pa.string()),
+    ]
+)
+# One row per conversation (the JSONL record and the HF dataset).
+CONVERSATION_SCHEMA = pa.schema(
+    [
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("upc", _META_TYPE),
+        ("upc_turns", pa.list_(_TURN_TYPE)),
+    ]
+)
+# One row per message, flat (Parquet).
+MESSAGE_SCHEMA = pa.schema(
+    [
+        ("conversation_id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("user", pa.string()),
+        ("conversation_created_at", pa.string()),
+        ("title", pa.string()),
+        ("persona_id", pa.string()),
+        ("iteration", pa.int64()),
+        ("conversation_mean_score", pa.float64()),
+        ("turn", pa.int64()),
+        ("role", pa.string()),
+        ("content", pa.string()),
+        ("message_id", pa.string()),
+        ("seq", pa.int64()),
+        ("created_at", pa.string()),
+        ("status", pa.string()),
+        ("adapter_id", pa.string()),
+        ("model_id", pa.string()),
+        ("rel", pa.int64()),
+        ("int", pa.int64()),
+        ("val", pa.int64()),
+        ("score_mean", pa.float64()),
+        ("reason_rel", pa.string()),
+        ("reason_int", pa.string()),
+        ("reason_val", pa.string()),
+        ("critic_model_id", pa.string()),
+        ("first_rel", pa.int64()),
+        ("first_int", pa.int64()),
+        ("first_val", pa.int64()),
+        ("regenerations", pa.int64()),
+        ("regeneration_history_json", pa.string()),
+        ("feedback", pa.int64()),
+        ("feedback_reason", pa.string()),
+        ("latency_ms", pa.float64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("gen_params_json", pa.string()),
+    ]
+)
+
+
+def _message_rows(record: ExportRecord) -> Iterator[dict[str, Any]]:
+    meta = record.meta
+    for i, ((role, content), t) in enumerate(zip(record.messages, record.turns, strict=True)):
+        c, first = t.critic, t.first_critic
+        yield {
+            "conversation_id": meta.id,
+            "source": meta.source,
+            "split": meta.split,
+            "user": meta.user,
+            "conversation_created_at": meta.created_at,
+            "title": meta.title,
+            "persona_id": meta.persona_id,
+            "iteration": meta.iteration,
+            "conversation_mean_score": float(meta.mean_score),
+            "turn": i,
+            "role": role,
+            "content": content,
+            "message_id": t.message_id,
+            "seq": t.seq,
+            "created_at": t.created_at,
+            "status": t.status,
+            "adapter_id": t.adapter_id,
+            "model_id": t.model_id,
+            "rel": c.rel,
+            "int": c.int,
+            "val": c.val,
+            "score_mean": float(c.mean),
+            "reason_rel": c.reason_rel,
+            "reason_int": c.reason_int,
+            "reason_val": c.reason_val,
+            "critic_model_id": c.critic_model_id,
+            "first_rel": first.rel,
+            "first_int": first.int,
+            "first_val": first.val,
+            "regenerations": t.regenerations,
+            "regeneration_history_json": json.dumps(
+                [a.to_json() for a in t.regeneration_history], ensure_ascii=False
+            ),
+            "feedback": t.feedback,
+            "feedback_reason": t.feedback_reason,
+            "latency_ms": float(t.latency_ms),
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens,
+            "gen_params_json": t.gen_params_json,
+        }
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+class _JsonlWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh: IO[str] = path.open("w", encoding="utf-8")
+
+    def write(self, record: ExportRecord, data: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(data, ensure_ascii=False))
+        self._fh.write("\n")
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class _ShareGptWriter:
+    _ROLES: ClassVar[dict[str, str]] = {"user": "human", "assistant": "gpt", "system": "system"}
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh: IO[str] = path.open("w", encoding="utf-8")
+        self._fh.write("[")
+        self._first = True
+
+    def write(self, record: ExportRecord, data: dict[str, Any]) -> None:
+        item = {
+            "id": record.meta.id,
+            "conversations": [
+                {"from": self._ROLES.get(r, r), "value": c} for r, c in record.messages
+            ],
+            "upc": data["upc"],
+            "upc_turns": data["upc_turns"],
+        }
+        self._fh.write("\n" if self._first else ",\n")
+        self._first = False
+        self._fh.write(json.dumps(item, ensure_ascii=False))
+
+    def close(self) -> None:
+        self._fh.write("\n]\n")
+        self._fh.close()
+
+
+class _ParquetWriter:
+    def __init__(self, path: Path, row_group: int = _ROW_GROUP):
+        self.path = path
+        self._writer = pq.ParquetWriter(path, MESSAGE_SCHEMA, compression="zstd")
+        self._rows: list[dict[str, Any]] = []
+        self._row_group = row_group
+
+    def write(self, record: ExportRecord, data: dict[str, Any]) -> None:
+        self._rows.extend(_message_rows(record))
+        if len(self._rows) >= self._row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            table = pa.Table.from_pylist(self._rows, schema=MESSAGE_SCHEMA)
+            self._writer.write_table(table, row_group_size=self._row_group)
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def _jsonl_rows(path: str) -> Iterator[dict[str, Any]]:
+    """Generator for `Dataset.from_generator`: re-reads the written JSONL line by line."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)
+
+
+def _build_hf_dataset(jsonl: Path, target: Path, cache_dir: Path) -> None:
+    from datasets import Dataset, Features
+
+    features = Features.from_arrow_schema(CONVERSATION_SCHEMA)
+    dataset = Dataset.from_generator(
+        _jsonl_rows,
+        features=features,
+        cache_dir=str(cache_dir),
+        gen_kwargs={"path": str(jsonl)},
+    )
+    dataset.save_to_disk(str(target))
+    del dataset
+
+
+def _zip_dir(source: Path, target: Path) -> None:
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for path in sorted(source.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                zf.write(path, arcname=f"{source.name}/{path.relative_to(source).as_posix()}")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(
+    db: Database,
+    exports_dir: Path,
+    options: ExportOptions | None = None,
+    *,
+    progress: Callable[[ExportProgress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    env: Mapping[str, str] | None = None,
+    runs_dir: Path | None = None,
+) -> ExportResult:
+    """Export the selected dialogues into `exports_dir/<export_id>/` in the requested formats.
+
+    `progress` is called after every page of conversations; `cancel()` returning True stops
+    the export and removes its directory. The salt that hashes user ids comes from
+    `$UPC_EXPORT_SALT` or is generated; it is returned (and written to `runs_dir` when given)
+    but never written into the export directory.
+    """
+    options = options or ExportOptions()
+    formats = tuple(dict.fromkeys(options.formats))
+    if not formats or set(formats) - set(FORMATS):
+        raise ExportError(f"formats must be a non-empty subset of {FORMATS}, got {options.formats}")
+    options.filters.validate()
+    export_id = options.export_id or new_export_id()
+    _check_export_id(export_id)
+    env = os.environ if env is None else env
+    salt = env.get(SALT_ENV, "")
+    salt_source = "env" if salt else "generated"
+    salt = salt or secrets.token_hex(16)
+
+    reader = _Reader(db, options.filters, salt, options.chunk_size)
+    reader.resolve_users()
+    exports_dir = Path(exports_dir)
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = exports_dir / export_id
+    try:
+        out_dir.mkdir()
+    except FileExistsError as exc:
+        raise ExportError(f"export {export_id} already exists") from exc
+
+    started = time.monotonic()
+    try:
+        result = _run(reader, options, formats, out_dir, progress, cancel)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    result.salt, result.salt_source = salt, salt_source
+    result.duration_s = time.monotonic() - started
+    _write_json(out_dir / MANIFEST, _manifest(result, options, formats))
+    if runs_dir is not None:
+        record_dir = Path(runs_dir) / "exports"
+        record_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(record_dir / f"{export_id}.json", {**result.summary(), "salt": salt})
+    log.info(
+        "export %s: %d conversations, %d messages, %d PII replacements",
+        export_id,
+        result.conversations,
+        result.messages,
+        result.scrubbed.total,
+    )
+    return result
+
+
+def _run(
+    reader: _Reader,
+    options: ExportOptions,
+    formats: tuple[str, ...],
+    out_dir: Path,
+    progress: Callable[[ExportProgress], None] | None,
+    cancel: Callable[[], bool] | None,
+) -> ExportResult:
+    tmp = out_dir / ".tmp"
+    tmp.mkdir()
+    files: dict[str, Path] = {}
+    writers: list[Any] = []
+    if "jsonl" in formats or "hf" in formats:
+        jsonl = out_dir / FORMAT_FILES["jsonl"] if "jsonl" in formats else tmp / "hf.jsonl"
+        writers.append(_JsonlWriter(jsonl))
+        if "jsonl" in formats:
+            files["jsonl"] = jsonl
+    if "sharegpt" in formats:
+        files["sharegpt"] = out_dir / FORMAT_FILES["sharegpt"]
+        writers.append(_ShareGptWriter(files["sharegpt"]))
+    if "parquet" in formats:
+        files["parquet"] = out_dir / FORMAT_FILES["parquet"]
+        writers.append(_ParquetWriter(files["parquet"]))
+
+    def report(phase: str) -> None:
+        if progress is not None:
+            progress(ExportProgress(phase, conversations, messages, total))
+
+    conversations = messages = real = synthetic = skipped_empty = 0
+    total = 0
+    report("counting")
+    total, skipped_opted_out = reader.count()
+    scrubber = PiiScrubber()
+    counts = ScrubCounts()
+    sources: list[Iterator[tuple[ExportRecord, UserTerms | None]]] = []
+    if reader.want_real:
+        sources.append(reader.iter_real())
+    if reader.want_synthetic:
+        sources.append(reader.iter_synthetic())
+    visited = 0
+    try:
+        for source in sources:
+            for record, terms in source:
+                visited += 1
+                if record.meta.n_bot_turns == 0:
+                    skipped_empty += 1
+                elif _selected(record, reader.filters):
+                    if options.scrub:
+                        _scrub_record(record, scrubber, counts, terms)
+                    data = record.to_json()
+                    for writer in writers:
+                        writer.write(record, data)
+                    conversations += 1
+                    messages += len(record.messages)
+                    if record.meta.source == "real":
+                        real += 1
+                    else:
+                        synthetic += 1
+                if visited % reader.chunk == 0:
+                    if cancel is not None and cancel():
+                        raise ExportCancelled("export cancelled")
+                    report("writing")
+    finally:
+        for writer in writers:
+            writer.close()
+    report("writing")
+    if "hf" in formats:
+        report("dataset")
+        files["hf"] = out_dir / FORMAT_FILES["hf"]
+        _build_hf_dataset(writers[0].path, files["hf"], tmp / "cache")
+        if options.zip_hf_dataset:
+            files["hf_zip"] = out_dir / HF_ZIP
+            _zip_dir(files["hf"], files["hf_zip"])
+    shutil.rmtree(tmp, ignore_errors=True)
+    report("done")
+    return ExportResult(
+        export_id=out_dir.name,
+        directory=out_dir,
+        files=files,
+        conversations=conversations,
+        messages=messages,
+        real=real,
+        synthetic=synthetic,
+        skipped_opted_out=skipped_opted_out,
+        skipped_empty=skipped_empty,
+        scrubbed=counts,
+        scrub_enabled=options.scrub,
+        salt_source="",
+        duration_s=0.0,
+    )
+
+
+def _manifest(result: ExportResult, options: ExportOptions, formats: tuple[str, ...]) -> dict:
+    f = options.filters
+    filters = asdict(f)
+    filters["since"] = _iso(f.since) or None
+    filters["until"] = _iso(f.until) or None
+    # Usernames are identifying: the manifest records only how many users were selected.
+    filters["users"] = len(f.users)
+    summary = result.summary()
+    summary.pop("directory")
+    summary["files"] = {k: v.name for k, v in result.files.items()}
+    return {
+        **summary,
+        "schema_version": SCHEMA_VERSION,
+        "created_at": datetime.now(UTC).isoformat(),
+        "formats": list(formats),
+        "filters": filters,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)

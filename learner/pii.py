@@ -34,16 +34,15 @@ _WORD_SPLIT = re.compile(r"[^\w'’-]+|_")
 _NAME_SPLIT = re.compile(r"[^A-Za-zÀ-ÖØ-öø-ɏ]+")
 
 # Words never scrubbed as a name or fact term on their own (too common to be identifying).
-_STOPWORDS = frozenset(
-    """a an the and or but of in on at to for from with by as is are was were be been am
+_STOPWORD_TEXT = """a an the and or but of in on at to for from with by as is are was were be been am
     has have had do does did not no yes my your his her their our its it this that these those
     i me you he she we they them him who what which when where why how all any some very really
     just also into about over under after before than then there here out up down off so too
     lives live living works work working worked studied studies studying moved enjoys enjoy
     likes like loves love hates hate prefers prefer is was being has based originally named
     called favourite favorite years year old time free spare in their user admin anon guest
-    test chat bot hello hi thanks""".split()
-)
+    test chat bot hello hi thanks"""
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _MIN_TERM_CHARS = 3
 
 

@@ -51,11 +51,15 @@ from storage.models import utcnow
 __all__ = [
     "LEASE_NAME",
     "JobContext",
+    "JobControl",
+    "JobProgress",
     "JobRecords",
     "JobRun",
     "JobSpec",
-    "Lease",
     "LearningScheduler",
+    "Lease",
+    "LeaseInfo",
+    "default_holder",
     "describe_error",
     "scheduled_job",
 ]
