@@ -100,7 +100,11 @@ def _build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         register: Callable = getattr(module, function)
-        register(sub)
+        group = register(sub)
+        if module_name == "learner.cli" and group is not None:
+            from learner.iterate import register_iterate
+
+            register_iterate(group)
     return parser
 
 

@@ -16,9 +16,9 @@ import shutil
 import statistics
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -943,44 +943,72 @@ def plot_loss(history: list[dict[str, Any]], adapter_id: str) -> Any:
 
 
 # ------------------------------------------------------------------ export
-def _export_to_download(
-    services: Any, fmt: str, filters: dict[str, Any], scrub: bool, progress: Any, downloads: Path
-) -> tuple[str, str]:
-    """Run the export library into the export dir, then hand a copy to Gradio's cache."""
-    export = _module("learner.export")
-    runner = getattr(export, "export_from_console", None) or getattr(export, "run_export", None)
-    if runner is None:
-        raise gr.Error("The export library is not available.")
-    result = runner(
-        services.settings, services.db, fmt=fmt, filters=filters, scrub=scrub, progress=progress
+def _parse_day(text: str | None, name: str) -> datetime | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise gr.Error(f"{name} must be a date like 2025-01-31.") from exc
+
+
+def export_filters(
+    source: str,
+    since: str,
+    until: str,
+    users: str,
+    adapter: str,
+    min_score: float | None,
+    max_score: float | None,
+    feedback: str,
+) -> Any:
+    """The export library's filters from the console's form fields."""
+    from learner.export import ExportFilters
+
+    return ExportFilters(
+        since=_parse_day(since, "From"),
+        until=_parse_day(until, "Until"),
+        users=tuple(u.strip() for u in (users or "").split(",") if u.strip()),
+        adapters=tuple(a.strip() for a in (adapter or "").split(",") if a.strip()),
+        min_score=min_score,
+        max_score=max_score,
+        sources=("real", "synthetic") if source in (None, "", "all") else (source,),
+        feedback=feedback or "any",
     )
-    path = Path(getattr(result, "path", result)).resolve()
-    exports_dir = services.settings.exports_dir.resolve()
-    if not path.is_relative_to(exports_dir) or not path.exists():
-        raise gr.Error("The export did not produce a file in the export directory.")
-    for old in downloads.iterdir():  # keep only the latest copy
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-    if path.is_dir():
-        target = Path(shutil.make_archive(str(downloads / path.name), "zip", root_dir=path))
-    else:
-        target = downloads / path.name
-        shutil.copyfile(path, target)
-    summary = getattr(result, "summary", None)
-    text = (
-        summary()
-        if callable(summary)
-        else json.dumps(
-            {
-                k: v
-                for k, v in (
-                    asdict(result) if hasattr(result, "__dataclass_fields__") else {}
-                ).items()
-                if isinstance(v, int | float | str | dict)
-            },
-            default=str,
-        )
+
+
+def export_for_download(
+    services: Any, fmt: str, filters: Any, scrub: bool, progress: Any, downloads: Path
+) -> tuple[Path, dict[str, Any]]:
+    """Run one export, then copy its file out of the (blocked) data dir for Gradio to serve.
+
+    The file is found again through `resolve_export_file`, which accepts only a file
+    directly inside this export's directory: nothing a user types becomes a path.
+    """
+    from learner import export as lib
+
+    def report(p: Any) -> None:
+        if progress is not None:
+            progress(min(1.0, p.messages / max(1, p.total_messages)), desc=p.phase)
+
+    exports_dir = services.settings.exports_dir
+    result = lib.export(
+        services.db,
+        exports_dir,
+        lib.ExportOptions(formats=(fmt,), filters=filters, scrub=scrub),
+        progress=report,
+        runs_dir=services.settings.runs_dir,
     )
-    return str(target), text
+    produced = result.files.get("hf_zip") if fmt == "hf" else result.files.get(fmt)
+    if produced is None:
+        raise gr.Error("The export produced no file.")
+    source = lib.resolve_export_file(exports_dir, result.export_id, Path(produced).name)
+    for old in downloads.iterdir():  # only the latest export stays in the hand-over dir
+        old.unlink(missing_ok=True)
+    target = downloads / f"{result.export_id}-{source.name}"
+    shutil.copyfile(source, target)
+    return target, result.summary()
 
 
 # ------------------------------------------------------------------ UI
@@ -1017,6 +1045,11 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
     def table(rows: list[Any]) -> list[list[Any]]:
         return [r.cells() for r in rows]
 
+    try:
+        initial = data.adapter_ids()
+    except (OSError, ValueError) as exc:
+        log.warning("cannot list adapters: %s", exc)
+        initial = [BASE_ADAPTER]
     gr.Markdown("### Operator console", elem_id="console-title")
     status = gr.Markdown("", elem_id="console-status")
     with gr.Tabs():
@@ -1028,10 +1061,11 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
             with gr.Row():
                 adapter_pick = gr.Dropdown(
                     label="Adapter",
-                    choices=[BASE_ADAPTER],
+                    choices=initial,
                     value=BASE_ADAPTER,
                     elem_id="console-adapter-pick",
                     scale=3,
+                    allow_custom_value=True,
                 )
                 confirm = gr.Checkbox(
                     label="Yes, I confirm", value=False, elem_id="console-confirm", scale=1
@@ -1044,14 +1078,19 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
             action_note = gr.Markdown("", elem_id="console-action-note")
             gr.Markdown("#### Compare two adapters")
             with gr.Row():
-                cmp_a = gr.Dropdown(label="Left", choices=[BASE_ADAPTER], value=BASE_ADAPTER)
-                cmp_b = gr.Dropdown(label="Right", choices=[BASE_ADAPTER], value=BASE_ADAPTER)
+                cmp_a = gr.Dropdown(
+                    label="Left", choices=initial, value=BASE_ADAPTER, allow_custom_value=True
+                )
+                cmp_b = gr.Dropdown(
+                    label="Right", choices=initial, value=BASE_ADAPTER, allow_custom_value=True
+                )
             cmp_prompt = gr.Textbox(label="Prompt (one user message)", max_lines=4)
             cmp_background = gr.Textbox(
-                label="Who the user is (for the critic; optional)", max_lines=3
+                label="Who the user is (for the critic; optional)",
+                max_lines=3,
             )
             cmp_dialogue = gr.Dropdown(
-                label="…or replay a stored persona dialogue", choices=[], allow_custom_value=False
+                label="…or replay a stored persona dialogue", choices=[], allow_custom_value=True
             )
             with gr.Row():
                 cmp_prompt_btn = gr.Button("Compare prompt")
@@ -1061,7 +1100,9 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
                 cmp_right = gr.Markdown("")
             gr.Markdown("#### A/B split of new conversations")
             with gr.Row():
-                ab_candidate = gr.Dropdown(label="Candidate", choices=[BASE_ADAPTER], value=None)
+                ab_candidate = gr.Dropdown(
+                    label="Candidate", choices=initial, value=None, allow_custom_value=True
+                )
                 ab_share = gr.Slider(0, 100, value=0, step=5, label="Share of conversations (%)")
                 ab_confirm = gr.Checkbox(label="Yes, I confirm", value=False)
             with gr.Row():
@@ -1091,7 +1132,10 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
             timer = gr.Timer(2.0, active=False)
             with gr.Row():
                 job_name = gr.Dropdown(
-                    label="Job", choices=["curriculum", "critique", "retrain"], value="curriculum"
+                    label="Job",
+                    choices=["curriculum", "critique", "retrain"],
+                    value="curriculum",
+                    allow_custom_value=True,
                 )
                 pause_btn = gr.Button("Pause")
                 resume_btn = gr.Button("Resume")
@@ -1115,7 +1159,9 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
                 regen_plot = gr.Plot(label="Regeneration rate")
             hist_plot = gr.Plot(label="Critic score histograms (final replies)")
             with gr.Row():
-                loss_pick = gr.Dropdown(label="Adapter", choices=[], scale=3)
+                loss_pick = gr.Dropdown(
+                    label="Adapter", choices=initial[1:], scale=3, allow_custom_value=True
+                )
                 loss_btn = gr.Button("Show loss", scale=1)
             loss_plot = gr.Plot(label="Training loss")
         # ---------------------------------------------------------- dialogues
@@ -1156,7 +1202,9 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
                 wrap=True,
             )
             with gr.Row():
-                exclude_user = gr.Dropdown(label="User", choices=[], scale=3)
+                exclude_user = gr.Dropdown(
+                    label="User", choices=[], scale=3, allow_custom_value=True
+                )
                 exclude_box = gr.Checkbox(label="Exclude this user's data from training")
                 exclude_btn = gr.Button("Save", scale=1)
             exclude_note = gr.Markdown("")
@@ -1164,7 +1212,9 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
         with gr.Tab("Export", id="console-export"):
             with gr.Row():
                 exp_format = gr.Dropdown(
-                    label="Format", choices=["jsonl", "sharegpt", "parquet", "hf"], value="jsonl"
+                    label="Format",
+                    choices=["jsonl", "sharegpt", "parquet", "hf"],
+                    value="jsonl",
                 )
                 exp_source = gr.Dropdown(
                     label="Source", choices=["all", "real", "synthetic", "regenerated"], value="all"
@@ -1172,10 +1222,15 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
                 exp_scrub = gr.Checkbox(label="Scrub PII (for shared exports)", value=True)
             with gr.Row():
                 exp_since = gr.Textbox(label="From (YYYY-MM-DD)")
-                exp_until = gr.Textbox(label="Until (YYYY-MM-DD)")
-                exp_adapter = gr.Textbox(label="Adapter id")
-                exp_min = gr.Number(label="Min critic score", value=None)
-                exp_max = gr.Number(label="Max critic score", value=None)
+                exp_until = gr.Textbox(label="Until (YYYY-MM-DD, exclusive)")
+                exp_users = gr.Textbox(label="Users (comma-separated)")
+                exp_adapter = gr.Textbox(label="Adapter ids (comma-separated)")
+            with gr.Row():
+                exp_min = gr.Number(label="Min mean critic score (1-5)", value=None)
+                exp_max = gr.Number(label="Max mean critic score (1-5)", value=None)
+                exp_feedback = gr.Dropdown(
+                    label="Feedback", choices=["any", "liked", "disliked", "none"], value="any"
+                )
             exp_btn = gr.Button("Export", variant="primary")
             exp_note = gr.Markdown("")
             exp_file = gr.File(label="Download", interactive=False)
@@ -1431,30 +1486,34 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
         scrub: bool,
         since: str,
         until: str,
+        users: str,
         adapter: str,
         min_score: float | None,
         max_score: float | None,
+        feedback: str,
         bid: str,
         request: gr.Request,
         progress=gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress tracker
     ):  # type: ignore[no-untyped-def]
         admin(request, bid)
-        filters = {
-            "since": (since or "").strip() or None,
-            "until": (until or "").strip() or None,
-            "adapter": (adapter or "").strip() or None,
-            "min_score": min_score,
-            "max_score": max_score,
-            "source": None if source in (None, "", "all") else source,
-        }
-        started = time.perf_counter()
+        if _module("learner.export") is None:
+            raise gr.Error("The export library is not available.")
+        filters = export_filters(
+            source, since, until, users, adapter, min_score, max_score, feedback
+        )
         try:
-            path, summary = _export_to_download(
+            path, summary = export_for_download(
                 services, fmt, filters, bool(scrub), progress, downloads
             )
         except (ValueError, OSError) as exc:
             raise gr.Error(f"Export failed: {exc}") from exc
-        return f"Done in {time.perf_counter() - started:.1f} s. {summary}", path
+        note = (
+            f"Exported {summary['conversations']} conversations, {summary['messages']} "
+            f"messages in {summary['duration_s']} s · PII scrubbing "
+            f"{'on' if summary['scrub_enabled'] else 'off'}: {summary['scrubbed_total']} "
+            f"replacements {json.dumps(summary['scrubbed'])}"
+        )
+        return note, str(path)
 
     exp_btn.click(
         on_export,
@@ -1464,9 +1523,11 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
             exp_scrub,
             exp_since,
             exp_until,
+            exp_users,
             exp_adapter,
             exp_min,
             exp_max,
+            exp_feedback,
             browser_id,
         ],
         [exp_note, exp_file],

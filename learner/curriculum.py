@@ -282,7 +282,10 @@ def load_training_set(runs_dir: Path, iteration: int) -> TrainingSet:
         ) from exc
     ids = sorted({r["dialogue_id"] for r in sft} | {p["dialogue_id"] for p in pairs})
     ids_hash = _ids_hash(ids)
-    if ids_hash != selection.get("ids_sha256"):
+    sft_ids = sorted(r["dialogue_id"] for r in sft)
+    if ids_hash != selection.get("ids_sha256") or sft_ids != sorted(
+        selection.get("easy_dialogue_ids", [])
+    ):
         raise ValueError(f"{directory}: training files do not match selection.json (ids hash)")
     return TrainingSet(iteration, sft, pairs, ids, ids_hash, selection)
 

@@ -1,8 +1,8 @@
 """PII scrubbing for shared exports: e-mails, phones, URLs, a user's names and memory facts.
 
 Each match becomes a typed placeholder (`[EMAIL]`, `[PHONE]`, `[URL]`, `[NAME]`, `[FACT]`) and
-is counted. One combined regex per user is applied in a single left-to-right pass, so a
-placeholder is never matched again and an e-mail wins over the name inside it.
+is counted. E-mails, URLs and phones are replaced first (so an e-mail wins over the name
+inside it), then the user's terms; placeholders are never matched again.
 """
 
 from __future__ import annotations
@@ -139,13 +139,19 @@ def _alternation(terms: tuple[str, ...]) -> str:
     return "|".join(re.escape(t).replace(r"\ ", r"\s+") for t in terms)
 
 
-def _compile(terms: UserTerms | None) -> re.Pattern[str]:
-    parts = [f"(?P<email>{_EMAIL})", f"(?P<url>{_URL})", f"(?P<phone>{_PHONE})"]
-    if terms is not None and terms.facts:
-        parts.append(rf"(?P<fact>(?<!\w)(?i:{_alternation(terms.facts)})(?!\w))")
-    if terms is not None and terms.names:
-        parts.append(rf"(?P<name>(?<!\w)(?i:{_alternation(terms.names)})(?!\w))")
-    return re.compile("|".join(parts))
+_BASE = re.compile(f"(?P<email>{_EMAIL})|(?P<url>{_URL})|(?P<phone>{_PHONE})")
+# Term boundaries also exclude brackets so a placeholder like "[NAME]" is never re-matched.
+_TERM_START = r"(?<![\w\[])"
+_TERM_END = r"(?![\w\]])"
+
+
+def _compile(terms: UserTerms) -> re.Pattern[str] | None:
+    parts = []
+    if terms.facts:
+        parts.append(f"(?P<fact>{_TERM_START}(?:{_alternation(terms.facts)}){_TERM_END})")
+    if terms.names:
+        parts.append(f"(?P<name>{_TERM_START}(?:{_alternation(terms.names)}){_TERM_END})")
+    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
 
 
 class PiiScrubber:
@@ -155,22 +161,22 @@ class PiiScrubber:
     across many conversations.
     """
 
-    def __init__(self, *, cache_size: int = 512) -> None:
-        self._cache: OrderedDict[UserTerms | None, re.Pattern[str]] = OrderedDict()
+    def __init__(self, *, cache_size: int = 4096) -> None:
+        self._cache: OrderedDict[UserTerms, re.Pattern[str] | None] = OrderedDict()
         self._cache_size = cache_size
 
-    def _pattern(self, terms: UserTerms | None) -> re.Pattern[str]:
-        pattern = self._cache.get(terms)
-        if pattern is None:
-            pattern = _compile(terms)
-            self._cache[terms] = pattern
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        else:
+    def _pattern(self, terms: UserTerms) -> re.Pattern[str] | None:
+        if terms in self._cache:
             self._cache.move_to_end(terms)
+            return self._cache[terms]
+        pattern = _compile(terms)
+        self._cache[terms] = pattern
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
         return pattern
 
     def scrub(self, text: str, counts: ScrubCounts, terms: UserTerms | None = None) -> str:
+        """E-mails, URLs and phones first (one pass), then the user's fact and name terms."""
         if not text:
             return text
 
@@ -188,4 +194,6 @@ class PiiScrubber:
             counts.add(kind)
             return f"[{kind.upper()}]{tail}"
 
-        return self._pattern(terms).sub(replace, text)
+        text = _BASE.sub(replace, text)
+        pattern = self._pattern(terms) if terms is not None else None
+        return pattern.sub(replace, text) if pattern is not None else text

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from conftest import RunningApp, make_app
+from tests.conftest import RunningApp, make_app
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,8 @@ def publish_random_lora(data_dir: Path, base_model_dir: Path, adapter_id: str) -
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(base_model_dir)
     peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     staging = data_dir.parent / f"staging-{adapter_id}"
     peft_model.save_pretrained(staging)
@@ -128,14 +129,16 @@ def test_every_console_handler_refuses_a_non_admin(console_app):
 
 def test_admin_activates_live_with_confirmation_and_rolls_back(console_app):
     client = _client(console_app, ADMIN)
-    table, *_ , status = client.predict("", api_name="/console_refresh")
+    table, *_, status = client.predict("", api_name="/console_refresh")
     ids = [row[0] for row in table["data"]]
     assert ids == ["base", ADAPTER_ID]
     assert "Serving:** `base`" in status
     with pytest.raises(Exception, match="confirm"):
         client.predict(ADAPTER_ID, False, "", api_name="/console_activate")
     assert httpx.get(f"{console_app.base_url}/healthz").json()["adapter"] == "base"
-    table, note, status, confirm = client.predict(ADAPTER_ID, True, "", api_name="/console_activate")
+    table, note, status, confirm = client.predict(
+        ADAPTER_ID, True, "", api_name="/console_activate"
+    )
     assert "hot-swap" in note and confirm is False
     assert "serving" in {row[0]: row[-1] for row in table["data"]}[ADAPTER_ID]
     assert httpx.get(f"{console_app.base_url}/healthz").json()["adapter"] == ADAPTER_ID
@@ -192,7 +195,7 @@ def test_ab_split_is_persisted_and_validated(console_app):
     assert ADAPTER_ID in saved and "0.5" in saved
     arms = client.predict("", api_name="/console_ab_stats")
     assert [row[0] for row in arms["data"]] == ["control", "candidate"]
-    with pytest.raises(Exception, match="retire|candidate"):
+    with pytest.raises(Exception, match=r"retire|candidate"):
         client.predict(ADAPTER_ID, True, "", api_name="/console_retire")
     note, _, _ = client.predict(ADAPTER_ID, 0, True, "", api_name="/console_ab_set")
     assert "off" in note
@@ -244,3 +247,26 @@ def test_foreign_and_null_origins_are_refused(console_app):
         )
         assert r.status_code == 403
     assert httpx.get(f"{console_app.base_url}/healthz").json()["adapter"] == "base"
+
+
+def test_admin_export_is_downloaded_through_gradio_only(console_app):
+    import json
+
+    client = _client(console_app, ADMIN)
+    with pytest.raises(Exception, match="date"):
+        client.predict("jsonl", "all", True, "not-a-date", "", "", "", None, None, "any", "",
+                       api_name="/console_export")  # fmt: skip
+    note, local = client.predict(
+        "jsonl", "real", True, "", "", "", "", None, None, "any", "", api_name="/console_export"
+    )
+    assert "PII scrubbing on" in note and "Exported" in note
+    lines = Path(local).read_text().splitlines()
+    assert lines and all(json.loads(line)["messages"] for line in lines)
+    # The export itself stays in the blocked data dir; only Gradio's copy is reachable.
+    exported = list((console_app.data_dir / "exports").glob("*/dialogues.jsonl"))
+    assert exported
+    cookies = _login_cookies(console_app, ADMIN)
+    r = httpx.get(
+        f"{console_app.base_url}/gradio_api/file={exported[0].resolve()}", cookies=cookies
+    )
+    assert r.status_code in (400, 403, 404)

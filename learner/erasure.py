@@ -1,0 +1,220 @@
+"""Right to erasure: delete a user and everything learned from them.
+
+Order: find the user's logged-learning example ids (needed to find training files and
+adapters), delete memory (through `MemoryService.purge_user`, or the rows and the Chroma
+vectors directly), delete the user's rows (conversations, messages, feedback, logged turns,
+guard records) and the user, rewrite every training-set file under `runs_dir` without their
+examples, flag every adapter whose manifest lists one of them, then fold and truncate the
+WAL and VACUUM, so no deleted page survives in the database files (`secure_delete` is on).
+Adapter weights cannot be "untrained": flagged adapters should be retired or retrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from learner.logged import LOGGED_PREFIX, load_salt, user_hash
+from storage.db import Database
+from storage.learning_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
+from storage.memory_models import MemoryFactRow
+from storage.models import Conversation, Feedback, Message, User
+
+__all__ = ["ErasureReport", "erase_user", "find_user_id"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ErasureReport:
+    user_hash: str
+    conversations: int = 0
+    messages: int = 0
+    feedback: int = 0
+    memory_facts: int = 0
+    logged_turns: int = 0
+    guard_records: int = 0
+    training_rows_removed: int = 0
+    training_files_rewritten: list[str] = field(default_factory=list)
+    flagged_adapters: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def find_user_id(db: Database, name_or_id: str) -> str | None:
+    with db.session() as s:
+        user = s.scalar(select(User).where(User.username == name_or_id))
+        if user is None:
+            user = s.get(User, name_or_id)
+        return None if user is None else user.id
+
+
+def _purge_memory(db: Database, user_id: str, memory: Any, chroma_dir: Path | None) -> int:
+    if memory is not None and hasattr(memory, "purge_user"):
+        return int(memory.purge_user(user_id))
+    with db.session() as s:
+        count = s.execute(delete(MemoryFactRow).where(MemoryFactRow.user_id == user_id)).rowcount
+    if chroma_dir is not None and chroma_dir.is_dir():
+        import chromadb
+        from chromadb.config import Settings as ChromaSettings
+
+        from chatbot.memory import DEFAULT_COLLECTION
+
+        client = chromadb.PersistentClient(
+            path=str(chroma_dir), settings=ChromaSettings(anonymized_telemetry=False)
+        )
+        try:
+            collection = client.get_collection(DEFAULT_COLLECTION)
+        except Exception:  # no collection yet: nothing indexed
+            log.debug("no memory collection in %s", chroma_dir)
+        else:
+            collection.delete(where={"user_id": user_id})
+    return int(count)
+
+
+def _rewrite_jsonl(path: Path, drop: set[str]) -> int:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept, removed = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            kept.append(line)
+            continue
+        if isinstance(row, dict) and (row.get("dialogue_id") in drop or row.get("pair_id") in drop):
+            removed += 1
+            continue
+        kept.append(line)
+    if removed:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return removed
+
+
+def _fix_selection(path: Path, drop: set[str]) -> None:
+    """Keep `selection.json` consistent with the rewritten files (the ids hash is checked)."""
+    try:
+        selection = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    changed = False
+    for key in ("training_dialogue_ids", "dialogue_ids"):
+        ids = selection.get(key)
+        if isinstance(ids, list) and drop & set(ids):
+            selection[key] = [i for i in ids if i not in drop]
+            changed = True
+    logged = selection.get("logged")
+    if isinstance(logged, dict) and isinstance(logged.get("turn_ids"), list):
+        kept = [i for i in logged["turn_ids"] if f"{LOGGED_PREFIX}{i}" not in drop]
+        changed = changed or len(kept) != len(logged["turn_ids"])
+        logged["turn_ids"] = kept
+    if not changed:
+        return
+    ids = sorted(selection.get("training_dialogue_ids") or [])
+    selection["ids_sha256"] = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
+    selection["erasure_rewritten"] = True
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(selection, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _flag_adapters(registry: Any, drop: set[str], reason: str) -> list[str]:
+    flagged = []
+    names = (
+        {f.name for f in dataclasses.fields(type(registry.list()[0]))} if registry.list() else set()
+    )
+    for manifest in registry.list():
+        if not drop & set(manifest.training_dialogue_ids or []):
+            continue
+        flag = {"kind": "erasure", "reason": reason}
+        if "flags" in names:
+            registry.update_manifest(manifest.id, flags=[*(manifest.flags or []), flag])
+        else:
+            # No dedicated field in this manifest version: keep the flag with the metrics.
+            metrics = dict(manifest.metrics or {})
+            metrics["flags"] = [*metrics.get("flags", []), flag]
+            registry.update_manifest(manifest.id, metrics=metrics)
+        flagged.append(manifest.id)
+    return flagged
+
+
+def erase_user(
+    db: Database,
+    user_id: str,
+    *,
+    data_dir: Path,
+    runs_dir: Path,
+    registry: Any = None,
+    memory: Any = None,
+    chroma_dir: Path | None = None,
+) -> ErasureReport:
+    """Delete the user and everything derived from them; returns what was removed."""
+    uhash = user_hash(user_id, load_salt(data_dir))
+    report = ErasureReport(user_hash=uhash)
+    with db.session() as s:
+        turn_ids = list(s.scalars(select(LoggedTurnRow.id).where(LoggedTurnRow.user_id == user_id)))
+        conv_ids = list(s.scalars(select(Conversation.id).where(Conversation.user_id == user_id)))
+    drop = {f"{LOGGED_PREFIX}{i}" for i in turn_ids}
+    report.memory_facts = _purge_memory(db, user_id, memory, chroma_dir)
+    with db.session() as s:
+        msg_ids = select(Message.id).where(Message.conversation_id.in_(conv_ids))
+        report.feedback = s.execute(
+            delete(Feedback).where((Feedback.user_id == user_id) | Feedback.message_id.in_(msg_ids))
+        ).rowcount
+        report.messages = s.execute(
+            delete(Message).where(Message.conversation_id.in_(conv_ids))
+        ).rowcount
+        report.conversations = s.execute(
+            delete(Conversation).where(Conversation.id.in_(conv_ids))
+        ).rowcount
+        report.logged_turns = s.execute(
+            delete(LoggedTurnRow).where(LoggedTurnRow.user_id == user_id)
+        ).rowcount
+        report.guard_records = s.execute(
+            delete(GuardExclusionRow).where(GuardExclusionRow.user_id == user_id)
+        ).rowcount
+        s.execute(delete(MemoryFactRow).where(MemoryFactRow.user_id == user_id))
+        s.execute(delete(User).where(User.id == user_id))
+    if drop and Path(runs_dir).is_dir():
+        for path in sorted(Path(runs_dir).rglob("*.jsonl")):
+            removed = _rewrite_jsonl(path, drop)
+            if removed:
+                report.training_rows_removed += removed
+                report.training_files_rewritten.append(str(path))
+                _fix_selection(path.parent / "selection.json", drop)
+    if drop and registry is not None:
+        reason = f"trained on examples of an erased user ({uhash[:12]})"
+        report.flagged_adapters = _flag_adapters(registry, drop, reason)
+    with db.session() as s:
+        s.add(
+            ErasureRow(
+                user_hash=uhash,
+                counts={k: v for k, v in report.to_dict().items() if isinstance(v, int)},
+                flagged_adapters=report.flagged_adapters,
+            )
+        )
+    _compact(db)
+    log.info("erased a user (%s): %s", uhash[:12], report.to_dict())
+    return report
+
+
+def _compact(db: Database) -> None:
+    """Fold the WAL into the main file, rebuild it without free pages, truncate the WAL."""
+    if not db.url.startswith("sqlite"):
+        return
+    db.checkpoint()
+    with db.engine.connect() as con:
+        con.exec_driver_sql("VACUUM")
+    db.checkpoint()

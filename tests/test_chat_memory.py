@@ -1,0 +1,90 @@
+"""Memory inside the chat flow: cross-conversation recall, deletion, opt-out, degradation."""
+
+import shutil
+
+import pytest
+
+from chatbot.accounts import Accounts
+from chatbot.chat import ChatService
+from chatbot.embeddings import Embedder
+from chatbot.local_model import LocalModel
+from chatbot.memory import MemoryService
+from chatbot.types import GenerationParams
+from storage import Database
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = LocalModel(tiny_model_dir, model_id="tiny")
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture
+def env(data_dir, tiny, embedder):
+    db = Database(f"sqlite:///{data_dir}/upc.db", data_dir=data_dir)
+    memory = MemoryService(db, embedder, chroma_path=data_dir / "chroma")
+    chat = ChatService(
+        db, tiny, params=GenerationParams(max_new_tokens=4, temperature=1.0, seed=1), memory=memory
+    )
+    accounts = Accounts(db)
+    yield db, chat, memory, accounts
+    memory.close()
+    db.dispose()
+
+
+def system_prompt(chat, user_id, conversation_id):
+    return chat._prompt(user_id, conversation_id)[0].content
+
+
+def test_facts_from_one_conversation_reach_the_next(env):
+    _, chat, memory, accounts = env
+    nina = accounts.create("nina", "nina-pass-1")
+    first = chat.create_conversation(nina.id)
+    list(chat.send(nina.id, first, "I'm a pediatric nurse and I restore old motorbikes."))
+    facts = [f.text for f in memory.list_facts(nina.id)]
+    assert any("nurse" in f for f in facts) and any("motorbike" in f for f in facts)
+    second = chat.create_conversation(nina.id)
+    assert "motorbike" in memory.profile(nina.id)
+    list(chat.send(nina.id, second, "What should I do this weekend?"))
+    prompt = system_prompt(chat, nina.id, second)
+    assert "motorbike" in prompt and "nurse" in prompt
+    # Another user's prompt never carries nina's facts.
+    omar = accounts.create("omar", "omar-pass-1")
+    theirs = chat.create_conversation(omar.id)
+    list(chat.send(omar.id, theirs, "Hello there."))
+    assert "motorbike" not in system_prompt(chat, omar.id, theirs)
+
+
+def test_deleting_a_fact_stops_its_use_at_once_and_memory_off_stops_all(env):
+    _, chat, memory, accounts = env
+    pia = accounts.create("pia", "pia-pass-12")
+    cid = chat.create_conversation(pia.id)
+    list(chat.send(pia.id, cid, "I work as a glassblower and I love sailing."))
+    sailing = next(f for f in memory.list_facts(pia.id) if "sailing" in f.text)
+    assert memory.delete_fact(pia.id, sailing.id)
+    prompt = system_prompt(chat, pia.id, cid)
+    assert "sailing" not in prompt and "glassblower" in prompt
+    accounts.set_preferences(pia.id, memory_enabled=False)
+    assert "glassblower" not in system_prompt(chat, pia.id, cid)
+    list(chat.send(pia.id, cid, "I also keep chickens."))
+    assert not any("chicken" in f.text for f in memory.list_facts(pia.id))
+    accounts.set_preferences(pia.id, memory_enabled=True)
+    assert memory.forget_all(pia.id) >= 1
+    assert "glassblower" not in system_prompt(chat, pia.id, cid)
+
+
+def test_chat_survives_a_broken_chroma(env, data_dir):
+    _, chat, memory, accounts = env
+    quinn = accounts.create("quinn", "quinn-pass-1")
+    cid = chat.create_conversation(quinn.id)
+    shutil.rmtree(data_dir / "chroma", ignore_errors=True)
+    (data_dir / "chroma").write_text("not a directory any more")
+    events = list(chat.send(quinn.id, cid, "I'm a beekeeper."))
+    assert events[-1].kind == "done"
+    assert chat.messages(quinn.id, cid)[-1].role == "assistant"

@@ -1,0 +1,247 @@
+"""Curriculum: the difficulty rule at its boundaries, statistics, the training-set files."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chatbot.prompting import load_prompt
+from chatbot.settings import Settings, load_settings
+from learner.cli import register
+from learner.curriculum import (
+    compute_stats,
+    is_difficult_dialogue,
+    is_difficult_turn,
+    load_training_set,
+    personas_for_iteration,
+    select_iteration,
+)
+from learner.records import DialogueRecord, Score, TokenCounts, TurnRecord
+from learner.store import CorpusStore
+from storage.db import Database
+
+
+def S(rel, int_, val) -> Score:
+    return Score(rel=rel, int=int_, val=val, reasons={"rel": "r", "int": "i", "val": "v"})
+
+
+def T(first, final=None, regens=0, index=2, first_reply="first", final_reply=None) -> TurnRecord:
+    final = first if final is None else final
+    return TurnRecord(
+        index=index,
+        user_message=f"user says {index}",
+        first_reply=first_reply,
+        first_score=S(*first),
+        final_reply=final_reply or (first_reply if regens == 0 else "better"),
+        final_score=S(*final),
+        regenerations=regens,
+        user_answer=f"answer {index}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("turn", "difficult"),
+    [
+        (T((3, 3, 3)), False),  # exactly alpha everywhere: not below
+        (T((5, 5, 2)), True),  # one final score below alpha
+        (T((2, 3, 3)), True),
+        (T((1, 1, 1), (4, 4, 1), regens=1), True),  # improved 2 but val < alpha
+        (T((2, 2, 3), (4, 4, 3), regens=1), False),  # improved exactly beta = 2
+        (T((2, 3, 3), (4, 3, 3), regens=2), True),  # improved 1 < beta
+        (T((3, 3, 3), (3, 3, 3), regens=3), True),  # regenerated, nothing improved
+        (T((4, 3, 4)), False),  # not regenerated: the improvement test does not apply
+        (T((3, 3, 3), (5, 5, 5), regens=1), False),
+    ],
+)
+def test_difficulty_rule_boundaries(turn: TurnRecord, difficult: bool) -> None:
+    assert is_difficult_turn(turn, alpha=3, beta=2) is difficult
+
+
+def test_difficulty_rule_is_configurable_and_unscored_is_difficult() -> None:
+    turn = T((3, 3, 3))
+    assert is_difficult_turn(turn, alpha=4, beta=2)
+    regen = T((2, 3, 3), (4, 3, 3), regens=1)
+    assert not is_difficult_turn(regen, alpha=3, beta=1)
+    unscored = TurnRecord(2, "u", "a", Score(), "a", Score(raw="garbage"))
+    assert is_difficult_turn(unscored)
+    dialogue = DialogueRecord("d", "p", "P", status="done", turns=[T((4, 4, 4)), turn])
+    assert not is_difficult_dialogue(dialogue)
+    dialogue.turns.append(T((4, 4, 2), index=4))
+    assert is_difficult_dialogue(dialogue)
+
+
+def _dialogue(did: str, pid: str, turns: list[TurnRecord], status: str = "done"):
+    return DialogueRecord(
+        id=did,
+        persona_id=pid,
+        persona_name=pid.upper(),
+        status=status,
+        cause="critic: timeout" if status == "failed" else None,
+        greeting="Hello there!",
+        user_intro=f"I'm {pid}.",
+        turns=turns,
+        tokens=TokenCounts(10, 5, 20),
+    )
+
+
+def _corpus() -> list[DialogueRecord]:
+    easy = _dialogue(
+        "d-easy",
+        "p1",
+        [
+            T((4, 4, 4), index=2),
+            T((2, 2, 4), (4, 4, 4), regens=1, index=3, first_reply="meh"),
+        ],
+    )
+    hard = _dialogue(
+        "d-hard",
+        "p2",
+        [T((2, 3, 3), (4, 3, 3), regens=2, index=2, first_reply="bad"), T((4, 4, 4), index=3)],
+    )
+    failed = _dialogue("d-failed", "p3", [], status="failed")
+    return [easy, hard, failed]
+
+
+def test_compute_stats_on_hand_built_corpus() -> None:
+    stats = compute_stats(_corpus(), iteration=1)
+    assert (stats.dialogues, stats.done, stats.failed) == (3, 2, 1)
+    assert stats.failure_causes == {"critic": 1}
+    assert stats.turns == 4
+    assert stats.regenerated_turns == 2
+    assert stats.regenerations == 3
+    assert stats.regeneration_rate == 0.5
+    assert stats.avg_regenerations == 0.75
+    assert stats.easy == 1 and stats.easy_rate == 0.5
+    assert stats.first_means.rel == pytest.approx((4 + 2 + 2 + 4) / 4)
+    assert stats.final_means.rel == pytest.approx(4.0)
+    assert stats.final_means.int == pytest.approx((4 + 4 + 3 + 4) / 4)
+    assert stats.unscored == 0
+    assert stats.tokens == TokenCounts(30, 15, 60)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(env={}, data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[CorpusStore]:
+    db = Database.from_settings(settings)
+    yield CorpusStore(db)
+    db.dispose()
+
+
+def _store_corpus(store: CorpusStore, iteration: int = 1) -> str:
+    run, _ = store.open_run(iteration, split="train", config={}, models={})
+    for position, d in enumerate(_corpus()):
+        store.begin_dialogue(run.id, position, d)
+        store.save_opening(d)
+        for turn in d.turns:
+            store.save_turn(d, turn, 4)
+        store.finish_dialogue(d)
+    return run.id
+
+
+def test_select_writes_the_training_set_contract(store: CorpusStore, settings: Settings) -> None:
+    run_id = _store_corpus(store)
+    result = select_iteration(store, settings.runs_dir, 1)
+    out = settings.runs_dir / "iter-001"
+    assert result.output_dir == out
+    system = str(load_prompt("upc_system"))
+
+    sft = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
+    assert len(sft) == 1
+    assert sft[0]["dialogue_id"] == "d-easy" and sft[0]["persona_id"] == "p1"
+    roles = [m["role"] for m in sft[0]["messages"]]
+    assert roles == ["system", "assistant", "user", "assistant", "user", "assistant"]
+    assert sft[0]["messages"][0]["content"] == system
+    assert sft[0]["messages"][1]["content"] == "Hello there!"
+    assert sft[0]["messages"][5]["content"] == "better"  # the accepted regeneration
+
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    # d-easy turn 3 regenerated and accepted; d-hard turn 2 was regenerated but not accepted.
+    assert len(pairs) == 1
+    pair = pairs[0]
+    assert set(pair) == {"pair_id", "dialogue_id", "prompt", "chosen", "rejected"}
+    assert (pair["chosen"], pair["rejected"]) == ("better", "meh")
+    assert pair["prompt"][-1] == {"role": "user", "content": "answer 2"}
+    assert [m["role"] for m in pair["prompt"]] == [
+        "system",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
+
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["iteration"] == 1 and selection["alpha"] == 3 and selection["beta"] == 2
+    assert selection["counts"]["easy"] == 1 and selection["counts"]["failed"] == 1
+    assert selection["easy_dialogue_ids"] == ["d-easy"]
+    assert selection["difficult_dialogue_ids"] == ["d-hard"]
+    assert selection["pending_persona_ids"] == ["p2", "p3"]
+    expected_hash = hashlib.sha256(b"d-easy").hexdigest()
+    assert selection["ids_sha256"] == expected_hash
+    assert selection["stats"]["regeneration_rate"] == 0.5
+
+    training = load_training_set(settings.runs_dir, 1)
+    assert training.dialogue_ids == ["d-easy"] and training.ids_hash == expected_hash
+    assert training.sft == sft and training.pairs == pairs
+
+    state = store.curriculum(1)
+    assert state is not None and state.run_id == run_id
+    assert state.pending_persona_ids == ["p2", "p3"]
+
+
+def test_tampered_training_set_is_refused(store: CorpusStore, settings: Settings) -> None:
+    _store_corpus(store)
+    select_iteration(store, settings.runs_dir, 1)
+    (settings.runs_dir / "iter-001" / "sft.jsonl").write_text("")
+    with pytest.raises(ValueError, match="ids hash"):
+        load_training_set(settings.runs_dir, 1)
+    with pytest.raises(FileNotFoundError, match="upc learn select"):
+        load_training_set(settings.runs_dir, 2)
+
+
+def test_select_refuses_missing_or_unfinished_runs(store: CorpusStore, settings: Settings) -> None:
+    with pytest.raises(ValueError, match="no generation run"):
+        select_iteration(store, settings.runs_dir, 5)
+    run, _ = store.open_run(2, split="train", config={}, models={})
+    store.begin_dialogue(run.id, 0, _dialogue("d-x", "px", [], status="running"))
+    with pytest.raises(ValueError, match="unfinished"):
+        select_iteration(store, settings.runs_dir, 2)
+
+
+class _P:
+    def __init__(self, pid: str):
+        self.id, self.name, self.background = pid, pid, f"{pid} background"
+
+
+def test_pending_users_come_first_next_iteration(store: CorpusStore, settings: Settings) -> None:
+    _store_corpus(store)
+    select_iteration(store, settings.runs_dir, 1)
+    pool = [_P(f"p{i}") for i in range(1, 9)]
+    chosen = [p.id for p in personas_for_iteration(pool, store, 2, 4, seed=3)]
+    assert chosen[:2] == ["p2", "p3"]
+    assert set(chosen[2:]) <= {"p4", "p5", "p6", "p7", "p8"}  # never-engaged users next
+    assert len(chosen) == 4 and len(set(chosen)) == 4
+    assert chosen == [p.id for p in personas_for_iteration(pool, store, 2, 4, seed=3)]
+
+
+def test_cli_select(store: CorpusStore, settings: Settings, capsys) -> None:
+    _store_corpus(store)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="group"))
+    args = parser.parse_args(["learn", "select", "--iteration", "1", "--alpha", "4"])
+    assert args.func(args, settings) == 0
+    out = capsys.readouterr().out
+    assert "regeneration rate" in out and "37.7%" in out
+    selection = json.loads((settings.runs_dir / "iter-001" / "selection.json").read_text())
+    assert selection["alpha"] == 4
+    assert selection["counts"]["easy"] == 1  # d-easy's final scores are all 4
+    args = parser.parse_args(["learn", "select", "--iteration", "9"])
+    assert args.func(args, settings) == 2

@@ -1,0 +1,436 @@
+"""Dialogue export: formats round-trip with standard tools, filters, PII scrubbing, safe paths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import datetime
+
+import pytest
+
+from chatbot.settings import load_settings
+from learner.export import (
+    SALT_ENV,
+    ExportCancelled,
+    ExportError,
+    ExportFilters,
+    ExportOptions,
+    ExportPathError,
+    export,
+    hash_user_id,
+    list_exports,
+    resolve_export_file,
+)
+from learner.pii import PiiScrubber, ScrubCounts, build_user_terms
+from storage import Database
+from storage.learner_models import DialogueRow, RunRow, TurnRow
+from storage.memory_models import MemoryFactRow
+from storage.models import Conversation, Feedback, Message, User
+
+PLANTED = [
+    "alice@example.com",
+    "Alice Smith",
+    "Lisbon",
+    "https://example.org/tips",
+    "555 123 4567",
+    "Globex",
+    "sim@persona.test",
+]
+
+
+def _score(rel: int, int_: int, val: int, why: str) -> dict:
+    return {
+        "rel": rel,
+        "int": int_,
+        "val": val,
+        "reasons": {"rel": f"rel {why}", "int": f"int {why}", "val": f"val {why}"},
+        "critic_model_id": "critic-x",
+    }
+
+
+@pytest.fixture
+def world(tmp_path):
+    settings = load_settings(env={}, data_dir=tmp_path / "data")
+    db = Database(settings.db_url, data_dir=settings.data_dir)
+    ids: dict[str, str] = {}
+    with db.session() as s:
+        alice = User(username="alice.smith")
+        bob = User(username="bob", excluded_from_training=True)
+        carol = User(username="carol")
+        s.add_all([alice, bob, carol])
+        s.flush()
+        ids.update(alice=alice.id, bob=bob.id, carol=carol.id)
+        s.add_all(
+            [
+                MemoryFactRow(
+                    user_id=alice.id, category="location", key="location", text="lives in Lisbon"
+                ),
+                MemoryFactRow(
+                    user_id=alice.id,
+                    category="occupation",
+                    key="employer",
+                    text="works at Globex Corporation",
+                ),
+            ]
+        )
+
+        def conv(user: User, day: str, adapter: str = "base") -> Conversation:
+            c = Conversation(
+                user_id=user.id, adapter_id=adapter, created_at=datetime.fromisoformat(day)
+            )
+            s.add(c)
+            s.flush()
+            return c
+
+        def msg(c: Conversation, seq: int, role: str, content: str, **kw) -> Message:
+            m = Message(conversation_id=c.id, seq=seq, role=role, content=content, **kw)
+            s.add(m)
+            s.flush()
+            return m
+
+        a1 = conv(alice, "2024-01-10")
+        msg(a1, 0, "user", "Hi, I'm Alice Smith from Lisbon, mail me at alice@example.com")
+        msg(
+            a1,
+            1,
+            "assistant",
+            "Hello Alice! See https://example.org/tips.",
+            status="superseded",
+            adapter_id="base",
+        )
+        final = msg(
+            a1,
+            2,
+            "assistant",
+            "Hello! Call +1 555 123 4567 today.",
+            adapter_id="a1",
+            model_id="smol",
+            gen_params={"temperature": 0.7},
+            latency_ms=12.5,
+        )
+        s.add(Feedback(message_id=final.id, user_id=alice.id, rating=1, reason="great answer"))
+        a2 = conv(alice, "2024-02-10", adapter="a2")
+        msg(a2, 0, "user", "I work at Globex Corporation")
+        bad = msg(a2, 1, "assistant", "That sounds fun.", adapter_id="a2")
+        s.add(Feedback(message_id=bad.id, user_id=alice.id, rating=-1, reason="boring"))
+        b1 = conv(bob, "2024-01-15")
+        msg(b1, 0, "user", "write to bob@mail.com")
+        msg(b1, 1, "assistant", "ok", adapter_id="base")
+        c1 = conv(carol, "2024-03-01")
+        msg(c1, 0, "user", "what is 2+2?")
+        msg(c1, 1, "assistant", "4", adapter_id="base")
+        c2 = conv(carol, "2024-03-02")
+        msg(c2, 0, "user", "hello?")
+        ids.update(a1=a1.id, a2=a2.id, b1=b1.id, c1=c1.id, c2=c2.id)
+
+        run = RunRow(iteration=1, split="train", status="done")
+        s.add(run)
+        s.flush()
+        d1 = DialogueRow(
+            run_id=run.id,
+            persona_id="p-001",
+            persona_name="Sim Persona",
+            status="done",
+            greeting="Hi there! How are you?",
+            user_intro="I'm a baker, reach me at sim@persona.test",
+            critic_model_id="critic-x",
+            created_at=datetime.fromisoformat("2024-02-20"),
+        )
+        s.add(d1)
+        s.flush()
+        s.add_all(
+            [
+                TurnRow(
+                    dialogue_id=d1.id,
+                    turn_index=2,
+                    user_message=d1.user_intro,
+                    first_reply="Ok.",
+                    first_score=_score(2, 1, 2, "weak"),
+                    final_reply="Baking is wonderful, what do you bake?",
+                    final_score=_score(5, 4, 4, "good"),
+                    regenerations=1,
+                    user_answer="Bread mostly.",
+                ),
+                TurnRow(
+                    dialogue_id=d1.id,
+                    turn_index=3,
+                    user_message="Bread mostly.",
+                    first_reply="Sourdough is a great choice.",
+                    first_score=_score(4, 4, 4, "fine"),
+                    final_reply="Sourdough is a great choice.",
+                    final_score=_score(4, 4, 4, "fine"),
+                ),
+            ]
+        )
+        ids["d1"] = d1.id
+    yield settings, db, ids
+    db.dispose()
+
+
+def _run(settings, db, *, formats=("jsonl",), env=None, **kw):
+    filters = kw.pop("filters", ExportFilters())
+    options = ExportOptions(formats=formats, filters=filters, **kw)
+    return export(db, settings.exports_dir, options, env=env or {SALT_ENV: "pepper"})
+
+
+def _jsonl(result) -> list[dict]:
+    return [json.loads(line) for line in result.files["jsonl"].read_text().splitlines()]
+
+
+def test_every_format_round_trips_with_standard_tools(world, tmp_path):
+    import pandas as pd
+    from datasets import load_dataset, load_from_disk
+
+    settings, db, ids = world
+    seen = []
+    result = export(
+        db,
+        settings.exports_dir,
+        ExportOptions(),
+        progress=seen.append,
+        env={},
+        runs_dir=settings.runs_dir,
+    )
+    assert (result.conversations, result.real, result.synthetic) == (4, 3, 1)
+    assert (result.skipped_opted_out, result.skipped_empty) == (1, 1)
+    assert result.messages == 2 + 2 + 2 + 5
+    assert seen[-1].phase == "done" and seen[-1].messages == result.messages
+    assert result.salt_source == "generated" and len(result.salt) == 32
+
+    ds = load_dataset(
+        "json", data_files=str(result.files["jsonl"]), split="train", cache_dir=str(tmp_path / "c")
+    )
+    assert len(ds) == 4
+    by_id = {row["upc"]["id"]: row for row in ds}
+    a1 = by_id[ids["a1"]]
+    assert [m["role"] for m in a1["messages"]] == ["user", "assistant"]
+    bot = a1["upc_turns"][1]
+    assert (
+        bot["adapter_id"] == "a1"
+        and bot["feedback"] == 1
+        and bot["feedback_reason"] == "great answer"
+    )
+    assert bot["regenerations"] == 1
+    assert [a["origin"] for a in bot["regeneration_history"]] == ["initial", "user"]
+    assert bot["regeneration_history"][-1]["content"] == a1["messages"][1]["content"]
+    assert a1["upc"]["user"] == hash_user_id(ids["alice"], result.salt)
+    d1 = by_id[ids["d1"]]
+    assert d1["upc"]["source"] == "synthetic" and d1["upc"]["iteration"] == 1
+    scored = d1["upc_turns"][2]
+    assert (scored["critic"]["rel"], scored["critic"]["int"], scored["critic"]["val"]) == (5, 4, 4)
+    assert scored["critic"]["reasons"]["rel"] == "rel good"
+    assert scored["first_critic"]["rel"] == 2 and scored["regenerations"] == 1
+    assert d1["upc"]["mean_score"] == pytest.approx((13 / 3 + 4) / 2)
+
+    df = pd.read_parquet(result.files["parquet"])
+    assert len(df) == result.messages
+    row = df[(df.conversation_id == ids["d1"]) & (df.turn == 2)].iloc[0]
+    assert (row["rel"], row["int"], row["val"], row["reason_val"]) == (5, 4, 4, "val good")
+    assert json.loads(row["regeneration_history_json"])[0]["content"] == "Ok."
+
+    hf = load_from_disk(str(result.files["hf"]))
+    assert len(hf) == 4 and set(hf.column_names) == {"messages", "upc", "upc_turns"}
+    assert result.files["hf_zip"].stat().st_size > 0
+
+    share = json.loads(result.files["sharegpt"].read_text())
+    assert len(share) == 4
+    first = next(x for x in share if x["id"] == ids["a1"])
+    assert [t["from"] for t in first["conversations"]] == ["human", "gpt"]
+
+    # User ids are hashed and the salt never reaches the export directory.
+    blob = b"".join(p.read_bytes() for p in result.directory.rglob("*") if p.is_file())
+    for uid in (ids["alice"], ids["carol"]):
+        assert uid.encode() not in blob
+    assert result.salt.encode() not in blob
+    assert b"alice.smith" not in blob
+    manifest = json.loads((result.directory / "manifest.json").read_text())
+    assert manifest["conversations"] == 4 and "salt" not in manifest
+    run_record = json.loads(
+        (settings.runs_dir / "exports" / f"{result.export_id}.json").read_text()
+    )
+    assert run_record["salt"] == result.salt
+    assert list_exports(settings.exports_dir)[0]["export_id"] == result.export_id
+    assert not (result.directory / ".tmp").exists()
+
+
+def test_scrub_counts_match_planted_pii(world):
+    settings, db, _ = world
+    result = _run(settings, db)
+    # a1: name x2 (user msg + superseded reply), fact Lisbon, email, url, phone;
+    # a2: "Globex Corporation"; d1: one e-mail in the simulated user's intro.
+    assert result.scrubbed.to_dict() == {"email": 2, "phone": 1, "url": 1, "name": 2, "fact": 1 + 1}
+    text = result.files["jsonl"].read_text()
+    for planted in PLANTED:
+        assert planted not in text
+    for placeholder in ("[EMAIL]", "[PHONE]", "[URL]", "[NAME]", "[FACT]"):
+        assert placeholder in text
+
+    raw = _run(settings, db, scrub=False)
+    assert raw.scrubbed.total == 0
+    assert "alice@example.com" in raw.files["jsonl"].read_text()
+
+
+def test_salt_from_env_gives_stable_hashes(world):
+    settings, db, ids = world
+    one = _run(settings, db, env={SALT_ENV: "s1"})
+    two = _run(settings, db, env={SALT_ENV: "s1"})
+    other = _run(settings, db, env={SALT_ENV: "s2"})
+    users = [
+        {r["upc"]["user"] for r in _jsonl(x) if r["upc"]["source"] == "real"}
+        for x in (one, two, other)
+    ]
+    assert (
+        users[0] == users[1] == {hash_user_id(ids["alice"], "s1"), hash_user_id(ids["carol"], "s1")}
+    )
+    assert users[0].isdisjoint(users[2])
+    assert one.salt_source == "env"
+
+
+FILTER_CASES = {
+    "dates": (
+        {"since": datetime(2024, 2, 1), "until": datetime(2024, 3, 1)},
+        {"a2", "d1"},
+    ),
+    "username": ({"users": ("alice.smith",)}, {"a1", "a2"}),
+    "adapter_a1": ({"adapters": ("a1",)}, {"a1"}),
+    "adapter_base": ({"adapters": ("base",)}, {"c1", "d1"}),
+    "min_score": ({"min_score": 4.1}, {"d1"}),
+    "min_score_high": ({"min_score": 4.2}, set()),
+    "max_score": ({"max_score": 4.1}, set()),
+    "source_real": ({"sources": ("real",)}, {"a1", "a2", "c1"}),
+    "source_synthetic": ({"sources": ("synthetic",)}, {"d1"}),
+    "source_regenerated": ({"sources": ("regenerated",)}, {"a1", "d1"}),
+    "liked": ({"feedback": "liked"}, {"a1"}),
+    "disliked": ({"feedback": "disliked"}, {"a2"}),
+    "no_feedback": ({"feedback": "none"}, {"c1", "d1"}),
+    "opted_out": ({"include_opted_out": True, "sources": ("real",)}, {"a1", "a2", "b1", "c1"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILTER_CASES))
+def test_filters_select_exactly(world, case):
+    settings, db, ids = world
+    kwargs, expected = FILTER_CASES[case]
+    if case == "username":
+        kwargs = {"users": ("alice.smith",)}
+    result = _run(settings, db, filters=ExportFilters(**kwargs))
+    got = {r["upc"]["id"] for r in _jsonl(result)}
+    assert got == {ids[k] for k in expected}
+    assert result.conversations == len(expected)
+
+
+def test_user_filter_accepts_ids(world):
+    settings, db, ids = world
+    result = _run(settings, db, filters=ExportFilters(users=(ids["carol"],)))
+    assert [r["upc"]["id"] for r in _jsonl(result)] == [ids["c1"]]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"filters": ExportFilters(users=("nobody",))},
+        {"filters": ExportFilters(sources=("fake",))},
+        {"filters": ExportFilters(feedback="meh")},
+        {"filters": ExportFilters(min_score=4.5, max_score=4.0)},
+        {"filters": ExportFilters(since=datetime(2024, 2, 1), until=datetime(2024, 1, 1))},
+        {"formats": ("csv",)},
+        {"export_id": "../escape"},
+    ],
+)
+def test_bad_options_raise_and_leave_nothing(world, kwargs):
+    settings, db, _ = world
+    with pytest.raises(ExportError):
+        _run(settings, db, **kwargs)
+    assert not settings.exports_dir.exists() or not any(settings.exports_dir.iterdir())
+
+
+def test_existing_export_id_is_refused_and_cancel_cleans_up(world):
+    settings, db, _ = world
+    _run(settings, db, export_id="fixed")
+    with pytest.raises(ExportError):
+        _run(settings, db, export_id="fixed")
+    assert (settings.exports_dir / "fixed" / "dialogues.jsonl").is_file()
+    with pytest.raises(ExportCancelled):
+        export(
+            db,
+            settings.exports_dir,
+            ExportOptions(formats=("jsonl",), export_id="stopped", chunk_size=1),
+            cancel=lambda: True,
+            env={},
+        )
+    assert not (settings.exports_dir / "stopped").exists()
+
+
+def test_resolve_export_file_refuses_traversal(world, tmp_path):
+    settings, db, _ = world
+    result = _run(settings, db, formats=("jsonl", "parquet"), export_id="safe")
+    base = settings.exports_dir
+    assert resolve_export_file(base, "safe", "dialogues.jsonl") == result.files["jsonl"].resolve()
+    assert resolve_export_file(base, "safe", "messages.parquet").is_file()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("nope")
+    os.symlink(secret, base / "safe" / "link.txt")
+    os.symlink(settings.data_dir, base / "linked")
+    (base / "safe" / "sub").mkdir()
+    bad = [
+        ("safe", "../../upc.db"),
+        ("safe", "/etc/passwd"),
+        ("safe", str(settings.db_path)),
+        ("safe", "%2e%2e/upc.db"),
+        ("safe", "%2e%2e"),
+        ("safe", "dialogues.jsonl\x00.txt"),
+        ("safe", ".."),
+        ("safe", "..."),
+        ("safe", "sub"),
+        ("safe", "link.txt"),
+        ("safe", "missing.jsonl"),
+        ("safe", "sub/../dialogues.jsonl"),
+        ("..", "upc.db"),
+        ("safe/..", "upc.db"),
+        ("linked", "upc.db"),
+        ("%2e%2e", "upc.db"),
+        ("safe\x00", "dialogues.jsonl"),
+        ("", "dialogues.jsonl"),
+        ("/proc/self", "environ"),
+    ]
+    for export_id, filename in bad:
+        with pytest.raises(ExportPathError):
+            resolve_export_file(base, export_id, filename)
+
+
+def test_cli_writes_an_export(world, capsys):
+    from learner.export_cli import register
+
+    settings, db, _ = world
+    db.dispose()
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "export",
+            "--format",
+            "jsonl,parquet",
+            "--feedback",
+            "liked",
+            "--id",
+            "cli1",
+            "--no-progress",
+        ]
+    )
+    assert args.func(args, settings) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["conversations"] == 1 and summary["scrubbed"]["email"] == 1
+    assert (settings.exports_dir / "cli1" / "messages.parquet").is_file()
+    bad = parser.parse_args(["export", "--user", "nobody", "--no-progress"])
+    assert bad.func(bad, settings) == 2
+
+
+def test_scrubber_edge_cases():
+    scrubber = PiiScrubber()
+    counts = ScrubCounts()
+    terms = build_user_terms("the_admin", ["has a daughter named Maya"])
+    text = "On 2024-05-01 pi is 3.14159265; Maya and the kids. Call 06 12 34 56 78 or www.x.com."
+    out = scrubber.scrub(text, counts, terms)
+    assert out == "On 2024-05-01 pi is 3.14159265; [FACT] and the kids. Call [PHONE] or [URL]."
+    assert counts.to_dict() == {"email": 0, "phone": 1, "url": 1, "name": 0, "fact": 1}
