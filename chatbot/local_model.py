@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -82,6 +82,15 @@ class _Exclusive:
 
 
 _STOP = object()
+_MIN_REUSE = 8  # shorter shared prefixes are not worth a cache lookup
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    limit = min(len(a), len(b))
+    i = 0
+    while i < limit and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class LocalModel:
@@ -98,6 +107,7 @@ class LocalModel:
         max_batch_size: int = 8,
         queue_size: int = 16,
         batch_window_ms: int = 15,
+        prefix_cache_size: int = 8,
         model: Any = None,
         tokenizer: Any = None,
     ):
@@ -135,6 +145,10 @@ class LocalModel:
         self._adapters: dict[str, str] = {}
         self._retiring: set[str] = set()
         self._in_use: dict[str, int] = {}
+        # Recent single-request KV caches, keyed by insertion; the worker thread owns them.
+        self.prefix_cache_size = prefix_cache_size
+        self._prefixes: OrderedDict[int, tuple[list[int], Any, str | None]] = OrderedDict()
+        self._prefix_counter = 0
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -342,6 +356,8 @@ class LocalModel:
         for adapter_id in list(self._retiring):
             if self._in_use.get(adapter_id, 0) > 0:
                 continue
+            for key in [k for k, v in self._prefixes.items() if v[2] == adapter_id]:
+                del self._prefixes[key]
             if adapter_id in self._adapters and hasattr(self.model, "delete_adapter"):
                 self.model.delete_adapter(adapter_id)
                 del self._adapters[adapter_id]
@@ -435,6 +451,41 @@ class LocalModel:
                 ]
             )
 
+    def _cached_prefix(self, prompts: list[list[int]], adapter: str | None) -> tuple[Any, int]:
+        """A KV cache holding the longest cached prefix of a single prompt, and its length.
+
+        Chat turns extend the previous turn's prompt and reply, so the next request from the
+        same conversation usually re-uses almost all of its prompt's keys and values.
+        """
+        from transformers import DynamicCache
+
+        if len(prompts) != 1 or not self._prefixes:
+            return DynamicCache(), 0
+        prompt = prompts[0]
+        best_key, best_len = None, 0
+        for key, (tokens, _cache, owner) in self._prefixes.items():
+            if owner != adapter:
+                continue
+            length = _common_prefix(tokens, prompt)
+            if length > best_len:
+                best_key, best_len = key, length
+        usable = min(best_len, len(prompt) - 1)
+        if best_key is None or usable < _MIN_REUSE:
+            return DynamicCache(), 0
+        _tokens, cache, _owner = self._prefixes.pop(best_key)
+        excess = cache.get_seq_length() - usable
+        if excess > 0:
+            cache.crop(-excess)
+        return cache, usable
+
+    def _store_prefix(self, tokens: list[int], cache: Any, adapter: str | None) -> None:
+        if self.prefix_cache_size <= 0 or len(tokens) < _MIN_REUSE:
+            return
+        self._prefix_counter += 1
+        self._prefixes[self._prefix_counter] = (tokens, cache, adapter)
+        while len(self._prefixes) > self.prefix_cache_size:
+            self._prefixes.popitem(last=False)
+
     def _adapter_context(self, adapter: str | None) -> Any:
         from contextlib import nullcontext
 
@@ -472,10 +523,14 @@ class LocalModel:
         seen = [torch.tensor(sorted(set(p)), dtype=torch.long, device=self.device) for p in prompts]
         stop_index = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=self.device)
 
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        with torch.inference_mode(), self._adapter_context(batch[0].adapter):
+        adapter = batch[0].adapter
+        cache, reused = self._cached_prefix(prompts, adapter)
+        if reused:
+            # Only the part of the prompt after the cached prefix needs a forward pass.
+            input_ids = input_ids[:, reused:]
+            positions = positions[:, reused:]
+        fed = list(prompts[0]) if n == 1 else None
+        with torch.inference_mode(), self._adapter_context(adapter):
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention,
@@ -530,6 +585,8 @@ class LocalModel:
                     dim=1,
                 )
                 position = position + 1
+                if fed is not None:
+                    fed.append(int(next_ids[0]))
                 out = self.model(
                     input_ids=next_ids.to(self.device)[:, None],
                     attention_mask=attention,
@@ -539,6 +596,8 @@ class LocalModel:
                 )
                 logits = out.logits[:, -1, :].float()
         elapsed = time.perf_counter() - started
+        if fed is not None:
+            self._store_prefix(fed[: cache.get_seq_length()], cache, adapter)
         results: dict[int, list[Completion]] = {id(job): [] for job in batch}
         for r, (job, idx) in enumerate(rows):
             text = self.tokenizer.decode(generated[r], skip_special_tokens=True).strip()
@@ -558,7 +617,7 @@ class LocalModel:
                     latency_s=time.perf_counter() - job.submitted_at,
                     first_token_s=first_token_at[r],
                     finish_reason=reasons[r],  # type: ignore[arg-type]
-                    extra={"batch_size": n, "decode_s": elapsed},
+                    extra={"batch_size": n, "decode_s": elapsed, "cached_prompt_tokens": reused},
                 )
             )
         for job in batch:

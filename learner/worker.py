@@ -264,7 +264,9 @@ def run_worker(
     scheduler = _scheduler(settings, res, unit_s).start()
     log.info("learning worker %s started", scheduler.holder)
     try:
-        stop.wait()
+        # Short waits: the signal handler runs between them (a bare wait() may not wake).
+        while not stop.wait(0.5):
+            pass
     finally:
         scheduler.shutdown(wait=True)
         if res.models is not None:

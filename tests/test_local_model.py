@@ -102,3 +102,21 @@ def test_pickle_adapter_is_refused_without_loading(tiny, tmp_path):
     assert "evil" not in tiny.adapters
     # The model still serves.
     assert tiny.generate(MSGS, GenerationParams(max_new_tokens=3)).completion_tokens >= 0
+
+
+def test_prefix_cache_reuses_the_previous_turn_without_changing_output(tiny_model_dir):
+    cached = LocalModel(tiny_model_dir, prefix_cache_size=4)
+    plain = LocalModel(tiny_model_dir, prefix_cache_size=0)
+    params = GenerationParams(max_new_tokens=8, temperature=0.0, repetition_penalty=1.0)
+    history = list(MSGS)
+    try:
+        for turn in range(3):
+            a, b = cached.generate(history, params), plain.generate(history, params)
+            assert a.text == b.text
+            if turn:
+                assert a.extra["cached_prompt_tokens"] > len(cached.encode(MSGS)) - 2
+            assert b.extra["cached_prompt_tokens"] == 0
+            history += [ChatMessage("assistant", a.text), ChatMessage("user", f"more {turn}")]
+    finally:
+        cached.close()
+        plain.close()
