@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._record import record  # noqa: E402
-from chatbot.local_model import LocalModel  # noqa: E402
-from chatbot.prompting import load_prompt  # noqa: E402
-from chatbot.types import ChatMessage, GenerationParams  # noqa: E402
+from bench._record import record
+from chatbot.local_model import LocalModel
+from chatbot.prompting import load_prompt
+from chatbot.types import ChatMessage, GenerationParams
 
 HISTORY = [
     ("assistant", "Hi there! What has kept you busy this week?"),
@@ -42,7 +42,9 @@ def _messages(variant: int) -> list[ChatMessage]:
 
 
 def _stream(model: LocalModel, variant: int, tokens: int) -> tuple[float, int, float]:
-    params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.7, seed=variant)
+    params = GenerationParams(
+        max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.7, seed=variant
+    )
     started = time.perf_counter()
     first = None
     stream = model.stream(_messages(variant), params)
@@ -77,7 +79,9 @@ def _concurrent(model: LocalModel, users: int, tokens: int, rounds: int) -> floa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model dir (default: materialize the embedded one)")
+    parser.add_argument(
+        "--model", default=None, help="model dir (default: materialize the embedded one)"
+    )
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
@@ -88,7 +92,9 @@ def main() -> int:
         from chatbot.settings import load_settings
 
         model_dir = ensure_embedded_model(load_settings().models_dir)
-    model = LocalModel(model_dir, model_id="SmolLM2-135M-Instruct", dtype=args.dtype, max_batch_size=8)
+    model = LocalModel(
+        model_dir, model_id="SmolLM2-135M-Instruct", dtype=args.dtype, max_batch_size=8
+    )
     _stream(model, 0, 8)  # warm-up
     ttfts, decode_rates = [], []
     for i in range(args.runs):

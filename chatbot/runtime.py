@@ -47,7 +47,7 @@ def _gguf_path() -> Path:
     return path
 
 
-def ensure_embedded_model(models_dir: Path) -> Path:
+def ensure_embedded_model(models_dir: Path, gguf_path: Path | None = None) -> Path:
     """Return a plain safetensors HF directory of SmolLM2-135M-Instruct, converting once.
 
     transformers loads the GGUF as a de-quantized but frozen "GGUF-quantized" model that
@@ -60,7 +60,7 @@ def ensure_embedded_model(models_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path()
+    gguf = gguf_path or _gguf_path()
     log.info("materializing the embedded model from %s (one time, ~30 s)", gguf.name)
     models_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -50,6 +50,12 @@ def register(subparsers: Any) -> Any:
         default="OPENAI_API_KEY",
         help="env var holding the key for openai: systems (default OPENAI_API_KEY)",
     )
+    p.add_argument(
+        "--user-max-new-tokens",
+        type=int,
+        default=None,
+        help="cap on each simulated-user turn (default 64)",
+    )
     p.add_argument("--no-memory", action="store_true", help="discovery from replies only")
     p.add_argument("--no-perplexity", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -116,7 +122,11 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
             batch_size=args.batch_size or settings.learner.batch_size,
             use_memory=not args.no_memory,
             chatbot_params=gen.chatbot_params,
-            user_params=gen.user_params,
+            user_params=(
+                dataclasses.replace(gen.user_params, max_new_tokens=args.user_max_new_tokens)
+                if args.user_max_new_tokens
+                else gen.user_params
+            ),
         )
     except (ValueError, PersonaImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

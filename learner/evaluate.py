@@ -69,18 +69,20 @@ MAX_TURNS = 10
 Progress = Callable[[str, int], None]
 SCORE_KEYS = (*DIMENSIONS, "mean")
 _OPENAI = re.compile(r"^openai:(?P<model>[^@]+)@(?P<url>https?://\S+)$")
-# Name, label and whether higher is better, for the tables and the bar plots.
-METRIC_LABELS: dict[str, tuple[str, bool]] = {
-    "rel": ("rel", True),
-    "int": ("int", True),
-    "val": ("val", True),
-    "mean": ("mean(rel,int,val)", True),
-    "background_similarity": ("background similarity", True),
-    "discovery_rate": ("discovery rate", True),
-    "passivity_rate": ("passivity rate", False),
-    "question_rate": ("question rate", True),
-    "repetition_rate": ("repetition rate", False),
-    "perplexity": ("perplexity (base)", False),
+# Key -> (label, which way is better: "higher", "lower" or "" when neither), and the
+# fixed y-range of its bar plot (None: automatic).
+METRIC_LABELS: dict[str, tuple[str, str, tuple[float, float] | None]] = {
+    "rel": ("rel", "higher", (1.0, 5.0)),
+    "int": ("int", "higher", (1.0, 5.0)),
+    "val": ("val", "higher", (1.0, 5.0)),
+    "mean": ("mean(rel,int,val)", "higher", (1.0, 5.0)),
+    "background_similarity": ("background similarity", "higher", None),
+    "discovery_rate": ("discovery rate", "higher", (0.0, 1.0)),
+    "passivity_rate": ("passivity rate", "lower", (0.0, 1.0)),
+    # The method wants questions, but not in every reply: neither end is better.
+    "question_rate": ("question rate", "", (0.0, 1.0)),
+    "repetition_rate": ("repetition rate", "lower", (0.0, 1.0)),
+    "perplexity": ("perplexity under base", "lower", None),
 }
 
 
@@ -678,6 +680,7 @@ def _plot(report: EvalReport, path: Path) -> None:
             fit = system.aloe.get("mean")
             ir = f", IR {fit.ir:+.3f}" if fit and fit.ir is not None else ""
             ax.plot(ks, [curve[k] for k in ks], marker="o", color=color, label=system.name + ir)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("turn k")
     ax.set_ylabel("AL(k) = mean(rel,int,val)")
     ax.set_title(f"per-turn alignment level ({report.critic_id})")
@@ -686,19 +689,27 @@ def _plot(report: EvalReport, path: Path) -> None:
     names = [s.name for s in report.systems]
     for i, key in enumerate(keys):
         axis = fig.add_subplot(grid[1 + i // cols, i % cols])
-        label, higher = METRIC_LABELS[key]
-        means, errors = [], [[], []]
+        label, better, limits = METRIC_LABELS[key]
+        means, low_err, high_err = [], [], []
         for system in report.systems:
             ci = system.metric(key)
             mean = ci.mean if ci is not None and ci.mean is not None else np.nan
             means.append(mean)
-            has_ci = ci is not None and ci.low is not None and ci.high is not None
-            errors[0].append(mean - ci.low if has_ci else 0.0)  # type: ignore[union-attr,operator]
-            errors[1].append(ci.high - mean if has_ci else 0.0)  # type: ignore[union-attr,operator]
-        axis.bar(range(len(names)), means, yerr=errors, color=colors, capsize=3)
+            if ci is not None and ci.low is not None and ci.high is not None:
+                low_err.append(mean - ci.low)
+                high_err.append(ci.high - mean)
+            else:
+                low_err.append(np.nan)
+                high_err.append(np.nan)
+        axis.bar(range(len(names)), means, color=colors)
+        axis.errorbar(
+            range(len(names)), means, yerr=[low_err, high_err], fmt="none", ecolor="k", capsize=3
+        )
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-        axis.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=8)
+        axis.set_title(label + (f" ({better} is better)" if better else ""), fontsize=8)
         axis.tick_params(axis="y", labelsize=7)
+        if limits is not None:
+            axis.set_ylim(*limits)
     fig.savefig(path, dpi=110)
 
 

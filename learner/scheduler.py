@@ -588,6 +588,7 @@ class LearningScheduler:
             return
         self._job_stop.set()
         log.info("scheduler %s stops scheduling (%s)", self.holder, why)
+        aps.pause()  # no new submissions while the executors shut down
         aps.shutdown(wait=wait)
 
     # ------------------------------------------------------------- controls

@@ -94,11 +94,14 @@ def test_upc_eval_end_to_end_base_vs_adapter(
             "5",
             "--out",
             str(out),
-            "--no-progress",
+            "--user-max-new-tokens",
+            "16",
         ]
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0, printed
+    assert "eval turns" in captured.err  # the tqdm progress bar
     report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["systems"]] == ["base", ADAPTER_ID]
     assert len(report["personas"]) == 3

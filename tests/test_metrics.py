@@ -125,6 +125,7 @@ TRAITS = Traits(
 def test_structured_traits_and_lexical_mentions() -> None:
     traits = structured_traits(TRAITS)
     assert [t.kind for t in traits] == ["occupation", "education", "hobby", "hobby", "hobby"]
+    assert traits[0] == Trait("occupation", "army lieutenant")
     assert structured_traits(Traits()) == []
     assert lexical_mention("army lieutenant", "Life in the Army must be tough.")
     assert lexical_mention("collecting stamps", "Which stamp is the rarest you own?")
@@ -298,7 +299,9 @@ def test_perplexity_matches_manual_loss_and_ignores_adapters(tiny_model_dir) -> 
     # A random tiny model is far from uniform-good: perplexity is large but finite.
     assert 1.0 < result.perplexity < 10 * len(tokenizer)
 
-    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = LoraConfig(
+        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     peft_model = get_peft_model(model, lora).eval()
     with_adapter = reply_perplexity(items, runner_from_hf(peft_model, tokenizer))
     assert with_adapter.perplexity == pytest.approx(result.perplexity, rel=1e-4)
