@@ -73,16 +73,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--mode", choices=("both", "batched", "sequential"), default="both")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="same architecture as --model-dir but random weights (where the weights can't "
+        "travel); replies always run to --max-new-tokens",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     import torch
 
-    from chatbot.local_model import LocalModel
-    from chatbot.runtime import ensure_embedded_model
-    from chatbot.settings import load_settings
+    from chatbot.local_model import LocalModel, pick_device_and_dtype
 
-    model_dir = args.model_dir or str(ensure_embedded_model(load_settings().models_dir))
+    if args.model_dir:
+        model_dir = args.model_dir
+    else:
+        from chatbot.runtime import ensure_embedded_model
+        from chatbot.settings import load_settings
+
+        model_dir = str(ensure_embedded_model(load_settings().models_dir))
+    prebuilt: dict = {}
+    if args.random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        device, dtype = pick_device_and_dtype(args.device, args.dtype)
+        torch.manual_seed(args.seed)
+        net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        prebuilt = {
+            "model": net.to(device=device, dtype=dtype),
+            "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+        }
     model = LocalModel(
         model_dir,
         model_id="embedded:SmolLM2-135M-Instruct" if not args.model_dir else None,
@@ -91,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=max(8, args.users),
         queue_size=64,
         batch_window_ms=0,
+        **prebuilt,
     )
     personas = _personas(args.users)
     out: dict = {
@@ -99,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "turns": args.turns,
         "max_new_tokens": args.max_new_tokens,
         "device": model.device,
+        "random_init": args.random_init,
         "dtype": str(model.dtype),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

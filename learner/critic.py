@@ -197,8 +197,6 @@ class LogitCritic:
         return ids
 
     def _score(self, model: Any, tok: Any, items: list[CriticInput]) -> list[Score]:
-        import torch
-
         digit_ids = self._digit_ids(tok)
         bases = []
         for item in items:
@@ -207,44 +205,26 @@ class LogitCritic:
         dists: list[dict[str, list[float]]] = [{} for _ in items]
         mass: list[dict[str, float]] = [{} for _ in items]
         prompt_tokens = [0] * len(items)
-        prefixes = [""] * len(items)
         old_side = tok.padding_side
         tok.padding_side = "left"
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        device = next(model.parameters()).device
         # The judge is the base model: a chatbot LoRA adapter must not colour its scores.
         base = model.disable_adapter() if hasattr(model, "peft_config") else nullcontext()
         try:
             with base:
-                for dim in DIMENSIONS:
-                    texts = [b + p + f"{dim}:" for b, p in zip(bases, prefixes, strict=True)]
-                    for start in range(0, len(texts), self.batch_size):
-                        chunk = texts[start : start + self.batch_size]
-                        enc = tok(
-                            chunk, return_tensors="pt", padding=True, add_special_tokens=False
-                        )
-                        input_ids = enc["input_ids"].to(device)
-                        attn = enc["attention_mask"].to(device)
-                        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-                        with torch.no_grad():
-                            out = model(
-                                input_ids=input_ids,
-                                attention_mask=attn,
-                                position_ids=positions,
-                                logits_to_keep=1,
-                            )
-                        probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
-                        for row in range(len(chunk)):
-                            i = start + row
-                            prompt_tokens[i] += int(attn[row].sum())
-                            raw = [float(probs[row, ids].sum()) for ids in digit_ids]
-                            total = sum(raw)
-                            mass[i][dim] = total
-                            dists[i][dim] = [p / total for p in raw]
-                    for i in range(len(items)):
-                        best = int(np.argmax(dists[i][dim])) + 1
-                        prefixes[i] += f"{dim}: {best}\n"
+                for start in range(0, len(items), self.batch_size):
+                    rows = list(range(start, min(start + self.batch_size, len(items))))
+                    self._score_chunk(
+                        model,
+                        tok,
+                        [bases[i] for i in rows],
+                        digit_ids,
+                        rows,
+                        dists,
+                        mass,
+                        prompt_tokens,
+                    )
         finally:
             tok.padding_side = old_side
         scores = []
@@ -274,6 +254,67 @@ class LogitCritic:
                 )
             )
         return scores
+
+    def _score_chunk(
+        self,
+        model: Any,
+        tok: Any,
+        texts: list[str],
+        digit_ids: list[list[int]],
+        rows: list[int],
+        dists: list[dict[str, list[float]]],
+        mass: list[dict[str, float]],
+        prompt_tokens: list[int],
+    ) -> None:
+        """Score one batch: the prompt runs once, then each later slot reuses its KV cache."""
+        import torch
+
+        device = next(model.parameters()).device
+        enc = tok(
+            [t + f"{DIMENSIONS[0]}:" for t in texts],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        input_ids = enc["input_ids"].to(device)
+        attn = enc["attention_mask"].to(device)
+        past = None
+        for k, dim in enumerate(DIMENSIONS):
+            positions = (attn.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+            with torch.no_grad():
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=attn,
+                    position_ids=positions,
+                    past_key_values=past,
+                    use_cache=k + 1 < len(DIMENSIONS),
+                    logits_to_keep=1,
+                )
+            past = out.past_key_values
+            probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
+            best = []
+            for r, i in enumerate(rows):
+                raw = [float(probs[r, ids].sum()) for ids in digit_ids]
+                total = sum(raw)
+                mass[i][dim] = total
+                dists[i][dim] = [p / total for p in raw]
+                best.append(int(np.argmax(dists[i][dim])) + 1)
+            if k + 1 == len(DIMENSIONS):
+                break
+            # Next slot: the most likely digit of this one, then the next key.
+            suffix = [
+                tok(f" {b}\n{DIMENSIONS[k + 1]}:", add_special_tokens=False)["input_ids"]
+                for b in best
+            ]
+            width = max(len(x) for x in suffix)
+            pad = tok.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffix], device=device)
+            new_mask = torch.tensor(
+                [[0] * (width - len(x)) + [1] * len(x) for x in suffix], device=device
+            )
+            attn = torch.cat([attn, new_mask.to(attn.dtype)], dim=-1)
+        for r, i in enumerate(rows):
+            prompt_tokens[i] += int(attn[r].sum())
 
 
 _PASSIVE_PHRASES = (

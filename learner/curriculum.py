@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatbot.prompting import load_prompt
 from learner.records import (
@@ -31,7 +31,9 @@ from learner.records import (
     TokenCounts,
     TurnRecord,
 )
-from learner.store import CorpusStore, CurriculumState
+
+if TYPE_CHECKING:
+    from learner.store import CorpusStore
 
 __all__ = [
     "SelectionResult",
@@ -181,6 +183,8 @@ def select_iteration(
     accept_threshold: int = 4,
 ) -> SelectionResult:
     """Write ``sft.jsonl``, ``pairs.jsonl`` and ``selection.json`` for iteration K."""
+    from learner.store import CurriculumState
+
     run = store.get_run(iteration)
     if run is None:
         raise ValueError(f"iteration {iteration} has no generation run; run `upc learn generate`")

@@ -15,14 +15,16 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatbot.prompting import load_prompt
 from chatbot.types import ChatMessage, ChatModel, Completion, GenerationParams, ModelError
 from learner.critic import Critic
 from learner.records import CriticInput, DialogueRecord, PersonaLike, Score, TurnRecord
 from learner.simulated_user import clean_user_text, user_messages, user_prompt_version
-from learner.store import CorpusStore
+
+if TYPE_CHECKING:
+    from learner.store import CorpusStore
 
 __all__ = [
     "CorpusGenerator",

@@ -331,9 +331,7 @@ class LoggedLearner:
     ) -> None:
         verdicts = {mid: check_text(content) for mid, role, content in messages if role == "user"}
         flagged_seqs = [
-            i
-            for i, (mid, _, _) in enumerate(messages)
-            if mid in verdicts and verdicts[mid].flagged
+            i for i, (mid, _, _) in enumerate(messages) if mid in verdicts and verdicts[mid].flagged
         ]
         records = []
         for turn in turns:

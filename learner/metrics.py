@@ -4,7 +4,7 @@ Everything here is a function of its arguments (no hidden state). The few metric
 a model take it explicitly: perplexity takes a *runner* (``LocalModel.run_exclusive`` or
 ``runner_from_hf(model, tokenizer)``) and the embedding metrics take an ``Embedder``.
 
-Definitions (see docs for the worked example in ``tests/test_metrics.py``):
+Definitions (``tests/test_metrics.py`` works each one through by hand):
 
 - ``mean_ci``: the mean with a seeded percentile-bootstrap confidence interval.
 - ``per_turn_al``: AL(k), the mean judge score at turn k over the users (ALOE).

@@ -14,6 +14,7 @@ adapter, loaded trainable.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -486,6 +487,19 @@ class _ProgressCallback(TrainerCallback):
             self.store.update(self.run_id, step=state.global_step, loss=loss)
 
 
+def _dataset(rows: list[dict[str, Any]]) -> Any:
+    """A `datasets.Dataset` with a content-hash fingerprint.
+
+    datasets otherwise fingerprints new tables by pickling them with dill, which fails on
+    some Python/pyarrow combinations (seen on Python 3.12 with pyarrow 26).
+    """
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    return Dataset(InMemoryTable.from_pylist(rows), fingerprint=digest[:16])
+
+
 def save_loss_curve(history: list[dict[str, Any]], out_dir: Path) -> None:
     """`loss.json` and `loss.png` next to the adapter files."""
     (out_dir / "loss.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
@@ -531,7 +545,6 @@ def train_adapter(
     its LoRA shape kept). With `config.dpo` and a non-empty `pairs_path`, DPO follows SFT.
     """
     import torch
-    from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -581,9 +594,7 @@ def train_adapter(
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-        dataset = Dataset.from_list(
-            [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
-        )
+        dataset = _dataset([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples])
         with tempfile.TemporaryDirectory(prefix="upc-train-") as scratch:
             args = SFTConfig(
                 **_trainer_args(config, device, quantized, scratch),
@@ -686,7 +697,6 @@ def _train_dpo(
     The trainer copies the SFT adapter into a frozen "ref" adapter as the reference policy;
     only "default" is saved.
     """
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     dpo_config = dataclasses.replace(
@@ -707,7 +717,7 @@ def _train_dpo(
     trainer = DPOTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(pairs),
+        train_dataset=_dataset(pairs),
         processing_class=tokenizer,
         callbacks=[_ProgressCallback(status, run_id, "dpo", history)],
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ def _clean_env(data_dir: Path, home: Path, **extra: str) -> dict[str, str]:
         "UPC_MODE": "demo",
         "UPC_DATA_DIR": str(data_dir),
         "UPC_PORT": str(free_port()),
-        "UPC_GENERATION__MAX_NEW_TOKENS": "8",
+        "UPC_GENERATION__MAX_NEW_TOKENS": "2",  # speed only
         **extra,
     }
 
@@ -103,17 +104,14 @@ def test_demo_bounds_message_length_and_rate(demo_app):
     bid, _, history, *_ = client.predict("", api_name="/load")
     _, same, status, _ = client.predict("x" * 1001, history, bid, api_name="/send")
     assert status.startswith("⚠️") and len(same) == len(history)
-    sent = 0
-    refused = ""
-    for i in range(12):
-        _, history, status, _ = client.predict(
-            f"Message number {i}.", history, bid, api_name="/send"
-        )
-        if status.startswith("⚠️"):
-            refused = status
-            break
-        sent += 1
-    assert sent == 10 and "a minute" in refused
+    started = time.monotonic()
+    for i in range(10):
+        _, history, status, _ = client.predict(f"Message {i}.", history, bid, api_name="/send")
+        assert status == "", status
+    if time.monotonic() - started > 55:
+        pytest.skip("replies too slow on this machine to stay within the one-minute window")
+    _, after, status, _ = client.predict("One more.", history, bid, api_name="/send")
+    assert status.startswith("⚠️") and "a minute" in status and len(after) == len(history)
 
 
 def test_admin_secret_enables_operator_sign_in(tmp_path, embedded_model_dir):
@@ -128,8 +126,8 @@ def test_admin_secret_enables_operator_sign_in(tmp_path, embedded_model_dir):
             visitor.predict("wrong-secret", bid, api_name="/operator_sign_in")
         operator = Client(app.base_url, verbose=False)
         obid, *_ = operator.predict("", api_name="/load")
-        _, note, _ = operator.predict(SECRET, obid, api_name="/operator_sign_in")
-        assert "Signed in" in note
+        out = operator.predict(SECRET, obid, api_name="/operator_sign_in")
+        assert any("Signed in" in str(part) for part in out)
         table, *_ = operator.predict(obid, api_name="/console_refresh")
         assert table["data"][0][0] == "base"
         with pytest.raises(Exception, match="Operators only"):

@@ -161,9 +161,9 @@ def test_two_processes_one_active_scheduler(data_dir, tiny_model_dir, tmp_path):
 def test_crash_and_single_catch_up(data_dir, tiny_model_dir, tmp_path):
     env = _env(data_dir, tiny_model_dir, UPC_LEARNER__ACCEPT_THRESHOLD="5")
     db = Database.from_settings(_settings(env))
-    for n in range(30):
+    for n in range(8):
         seed_conversation(db, f"user{n}")
-    expected_turns = 30 * 2
+    expected_turns = 8 * 2
     records = JobRecords(db)
     proc = _start_worker(env, tmp_path / "crash.log", 1.0)
     try:
