@@ -34,9 +34,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.port:
         settings.server.port = args.port
     services = build_services(settings)
+    scheduler = None
     try:
+        if settings.learner.scheduler_enabled:
+            from learner.worker import start_embedded_scheduler
+
+            # Only one scheduler is active across processes (a lease in the database);
+            # a second app or `upc worker` stands by.
+            scheduler = start_embedded_scheduler(settings, services)
         launch(settings, services)
     finally:
+        if scheduler is not None:
+            scheduler.shutdown()
         services.close()
     return 0
 

@@ -110,7 +110,7 @@ def _fix_selection(path: Path, drop: set[str]) -> None:
     except (OSError, ValueError):
         return
     changed = False
-    for key in ("training_dialogue_ids", "dialogue_ids"):
+    for key in ("training_dialogue_ids", "dialogue_ids", "easy_dialogue_ids"):
         ids = selection.get(key)
         if isinstance(ids, list) and drop & set(ids):
             selection[key] = [i for i in ids if i not in drop]

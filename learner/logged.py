@@ -621,6 +621,8 @@ def _finish_files(
             "iteration": iteration,
             "training_dialogue_ids": ids,
             "dialogue_ids": ids,
+            # `load_training_set` checks that the SFT rows are exactly these ids.
+            "easy_dialogue_ids": [r["dialogue_id"] for r in sft],
             "ids_sha256": _ids_hash(ids),
             "logged": {
                 "ratio": ratio,

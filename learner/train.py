@@ -302,14 +302,19 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
-def load_sft_dialogues(path: Path, system_prompt: str) -> list[tuple[str, list[dict[str, str]]]]:
-    """(dialogue_id, messages) from `sft.jsonl`; a missing system message gets the app's."""
+def load_sft_dialogues(
+    path: Path, system_prompt: str
+) -> list[tuple[str, list[dict[str, str]], bool]]:
+    """(dialogue_id, messages, last_only) from `sft.jsonl`; a missing system message gets
+    the app's. Rows with `"loss": "last"` (logged real dialogues, where only the final reply
+    was judged) train on their last assistant reply alone."""
     out = []
     for n, row in enumerate(_read_jsonl(path), 1):
         messages = _check_messages(row.get("messages"), f"{path}:{n}")
         if messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
-        out.append((str(row.get("dialogue_id", f"line-{n}")), messages))
+        last_only = row.get("loss") == "last"
+        out.append((str(row.get("dialogue_id", f"line-{n}")), messages, last_only))
     return out
 
 
@@ -340,7 +345,12 @@ def _render(tokenizer: Any, messages: Sequence[dict[str, str]], gen_prompt: bool
 
 
 def build_example(
-    tokenizer: Any, dialogue_id: str, messages: Sequence[dict[str, str]], max_len: int
+    tokenizer: Any,
+    dialogue_id: str,
+    messages: Sequence[dict[str, str]],
+    max_len: int,
+    *,
+    last_only: bool = False,
 ) -> TokenizedExample | None:
     """Tokenize one conversation; labels are set on assistant content + its end-of-turn token.
 
@@ -360,6 +370,8 @@ def build_example(
         # Keep the end-of-turn token, drop the template's trailing newline after it.
         end = len(upto.rstrip())
         spans.append((len(head), end))
+    if last_only:
+        spans = spans[-1:]
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -561,8 +573,13 @@ def train_adapter(
     dialogues = load_sft_dialogues(Path(sft_path), system_prompt)
     examples = [
         ex
-        for did, messages in dialogues
-        if (ex := build_example(tokenizer, did, messages, config.max_seq_len)) is not None
+        for did, messages, last_only in dialogues
+        if (
+            ex := build_example(
+                tokenizer, did, messages, config.max_seq_len, last_only=last_only
+            )
+        )
+        is not None
     ]
     if not examples:
         raise TrainingDataError(f"{sft_path} holds no dialogue with an assistant reply to learn")

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from chatbot.embeddings import Embedder
 from chatbot.memory import MemoryService
 from learner.critic import LogitCritic
+from learner.curriculum import load_training_set
 from learner.erasure import erase_user, find_user_id
 from learner.logged import LoggedConfig, LoggedLearner, build_logged_training_set, load_salt
 from learner.registry import AdapterManifest, AdapterRegistry
@@ -90,5 +91,6 @@ def test_erasure_canary(data_dir, tiny_local, tiny_model_dir, tmp_path):  # noqa
     # The bystander's data is intact.
     assert "nurse" in memory.profile(other)
     assert "nurse" in (runs / "iter-001" / "sft.jsonl").read_text()
+    assert load_training_set(runs, 1).sft  # rewritten files still match selection.json
     memory.close()
     db.dispose()

@@ -118,6 +118,14 @@ def test_label_mask_covers_only_assistant_replies(tokenizer):
     assert masked_text.count("<|im_start|>assistant") == 3
 
 
+def test_logged_rows_train_on_their_last_reply_only(tokenizer):
+    messages = DIALOGUES[0]["messages"]
+    example = build_example(tokenizer, "d1", messages, max_len=4096, last_only=True)
+    decoded = [tokenizer.decode(run) for run in _labelled_runs(example)]
+    last = [m["content"] for m in messages if m["role"] == "assistant"][-1]
+    assert decoded == [last + "<|im_end|>"]
+
+
 def test_label_mask_truncation_and_empty(tokenizer):
     messages = DIALOGUES[0]["messages"]
     full = build_example(tokenizer, "d1", messages, max_len=4096)
