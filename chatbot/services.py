@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from chatbot.accounts import Accounts
-from chatbot.adapters import AdapterManager
+from chatbot.adapters import AdapterManager, load_ab_split
 from chatbot.chat import ChatService
 from chatbot.embeddings import Embedder
 from chatbot.runtime import ModelPool
@@ -102,7 +102,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         model,
         source=registry.active_id if registry is not None else None,
         resolve=registry.verified_path if registry is not None else None,
-        ab_source=getattr(registry, "ab_split", None),
+        ab_source=(lambda: load_ab_split(settings.adapters_dir)) if registry is not None else None,
     )
     embedder = Embedder()
     memory = _build_memory(settings, db, model, embedder)

@@ -158,3 +158,28 @@ def test_account_rules(env):
     assert accounts.anonymous("browser-id-0123456789abcdef").id == a1.id
     with pytest.raises(AccountError):
         accounts.anonymous("short")
+
+
+def test_concurrent_sends_to_one_conversation_all_land(env):
+    import threading
+
+    _, chat, alice, _ = env
+    cid = chat.create_conversation(alice.id)
+    errors = []
+
+    def send(i):
+        try:
+            list(chat.send(alice.id, cid, f"message {i}"))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    msgs = chat.messages(alice.id, cid)
+    assert sorted(m.content for m in msgs if m.role == "user") == sorted(f"message {i}" for i in range(8))
+    assert [m.seq for m in msgs] == sorted(m.seq for m in msgs)
+    assert len({m.seq for m in msgs}) == len(msgs) == 16

@@ -47,7 +47,7 @@ def test_admin_activates_an_adapter_in_the_console(tmp_path, tiny_model_dir):
             page.get_by_role("option", name=ADAPTER_ID).click()
             page.locator("#console-activate").click()
             # Without confirmation nothing changes.
-            sync_api.expect(page.get_by_text("Tick 'Yes, I confirm'").first).to_be_visible()
+            sync_api.expect(page.locator("#console-action-note")).to_contain_text("confirm")
             assert httpx.get(f"{app.base_url}/healthz").json()["adapter"] == "base"
             page.locator("#console-confirm input").check()
             page.locator("#console-activate").click()
