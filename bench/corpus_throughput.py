@@ -10,15 +10,16 @@ with one dialogue at a time, as the reference implementation works. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench._record import record
 
 
 def _personas(n: int) -> list:
@@ -124,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         "random_init": args.random_init,
         "dtype": str(model.dtype),
         "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:
         common = {"turns": args.turns, "max_new": args.max_new_tokens, "seed": args.seed}
@@ -143,11 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             b["chatbot_user_tokens_per_s"] / s["chatbot_user_tokens_per_s"], 2
         )
         out["target_ratio"] = 5.0
-    json.dump(out, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    record("corpus_throughput", out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raise SystemExit(main())

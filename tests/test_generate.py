@@ -325,3 +325,38 @@ def test_against_running_app_openai_endpoint(request, local) -> None:
         # The embedded judge either parsed (valid 1-5 scores) or is recorded unscored.
         assert score.scored or (score.raw and score.attempts == 2)
         assert not score.scored or all(1 <= score.get(k) <= 5 for k in ("rel", "int", "val"))
+
+
+@pytest.mark.slow
+def test_cli_generate_resume_and_select(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from learner.cli import register
+
+    settings = load_settings(
+        env={},
+        data_dir=tmp_path / "data",
+        chatbot__model=str(tiny_model_dir),
+        user_sim__model=str(tiny_model_dir),
+        critic__model=str(tiny_model_dir),
+        chatbot__device="cpu",
+        user_sim__device="cpu",
+        critic__device="cpu",
+        learner__critic="llm",
+        learner__max_regenerations=1,
+        generation__max_new_tokens=8,
+    )
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="group"))
+    argv = ["learn", "generate", "--users", "2", "--turns", "2", "--no-progress", "--seed", "3"]
+    args = parser.parse_args(argv)
+    assert args.func(args, settings) == 0
+    out = capsys.readouterr().out
+    assert "iteration 1: 2 done, 0 failed" in out and "regenerations / reply" in out
+    # Rerunning the finished iteration redoes nothing.
+    args = parser.parse_args([*argv, "--iteration", "1"])
+    assert args.func(args, settings) == 0
+    assert "2 dialogues were already finished" in capsys.readouterr().out
+    args = parser.parse_args(["learn", "select", "--iteration", "1"])
+    assert args.func(args, settings) == 0
+    assert (settings.runs_dir / "iter-001" / "selection.json").exists()
