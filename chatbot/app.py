@@ -11,6 +11,7 @@ import gradio as gr
 from chatbot.accounts import AccountError, UserRecord
 from chatbot.chat import MessageRecord, NotFoundError
 from chatbot.services import Services, session_secret
+from chatbot.settings import Settings
 from chatbot.validation import InputError
 
 __all__ = ["create_app", "current_user"]
@@ -55,8 +56,9 @@ def _render(records: list[MessageRecord]) -> tuple[list[dict], list[str | None]]
     return history, ids
 
 
-def create_app(services: Services) -> gr.Blocks:
-    settings = services.settings
+def create_app(settings: Settings, services: Services) -> gr.Blocks:
+    """Build the UI; `launch()` (chatbot.server) serves it. Per-user state comes from the
+    request and the browser's own state, never from module variables."""
     chat = services.chat
     anonymous = settings.auth.mode == "anonymous"
 

@@ -92,7 +92,9 @@ class OpenAIModel:
             )
         except self._openai.OpenAIError as exc:
             raise self._translate(exc) from exc
-        if not response.choices:
+        except ValueError as exc:  # a body that is not JSON
+            raise ModelError(f"{self.base_url} returned a malformed response: {exc}") from exc
+        if not getattr(response, "choices", None):
             raise ModelError(f"{self.base_url} returned no choices")
         choice = response.choices[0]
         usage = response.usage
@@ -138,6 +140,8 @@ class OpenAIModel:
                     yield piece
         except self._openai.OpenAIError as exc:
             raise self._translate(exc) from exc
+        except ValueError as exc:  # a chunk that is not JSON
+            raise ModelError(f"{self.base_url} streamed a malformed chunk: {exc}") from exc
         return Completion(
             text="".join(pieces).strip(),
             model_id=self.model_id,

@@ -75,7 +75,7 @@ def build_server(services: Services) -> FastAPI:
     def healthz() -> dict:
         return {"ok": services.db.ping(), "adapter": services.adapters.active}
 
-    blocks = create_app(services)
+    blocks = create_app(settings, services)
     blocks.queue(default_concurrency_limit=settings.limits.queue_size)
     auth = _auth_callable(services) if settings.auth.mode == "password" else None
     return gr.mount_gradio_app(
