@@ -84,7 +84,7 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     model_dir = args.model
     if model_dir is None:

@@ -11,7 +11,9 @@ MSGS = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello there, I 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    model = LocalModel(tiny_model_dir, model_id="tiny", max_batch_size=8, queue_size=4)
+    model = LocalModel(
+        tiny_model_dir, model_id="tiny", dtype="float32", max_batch_size=8, queue_size=4
+    )
     yield model
     model.close()
 
@@ -105,8 +107,8 @@ def test_pickle_adapter_is_refused_without_loading(tiny, tmp_path):
 
 
 def test_prefix_cache_reuses_the_previous_turn_without_changing_output(tiny_model_dir):
-    cached = LocalModel(tiny_model_dir, prefix_cache_size=4)
-    plain = LocalModel(tiny_model_dir, prefix_cache_size=0)
+    cached = LocalModel(tiny_model_dir, dtype="float32", prefix_cache_size=4)
+    plain = LocalModel(tiny_model_dir, dtype="float32", prefix_cache_size=0)
     params = GenerationParams(max_new_tokens=8, temperature=0.0, repetition_penalty=1.0)
     history = list(MSGS)
     try:
@@ -120,3 +122,11 @@ def test_prefix_cache_reuses_the_previous_turn_without_changing_output(tiny_mode
     finally:
         cached.close()
         plain.close()
+
+
+def test_seeded_batch_rows_differ_and_repeat_across_runs(tiny):
+    params = GenerationParams(max_new_tokens=8, temperature=1.0, seed=3)
+    first = [c.text for c in tiny.generate_batch([MSGS, MSGS, MSGS], params)]
+    again = [c.text for c in tiny.generate_batch([MSGS, MSGS, MSGS], params)]
+    assert first == again
+    assert len(set(first)) > 1
