@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from chatbot.types import BASE_ADAPTER
+
 __all__ = ["SUBCOMMANDS", "generation_config", "learn_subparsers", "register"]
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,12 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
     pool = ModelPool(settings)
     try:
         chatbot = pool.get(settings.chatbot)
+        if args.adapter and args.adapter != BASE_ADAPTER and hasattr(chatbot, "load_adapter"):
+            # Algorithm 2: the current fine-tuned chatbot generates the next corpus.
+            from learner.registry import AdapterRegistry
+
+            registry = AdapterRegistry(settings.adapters_dir, store.db)
+            chatbot.load_adapter(args.adapter, registry.verified_path(args.adapter))
         user_model = pool.get(settings.user_sim)
         critic_model = pool.get(settings.critic) if settings.learner.critic == "llm" else None
         critic = build_critic(settings, model=critic_model)

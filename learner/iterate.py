@@ -360,7 +360,7 @@ def _resolve_base(settings: Any) -> tuple[str | Path, str]:
     if model == EMBEDDED_MODEL:
         from chatbot.runtime import ensure_embedded_model
 
-        return ensure_embedded_model(settings), model
+        return ensure_embedded_model(settings.models_dir), model
     return model, model
 
 
