@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine
 
-__all__ = ["MIGRATIONS", "Migration", "apply_migrations", "applied_migrations"]
+__all__ = ["MIGRATIONS", "Migration", "applied_migrations", "apply_migrations"]
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def test_other_browser_cannot_open_or_write_my_conversation(running_app):
     _, conv_b, *_ = b.predict(BROWSER_B, api_name="/load")
     assert conv_b["value"] != conv_a["value"]
     assert all(c[1] != conv_a["value"] for c in conv_b["choices"])
-    with pytest.raises(Exception, match="does not exist|not in the list of choices"):
+    with pytest.raises(Exception, match=r"does not exist|not in the list of choices"):
         b.predict(conv_a["value"], BROWSER_B, api_name="/open_conversation")
     mine, _ = a.predict(conv_a["value"], BROWSER_A + "i", api_name="/open_conversation")
     assert any("my-canary-7781" in text_of(m) for m in mine)

@@ -80,7 +80,7 @@ def test_deleting_a_fact_stops_its_use_at_once_and_memory_off_stops_all(env):
 
 
 def test_chat_survives_a_broken_chroma(env, data_dir):
-    _, chat, memory, accounts = env
+    _, chat, _memory, accounts = env
     quinn = accounts.create("quinn", "quinn-pass-1")
     cid = chat.create_conversation(quinn.id)
     shutil.rmtree(data_dir / "chroma", ignore_errors=True)

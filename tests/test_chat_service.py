@@ -170,7 +170,7 @@ def test_concurrent_sends_to_one_conversation_all_land(env):
     def send(i):
         try:
             list(chat.send(alice.id, cid, f"message {i}"))
-        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]

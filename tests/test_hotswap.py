@@ -98,7 +98,7 @@ def test_hot_swap_under_eight_concurrent_streams_has_zero_failures(setup):
                         adapters_used.append(stop.value.adapter_id)
                         break
                 finished.append(i)
-            except Exception as exc:  # noqa: BLE001 - counted as a failure
+            except Exception as exc:
                 failures.append(repr(exc))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]

@@ -59,7 +59,7 @@ def test_concurrent_requests_are_batched_together(tiny):
         t.start()
     time.sleep(0.2)
     gate.set()
-    for t in threads + [blocker]:
+    for t in [*threads, blocker]:
         t.join(30)
     assert len(results) == 3
     assert max(r.extra["batch_size"] for r in results) >= 2
@@ -80,7 +80,7 @@ def test_full_queue_answers_busy(tiny):
             tiny.generate(MSGS, params)
     finally:
         gate.set()
-        for t in threads + [blocker]:
+        for t in [*threads, blocker]:
             t.join(30)
 
 

@@ -24,7 +24,7 @@ def serve(statuses):
     calls = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server API
+        def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length", 0)))
             calls.append(self.path)
             status = statuses[len(calls) - 1] if len(calls) <= len(statuses) else 200

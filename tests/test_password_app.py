@@ -41,9 +41,9 @@ def password_app(tmp_path_factory, embedded_model_dir):
 def test_sign_in_is_required_and_checked(password_app):
     config = httpx.get(password_app.base_url + "/config")
     assert config.status_code == 401 or config.json().get("auth_required") is True
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="Could not login"):
         Client(password_app.base_url, auth=("alice", "wrong-password"), verbose=False)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match=r"(?i)login|auth|401|403|sign in"):
         Client(password_app.base_url, verbose=False).predict("", api_name="/load")
 
 
@@ -58,7 +58,7 @@ def test_users_are_isolated_and_history_survives_restart(password_app):
     _, conv_b, bob_history, *_ = bob.predict("", api_name="/load")
     assert all(c[1] != conv_a["value"] for c in conv_b["choices"])
     assert not any("alice-canary" in text_of(m) for m in bob_history)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match=r"does not exist|not in the list of choices"):
         bob.predict(conv_a["value"], "", api_name="/open_conversation")
     password_app.restart()
     again = Client(password_app.base_url, auth=("alice", "alice-pass-1"), verbose=False)
