@@ -30,7 +30,9 @@ _LEARNING_NOTE = (
 )
 
 
-def current_user(services: Services, request: gr.Request | None, browser_id: str | None) -> UserRecord:
+def current_user(
+    services: Services, request: gr.Request | None, browser_id: str | None
+) -> UserRecord:
     """Who is calling, decided on the server for every event."""
     settings = services.settings
     if settings.auth.mode == "password":
@@ -121,8 +123,12 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
                 status = gr.Markdown("", elem_id="status")
         with gr.Tab("Settings", id="settings"):
             gr.Markdown(_LEARNING_NOTE)
-            learning_box = gr.Checkbox(label="Use my conversations to improve the model", value=True)
-            memory_box = gr.Checkbox(label="Remember facts about me across conversations", value=True)
+            learning_box = gr.Checkbox(
+                label="Use my conversations to improve the model", value=True
+            )
+            memory_box = gr.Checkbox(
+                label="Remember facts about me across conversations", value=True
+            )
             settings_status = gr.Markdown("")
         memory_panel = None
         if services.memory is not None:
@@ -152,8 +158,14 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
             yield bid, gr.update(choices=choices, value=cid), cid, history, ids, "", *extra
 
         load_outputs = [
-            browser_id, conversations, conversation_id, chatbot, message_ids, status,
-            learning_box, memory_box,
+            browser_id,
+            conversations,
+            conversation_id,
+            chatbot,
+            message_ids,
+            status,
+            learning_box,
+            memory_box,
         ]
         if admin_tab is not None:
             load_outputs.append(admin_tab)
@@ -271,10 +283,16 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
             )
 
         learning_box.input(
-            on_prefs, [learning_box, memory_box, browser_id], [settings_status], api_name="preferences"
+            on_prefs,
+            [learning_box, memory_box, browser_id],
+            [settings_status],
+            api_name="preferences",
         )
         memory_box.input(
-            on_prefs, [learning_box, memory_box, browser_id], [settings_status], api_visibility="private"
+            on_prefs,
+            [learning_box, memory_box, browser_id],
+            [settings_status],
+            api_visibility="private",
         )
         if memory_panel is not None:
             memory_panel(demo)
@@ -302,7 +320,13 @@ def _memory_tab(services: Services, user_of, browser_id) -> Any:  # type: ignore
 
     def rows(user: UserRecord) -> list[list[str]]:
         return [
-            [f.id, f.text, f.category, f"{f.updated_at:%Y-%m-%d %H:%M}", f.source_conversation_id or ""]
+            [
+                f.id,
+                f.text,
+                f.category,
+                f"{f.updated_at:%Y-%m-%d %H:%M}",
+                f.source_conversation_id or "",
+            ]
             for f in memory.list_facts(user.id)
         ]
 

@@ -162,9 +162,7 @@ class ChatService:
                 .where(Conversation.user_id == user_id)
                 .order_by(Conversation.updated_at.desc())
             ).all()
-            return [
-                ConversationSummary(c.id, c.title, c.updated_at, int(n)) for c, n in rows
-            ]
+            return [ConversationSummary(c.id, c.title, c.updated_at, int(n)) for c, n in rows]
 
     def create_conversation(self, user_id: str) -> str:
         _require_user(user_id)
@@ -195,7 +193,13 @@ class ChatService:
             ).all()
             return [
                 MessageRecord(
-                    m.id, m.seq, m.role, m.content, m.status, m.adapter_id, m.created_at,
+                    m.id,
+                    m.seq,
+                    m.role,
+                    m.content,
+                    m.status,
+                    m.adapter_id,
+                    m.created_at,
                     ratings.get(m.id),
                 )
                 for m in rows
@@ -210,7 +214,9 @@ class ChatService:
         """The bot speaks first. Uses the memory profile when there is one."""
         with self.db.session() as s:
             conversation = self._owned(s, user_id, conversation_id)
-            if s.scalar(select(func.count(Message.id)).where(Message.conversation_id == conversation.id)):
+            if s.scalar(
+                select(func.count(Message.id)).where(Message.conversation_id == conversation.id)
+            ):
                 return
         profile = self._memory_profile(user_id)
         if profile:
@@ -229,9 +235,7 @@ class ChatService:
         with self.db.session() as s:
             self._owned(s, user_id, conversation_id)
         self._limiter.check(user_id)
-        message_id = self._append(
-            conversation_id, role="user", content=cleaned, status="complete"
-        )
+        message_id = self._append(conversation_id, role="user", content=cleaned, status="complete")
         self._remember_async(user_id, cleaned, message_id, conversation_id)
         return self._stream_reply(user_id, conversation_id, self._prompt(user_id, conversation_id))
 
@@ -259,9 +263,7 @@ class ChatService:
             return self._stream_reply(user_id, conversation_id, messages)
         return self._stream_reply(user_id, conversation_id, self._prompt(user_id, conversation_id))
 
-    def rate(
-        self, user_id: str, message_id: str, rating: int, reason: str | None = None
-    ) -> None:
+    def rate(self, user_id: str, message_id: str, rating: int, reason: str | None = None) -> None:
         if rating not in (1, -1):
             raise InputError("A rating is like (+1) or dislike (-1).")
         if reason is not None:
@@ -277,7 +279,9 @@ class ChatService:
                 .where(Feedback.user_id == user_id)
             )
             if existing is None:
-                s.add(Feedback(message_id=message_id, user_id=user_id, rating=rating, reason=reason))
+                s.add(
+                    Feedback(message_id=message_id, user_id=user_id, rating=rating, reason=reason)
+                )
             else:
                 existing.rating, existing.reason, existing.created_at = rating, reason, utcnow()
 

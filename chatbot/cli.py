@@ -81,7 +81,9 @@ def _users_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="upc", description="UPC Chat: a chatbot that keeps learning.")
+    parser = argparse.ArgumentParser(
+        prog="upc", description="UPC Chat: a chatbot that keeps learning."
+    )
     parser.add_argument("--config", help="TOML settings file (default: $UPC_CONFIG)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,10 +93,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.set_defaults(func=_serve)
 
-    sub.add_parser("materialize", help="convert the embedded model once").set_defaults(func=_materialize)
+    sub.add_parser("materialize", help="convert the embedded model once").set_defaults(
+        func=_materialize
+    )
     sub.add_parser("settings", help="print the effective settings").set_defaults(func=_settings)
 
-    users = sub.add_parser("users", help="manage accounts").add_subparsers(dest="users_command", required=True)
+    users = sub.add_parser("users", help="manage accounts").add_subparsers(
+        dest="users_command", required=True
+    )
     add = users.add_parser("add", help="create a user")
     add.add_argument("name")
     add.add_argument("--password", help="(default: prompt)")

@@ -68,7 +68,9 @@ def generation_params(settings: Settings) -> GenerationParams:
     )
 
 
-def _build_memory(settings: Settings, db: Database, chatbot_model: ChatModel, embedder: Embedder) -> Any:
+def _build_memory(
+    settings: Settings, db: Database, chatbot_model: ChatModel, embedder: Embedder
+) -> Any:
     if not settings.memory.enabled:
         return None
     from chatbot.memory import MemoryService
@@ -78,6 +80,7 @@ def _build_memory(settings: Settings, db: Database, chatbot_model: ChatModel, em
     count_tokens = None
     tokenizer = getattr(chatbot_model, "tokenizer", None)
     if tokenizer is not None:
+
         def count_tokens(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -574,11 +574,7 @@ def train_adapter(
     examples = [
         ex
         for did, messages, last_only in dialogues
-        if (
-            ex := build_example(
-                tokenizer, did, messages, config.max_seq_len, last_only=last_only
-            )
-        )
+        if (ex := build_example(tokenizer, did, messages, config.max_seq_len, last_only=last_only))
         is not None
     ]
     if not examples:

@@ -12,5 +12,6 @@ scripts/setup.sh --dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ANONYMIZED_TELEMETRY=False
 echo "==> ruff"
 .venv/bin/ruff check chatbot learner personas storage tests bench app.py
+.venv/bin/ruff format --check chatbot learner personas storage tests bench app.py
 echo "==> pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

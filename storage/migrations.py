@@ -101,7 +101,9 @@ def apply_migrations(engine: Engine) -> list[str]:
             _create_tables(conn, migration.tables)
             if migration.run is not None:
                 migration.run(conn)
-            conn.execute(text("INSERT INTO schema_migrations (id) VALUES (:id)"), {"id": migration.id})
+            conn.execute(
+                text("INSERT INTO schema_migrations (id) VALUES (:id)"), {"id": migration.id}
+            )
         log.info("applied schema migration %s", migration.id)
         newly.append(migration.id)
     return newly

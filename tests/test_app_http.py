@@ -28,7 +28,9 @@ def test_bot_speaks_first_and_a_turn_is_stored(running_app):
     assert bid == BROWSER_A and conversations["value"]
     assert len(history) == 1 and history[0]["role"] == "assistant" and text_of(history[0])
     text, history, status, _ = client.predict(
-        "Hi! I'm a pediatric nurse and I restore old motorbikes.", history, BROWSER_A,
+        "Hi! I'm a pediatric nurse and I restore old motorbikes.",
+        history,
+        BROWSER_A,
         api_name="/send",
     )
     assert text == "" and status == ""
@@ -43,9 +45,7 @@ def test_streaming_yields_growing_partial_replies(running_app):
     client = _client(running_app)
     _, _, history, *_ = client.predict(BROWSER_A + "s", api_name="/load")
     job = client.submit("Tell me about bread.", history, BROWSER_A + "s", api_name="/send")
-    seen = [
-        text_of(out[1][-1]) for out in job if out[1] and out[1][-1]["role"] == "assistant"
-    ]
+    seen = [text_of(out[1][-1]) for out in job if out[1] and out[1][-1]["role"] == "assistant"]
     assert len(seen) >= 3, "expected several streamed updates"
     assert len(set(seen)) >= 2
 
@@ -89,7 +89,9 @@ def test_openai_client_non_stream_and_stream(running_app):
     models = [m.id for m in client.models.list().data]
     assert "upc" in models and "base" in models
     reply = client.chat.completions.create(
-        model="upc", messages=[{"role": "user", "content": "Hello, I grow tomatoes."}], max_tokens=12
+        model="upc",
+        messages=[{"role": "user", "content": "Hello, I grow tomatoes."}],
+        max_tokens=12,
     )
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
     chunks = client.chat.completions.create(

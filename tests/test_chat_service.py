@@ -21,7 +21,9 @@ def tiny(tiny_model_dir):
 def env(data_dir, tiny):
     db = Database(f"sqlite:///{data_dir}/upc.db", data_dir=data_dir)
     accounts = Accounts(db)
-    chat = ChatService(db, tiny, params=GenerationParams(max_new_tokens=8, temperature=1.0, seed=11))
+    chat = ChatService(
+        db, tiny, params=GenerationParams(max_new_tokens=8, temperature=1.0, seed=11)
+    )
     alice = accounts.create("alice", "password-a")
     bob = accounts.create("bob", "password-b")
     yield db, chat, alice, bob
@@ -49,7 +51,9 @@ def test_bot_greets_first_then_turns_are_stored_in_order(env):
     with db.session() as s:
         bot = s.get(Message, msgs[2].id)
         assert bot.model_id == "tiny" and bot.adapter_id == "base"
-        assert bot.completion_tokens and bot.latency_ms > 0 and bot.gen_params["max_new_tokens"] == 8
+        assert (
+            bot.completion_tokens and bot.latency_ms > 0 and bot.gen_params["max_new_tokens"] == 8
+        )
     assert chat.list_conversations(alice.id)[0].title == "I'm a pediatric nurse."
 
 
@@ -64,7 +68,9 @@ def test_bad_input_stores_nothing(env):
 
 def test_timeout_mid_reply_is_stored_as_interrupted(env, tiny):
     db, _, alice, _ = env
-    slow = ChatService(db, tiny, params=GenerationParams(max_new_tokens=50, temperature=1.0, seed=3, timeout_s=0.0))
+    slow = ChatService(
+        db, tiny, params=GenerationParams(max_new_tokens=50, temperature=1.0, seed=3, timeout_s=0.0)
+    )
     cid = slow.create_conversation(alice.id)
     events = drain(slow.send(alice.id, cid, "Tell me something long."))
     assert events[-1].kind == "error" and events[-1].status == "interrupted"
@@ -75,7 +81,9 @@ def test_timeout_mid_reply_is_stored_as_interrupted(env, tiny):
 
 def test_client_going_away_stores_partial_reply(env, tiny):
     db, _, alice, _ = env
-    chat = ChatService(db, tiny, params=GenerationParams(max_new_tokens=40, temperature=1.0, seed=5))
+    chat = ChatService(
+        db, tiny, params=GenerationParams(max_new_tokens=40, temperature=1.0, seed=5)
+    )
     cid = chat.create_conversation(alice.id)
     events = chat.send(alice.id, cid, "hello")
     first = next(events)
@@ -180,6 +188,8 @@ def test_concurrent_sends_to_one_conversation_all_land(env):
         t.join(120)
     assert errors == []
     msgs = chat.messages(alice.id, cid)
-    assert sorted(m.content for m in msgs if m.role == "user") == sorted(f"message {i}" for i in range(8))
+    assert sorted(m.content for m in msgs if m.role == "user") == sorted(
+        f"message {i}" for i in range(8)
+    )
     assert [m.seq for m in msgs] == sorted(m.seq for m in msgs)
     assert len({m.seq for m in msgs}) == len(msgs) == 16

@@ -56,7 +56,9 @@ def _logits(model, adapter):
     def run(m, _tok):
         from contextlib import nullcontext
 
-        ctx = m.disable_adapter() if adapter is None and hasattr(m, "peft_config") else nullcontext()
+        ctx = (
+            m.disable_adapter() if adapter is None and hasattr(m, "peft_config") else nullcontext()
+        )
         if adapter is not None:
             m.set_adapter(adapter)
         with torch.inference_mode(), ctx:
@@ -140,4 +142,6 @@ def test_corrupt_adapter_is_refused_and_current_keeps_serving(setup):
         registry.activate("two")
     manager.sync()
     assert manager.active == "one"
-    assert model.generate(MSGS, GenerationParams(max_new_tokens=3), adapter="one").adapter_id == "one"
+    assert (
+        model.generate(MSGS, GenerationParams(max_new_tokens=3), adapter="one").adapter_id == "one"
+    )

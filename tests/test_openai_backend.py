@@ -13,8 +13,13 @@ from chatbot.types import ChatMessage, GenerationParams, ModelBusyError, ModelEr
 MSGS = [ChatMessage("user", "hi")]
 PARAMS = GenerationParams(max_new_tokens=5, timeout_s=10)
 OK_BODY = {
-    "id": "x", "object": "chat.completion", "created": 0, "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+    "id": "x",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "m",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}
+    ],
     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
 }
 

@@ -29,8 +29,21 @@ def password_app(tmp_path_factory, embedded_model_dir):
     os.symlink(embedded_model_dir, data_dir / "models" / embedded_model_dir.name)
     app = make_app(data_dir, root, UPC_AUTH__MODE="password", UPC_AUTH__ADMIN_USERS="olga")
     created = subprocess.run(
-        [sys.executable, "-m", "chatbot.cli", "users", "add", "alice", "--password", "alice-pass-1"],
-        cwd=REPO, env=app.env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "chatbot.cli",
+            "users",
+            "add",
+            "alice",
+            "--password",
+            "alice-pass-1",
+        ],
+        cwd=REPO,
+        env=app.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert created.returncode == 0, created.stderr
     app.start()
@@ -51,7 +64,9 @@ def test_users_are_isolated_and_history_survives_restart(password_app):
     alice = Client(password_app.base_url, auth=("alice", "alice-pass-1"), verbose=False)
     _, conv_a, history, *_ = alice.predict("", api_name="/load")
     assert history and history[0]["role"] == "assistant"
-    _, history, status, _ = alice.predict("alice-canary-991 is my cat", history, "", api_name="/send")
+    _, history, status, _ = alice.predict(
+        "alice-canary-991 is my cat", history, "", api_name="/send"
+    )
     assert status == "" and len(history) == 3
     # A new name registers at first sign-in; bob sees none of alice's conversations.
     bob = Client(password_app.base_url, auth=("bob", "bob-pass-12"), verbose=False)
@@ -76,8 +91,12 @@ def test_corrupt_data_dir_refuses_to_start(tmp_path):
     (data_dir / "upc.db").write_bytes(b"garbage" * 1000)
     app = make_app(data_dir, tmp_path)
     result = subprocess.run(
-        [sys.executable, str(REPO / "app.py")], cwd=REPO, env=app.env,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, str(REPO / "app.py")],
+        cwd=REPO,
+        env=app.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 3
     assert "not a SQLite database" in result.stderr

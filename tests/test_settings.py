@@ -16,7 +16,9 @@ def test_defaults_are_the_embedded_model_and_local_port():
 
 def test_toml_then_env_then_overrides(tmp_path):
     cfg = tmp_path / "upc.toml"
-    cfg.write_text('data_dir = "/srv/upc"\n[server]\nport = 9000\n[generation]\ntemperature = 0.2\n')
+    cfg.write_text(
+        'data_dir = "/srv/upc"\n[server]\nport = 9000\n[generation]\ntemperature = 0.2\n'
+    )
     s = load_settings(cfg, env={"UPC_SERVER__PORT": "9100", "UPC_CHATBOT__MODEL": "org/model"})
     assert s.data_dir == Path("/srv/upc")
     assert s.server.port == 9100  # env beats the file

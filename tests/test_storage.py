@@ -22,20 +22,28 @@ def test_fresh_dir_is_initialised_with_wal_and_all_migrations(data_dir):
     # Re-opening applies nothing twice and keeps data.
     db2 = _db(data_dir)
     with db2.engine.connect() as con:
-        assert con.execute(text("SELECT count(*) FROM schema_migrations")).scalar() == len(MIGRATIONS)
+        assert con.execute(text("SELECT count(*) FROM schema_migrations")).scalar() == len(
+            MIGRATIONS
+        )
 
 
 def test_upgrade_from_older_schema_keeps_rows(data_dir):
     db = _db(data_dir)
     with db.engine.begin() as con:
-        con.execute(text("INSERT INTO users (id, username, is_admin, anonymous, memory_enabled, learning_opt_in, excluded_from_training, created_at) VALUES ('u1','keep-me',0,0,1,1,0,'2026-01-01')"))
+        con.execute(
+            text(
+                "INSERT INTO users (id, username, is_admin, anonymous, memory_enabled, learning_opt_in, excluded_from_training, created_at) VALUES ('u1','keep-me',0,0,1,1,0,'2026-01-01')"
+            )
+        )
         # Pretend the newest migrations never ran, as on an older install.
         con.execute(text("DELETE FROM schema_migrations WHERE id != '0001_core'"))
     db.dispose()
     db2 = _db(data_dir)
     with db2.engine.connect() as con:
         assert con.execute(text("SELECT username FROM users")).scalar() == "keep-me"
-        assert con.execute(text("SELECT count(*) FROM schema_migrations")).scalar() == len(MIGRATIONS)
+        assert con.execute(text("SELECT count(*) FROM schema_migrations")).scalar() == len(
+            MIGRATIONS
+        )
 
 
 def test_corrupt_database_refuses_to_start_and_is_left_untouched(data_dir):
