@@ -117,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
         register: Callable = getattr(module, function)
         group = register(sub)
         if module_name == "learner.cli" and group is not None:
-            from learner.iterate import register_iterate
+            from learner.iterate_cli import register_iterate
 
             register_iterate(group)
     return parser

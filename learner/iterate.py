@@ -32,7 +32,6 @@ __all__ = [
     "IterationSteps",
     "build_driver",
     "format_table",
-    "register_iterate",
 ]
 
 log = logging.getLogger(__name__)
@@ -317,29 +316,6 @@ def format_table(states: list[IterationState]) -> str:
 
 
 # ---------------------------------------------------------------------- CLI
-def register_iterate(learn_subparsers: Any) -> None:
-    """Add `iterate` to the `learn` group: `upc learn iterate --iterations K [--users N]`."""
-    parser = learn_subparsers.add_parser(
-        "iterate", help="run curriculum iterations: generate, select, train, gate, promote"
-    )
-    parser.add_argument("--iterations", type=int, required=True, help="total iterations to reach")
-    parser.add_argument("--users", type=int, default=None, help="training users per iteration")
-    parser.add_argument("--no-gate", action="store_true", help="promote without evaluation")
-    parser.set_defaults(func=_iterate_handler)
-
-
-def _iterate_handler(args: argparse.Namespace, settings: Any) -> int:
-    driver = build_driver(settings, gate=not args.no_gate)
-    states = driver.run(
-        args.iterations,
-        users=args.users,
-        on_iteration=lambda s: print(format_table([s]).splitlines()[-1], flush=True),
-    )
-    print()
-    print(format_table(states))
-    return 0
-
-
 # ---------------------------------------------------------------------- default wiring
 def _learn_cli(settings: Any, argv: list[str]) -> None:
     """Run a `upc learn ...` subcommand in-process (generate/select belong to learner.cli)."""
