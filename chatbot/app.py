@@ -97,7 +97,7 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
             gr.Markdown(_DEMO_NOTICE, elem_id="demo-notice")
         with gr.Tab("Chat", id="chat"), gr.Row():
             with gr.Column(scale=1, min_width=220):
-                new_button = gr.Button("＋ New conversation", elem_id="new-conversation")
+                new_button = gr.Button("+ New conversation", elem_id="new-conversation")
                 conversations = gr.Radio(
                     label="Your conversations", choices=[], elem_id="conversations"
                 )
