@@ -617,12 +617,7 @@ class _Reader:
                     .limit(self.chunk)
                 )
                 if last is not None:
-                    query = query.where(
-                        or_(
-                            Conversation.created_at > last[0],
-                            and_(Conversation.created_at == last[0], Conversation.id > last[1]),
-                        )
-                    )
+                    query = query.where(_after(Conversation.created_at, Conversation.id, last))
                 convs = con.execute(query).all()
                 if not convs:
                     return
@@ -711,12 +706,7 @@ class _Reader:
                     .limit(self.chunk)
                 )
                 if last is not None:
-                    query = query.where(
-                        or_(
-                            DialogueRow.created_at > last[0],
-                            and_(DialogueRow.created_at == last[0], DialogueRow.id > last[1]),
-                        )
-                    )
+                    query = query.where(_after(DialogueRow.created_at, DialogueRow.id, last))
                 dialogues = con.execute(query).all()
                 if not dialogues:
                     return
@@ -1364,3 +1354,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _after(created: Any, row_id: Any, last: tuple[Any, Any]) -> Any:
+    """Keyset pagination: rows strictly after `last` in (created, id) order."""
+    return or_(created > last[0], and_(created == last[0], row_id > last[1]))
