@@ -16,6 +16,7 @@ safe way to map a download request to a file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -1146,25 +1147,86 @@ class _ParquetWriter:
         self._writer.close()
 
 
-def _jsonl_rows(path: str) -> Iterator[dict[str, Any]]:
-    """Generator for `Dataset.from_generator`: re-reads the written JSONL line by line."""
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            yield json.loads(line)
+class _HfDatasetWriter:
+    """Writes a `datasets.save_to_disk` directory directly, shard by shard.
 
+    Rows are buffered for `batch_rows` conversations, then appended to the current Arrow
+    shard; a shard is closed at `max_shard_bytes`. Memory stays bounded by one batch,
+    whatever the export size (building a `Dataset` first and then `save_to_disk` would
+    write everything twice and page the whole cache file in).
+    """
 
-def _build_hf_dataset(jsonl: Path, target: Path, cache_dir: Path) -> None:
-    from datasets import Dataset, Features
+    def __init__(self, path: Path, batch_rows: int = 1000, max_shard_bytes: int = 500 << 20):
+        from datasets import Features
 
-    features = Features.from_arrow_schema(CONVERSATION_SCHEMA)
-    dataset = Dataset.from_generator(
-        _jsonl_rows,
-        features=features,
-        cache_dir=str(cache_dir),
-        gen_kwargs={"path": str(jsonl)},
-    )
-    dataset.save_to_disk(str(target))
-    del dataset
+        self.path = path
+        self._staging = path.with_name(f".{path.name}.partial")
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging.mkdir(parents=True)
+        self._features = Features.from_arrow_schema(CONVERSATION_SCHEMA)
+        self._batch_rows = batch_rows
+        self._max_shard_bytes = max_shard_bytes
+        self._rows: list[dict[str, Any]] = []
+        self._shards: list[Path] = []
+        self._writer: Any = None
+        self._digest = hashlib.sha256()
+
+    def write(self, record: ExportRecord, data: dict[str, Any]) -> None:
+        self._rows.append(data)
+        self._digest.update(str(data["upc"]["id"]).encode("utf-8"))
+        if len(self._rows) >= self._batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        self._append(pa.Table.from_pylist(self._rows, schema=CONVERSATION_SCHEMA))
+        self._rows = []
+
+    def _append(self, table: pa.Table) -> None:
+        from datasets.arrow_writer import ArrowWriter
+
+        if self._writer is None:
+            shard = self._staging / f"shard-{len(self._shards):05d}.arrow"
+            self._shards.append(shard)
+            self._writer = ArrowWriter(features=self._features, path=str(shard))
+        self._writer.write_table(table)
+        if self._writer._num_bytes >= self._max_shard_bytes:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.finalize()
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        from datasets import DatasetInfo
+
+        self._flush()
+        if not self._shards:  # an empty export is still a loadable (empty) dataset
+            self._append(CONVERSATION_SCHEMA.empty_table())
+        self._close_shard()
+        n = len(self._shards)
+        files = []
+        for i, shard in enumerate(self._shards):
+            name = f"data-{i:05d}-of-{n:05d}.arrow"
+            shard.rename(self._staging / name)
+            files.append({"filename": name})
+        state = {
+            "_data_files": files,
+            "_fingerprint": self._digest.hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        _write_json(self._staging / "state.json", state)
+        info = asdict(DatasetInfo(features=self._features))
+        _write_json(self._staging / "dataset_info.json", {k: info[k] for k in sorted(info)})
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._staging.rename(self.path)
 
 
 def _zip_dir(source: Path, target: Path) -> None:
@@ -1247,21 +1309,20 @@ def _run(
     progress: Callable[[ExportProgress], None] | None,
     cancel: Callable[[], bool] | None,
 ) -> ExportResult:
-    tmp = out_dir / ".tmp"
-    tmp.mkdir()
     files: dict[str, Path] = {}
     writers: list[Any] = []
-    if "jsonl" in formats or "hf" in formats:
-        jsonl = out_dir / FORMAT_FILES["jsonl"] if "jsonl" in formats else tmp / "hf.jsonl"
-        writers.append(_JsonlWriter(jsonl))
-        if "jsonl" in formats:
-            files["jsonl"] = jsonl
+    if "jsonl" in formats:
+        files["jsonl"] = out_dir / FORMAT_FILES["jsonl"]
+        writers.append(_JsonlWriter(files["jsonl"]))
     if "sharegpt" in formats:
         files["sharegpt"] = out_dir / FORMAT_FILES["sharegpt"]
         writers.append(_ShareGptWriter(files["sharegpt"]))
     if "parquet" in formats:
         files["parquet"] = out_dir / FORMAT_FILES["parquet"]
         writers.append(_ParquetWriter(files["parquet"]))
+    if "hf" in formats:
+        files["hf"] = out_dir / FORMAT_FILES["hf"]
+        writers.append(_HfDatasetWriter(files["hf"]))
 
     def report(phase: str) -> None:
         if progress is not None:
@@ -1305,14 +1366,10 @@ def _run(
         for writer in writers:
             writer.close()
     report("writing")
-    if "hf" in formats:
+    if "hf" in formats and options.zip_hf_dataset:
         report("dataset")
-        files["hf"] = out_dir / FORMAT_FILES["hf"]
-        _build_hf_dataset(writers[0].path, files["hf"], tmp / "cache")
-        if options.zip_hf_dataset:
-            files["hf_zip"] = out_dir / HF_ZIP
-            _zip_dir(files["hf"], files["hf_zip"])
-    shutil.rmtree(tmp, ignore_errors=True)
+        files["hf_zip"] = out_dir / HF_ZIP
+        _zip_dir(files["hf"], files["hf_zip"])
     report("done")
     return ExportResult(
         export_id=out_dir.name,

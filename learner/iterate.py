@@ -114,6 +114,7 @@ class IterationDriver:
         status: Any = None,
         system_prompt: str | None = None,
         progress_bar: bool = False,
+        on_stage: Callable[[str, int], None] | None = None,
     ):
         self.runs_dir = Path(runs_dir)
         self.registry = registry
@@ -124,6 +125,8 @@ class IterationDriver:
         self.status = status
         self.system_prompt = system_prompt
         self.progress_bar = progress_bar
+        # Called with (stage, iteration) before each unfinished stage runs (job progress).
+        self.on_stage = on_stage
 
     # ------------------------------------------------------------------ state
     def run_dir(self, k: int) -> Path:
@@ -180,19 +183,24 @@ class IterationDriver:
     def run_iteration(self, k: int, *, users: int | None = None) -> IterationState:
         state = self.load_state(k)
         if "generate" not in state.done:
+            self._enter("generate", k)
             state.generate_stats = dict(self.steps.generate(k, users))
             self._mark(state, "generate")
         if "select" not in state.done:
+            self._enter("select", k)
             state.select_stats = dict(self.steps.select(k))
             self._mark(state, "select")
         if "train" not in state.done:
+            self._enter("train", k)
             self._train(state)
             self._mark(state, "train")
         if "gate" not in state.done:
+            self._enter("gate", k)
             if state.adapter_id is not None:
                 state.gate = dict(self.steps.gate(state.adapter_id, k))
             self._mark(state, "gate")
         if "promote" not in state.done:
+            self._enter("promote", k)
             if state.gate and state.gate.get("promote") and state.adapter_id:
                 if self.registry.active_id() != state.adapter_id:
                     self.registry.activate(
@@ -202,10 +210,16 @@ class IterationDriver:
             state.active_after = self.registry.active_id()
             self._mark(state, "promote")
         if "hotload" not in state.done:
+            self._enter("hotload", k)
             if self.steps.notify is not None:
                 self.steps.notify(self.registry.active_id())
             self._mark(state, "hotload")
         return state
+
+    def _enter(self, stage: str, k: int) -> None:
+        log.info("iteration %d: %s", k, stage)
+        if self.on_stage is not None:
+            self.on_stage(stage, k)
 
     def _train(self, state: IterationState) -> None:
         from learner.train import train_adapter

@@ -115,7 +115,7 @@ def _read_kind(run_dir: Path) -> str | None:
 def _driver(res: JobResources, kind: str, ctx: JobContext) -> Any:
     """The iteration driver with this job's steps; reports each stage as progress."""
     from chatbot.prompting import load_prompt
-    from learner.iterate import build_driver
+    from learner.iterate import STAGES, build_driver
     from learner.logged import build_logged_training_set, mix_into_training_set
 
     settings = res.settings
@@ -126,13 +126,11 @@ def _driver(res: JobResources, kind: str, ctx: JobContext) -> Any:
     steps = driver.steps
 
     def generate(k: int, users: int | None) -> Mapping[str, Any]:
-        ctx.progress("generate", 0, 4, f"iteration {k}")
         if kind == "logged":
             return {"source": "logged"}
         return steps.generate(k, users)
 
     def select(k: int) -> Mapping[str, Any]:
-        ctx.progress("select", 1, 4, f"iteration {k}")
         if kind == "logged":
             mix = build_logged_training_set(
                 db, settings.runs_dir, k, ratio=ratio, system_prompt=system_prompt
@@ -144,16 +142,18 @@ def _driver(res: JobResources, kind: str, ctx: JobContext) -> Any:
         )
         return {**stats, "logged_real": mix.real, "logged_pairs": mix.pairs_real}
 
-    def gate(candidate_id: str, k: int) -> Mapping[str, Any]:
-        ctx.progress("gate", 3, 4, f"iteration {k}: evaluating {candidate_id}")
-        return steps.gate(candidate_id, k)
+    def on_stage(stage: str, k: int) -> None:
+        ctx.progress(stage, STAGES.index(stage), len(STAGES), f"iteration {k} ({kind})")
 
-    driver.steps = replace(steps, generate=generate, select=select, gate=gate)
+    driver.steps = replace(steps, generate=generate, select=select)
+    driver.on_stage = on_stage
     return driver
 
 
 def _run_iteration(res: JobResources, kind: str, ctx: JobContext) -> dict[str, Any]:
     """Run the next iteration; an unfinished one is resumed first with its own kind."""
+    from learner.iterate import STAGES
+
     probe = _driver(res, kind, ctx)
     k = probe.next_iteration()
     run_dir = probe.run_dir(k)
@@ -165,7 +165,7 @@ def _run_iteration(res: JobResources, kind: str, ctx: JobContext) -> dict[str, A
         (run_dir / KIND_FILE).write_text(actual, encoding="utf-8")
     users = res.settings.learner.curriculum_users or None
     state = driver.run_iteration(k, users=users)
-    ctx.progress("done", 4, 4, f"iteration {k}")
+    ctx.progress("done", len(STAGES), len(STAGES), f"iteration {k}")
     return {
         "iteration": k,
         "kind": actual,

@@ -254,6 +254,29 @@ def test_every_format_round_trips_with_standard_tools(world, tmp_path):
     assert not (result.directory / ".tmp").exists()
 
 
+def test_hf_dataset_writer_shards_and_matches_jsonl(world, tmp_path):
+    from datasets import load_from_disk
+
+    from learner.export import _HfDatasetWriter
+
+    settings, db, _ = world
+    rows = _jsonl(_run(settings, db))
+    # One conversation per batch and a 1-byte shard limit: one shard per conversation.
+    writer = _HfDatasetWriter(tmp_path / "hf", batch_rows=1, max_shard_bytes=1)
+    for row in rows:
+        writer.write(None, row)
+    writer.close()
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("*.arrow"))
+    assert shards == [f"data-{i:05d}-of-{len(rows):05d}.arrow" for i in range(len(rows))]
+    loaded = load_from_disk(str(tmp_path / "hf"))
+    assert [r["upc"]["id"] for r in loaded] == [r["upc"]["id"] for r in rows]
+    assert [r["messages"] for r in loaded] == [r["messages"] for r in rows]
+    assert not list(tmp_path.glob(".hf.partial"))
+    empty = _HfDatasetWriter(tmp_path / "empty")
+    empty.close()
+    assert len(load_from_disk(str(tmp_path / "empty"))) == 0
+
+
 def test_scrub_counts_match_planted_pii(world):
     settings, db, _ = world
     result = _run(settings, db)
