@@ -23,6 +23,10 @@ import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._record import record
+
 FORMATS = ("jsonl", "sharegpt", "parquet", "hf")
 MESSAGES_PER_CONVERSATION = 10
 USERS = 1000
@@ -222,16 +226,15 @@ def main() -> int:
                 env=env,
             )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(
-            json.dumps(
-                {
-                    "messages": args.messages,
-                    **built,
-                    "db_bytes": (data_dir / "upc.db").stat().st_size,
-                    "runs": runs,
-                },
-                indent=2,
-            )
+        record(
+            "export_rss",
+            {
+                "benchmark": "export_rss",
+                "messages": args.messages,
+                **built,
+                "db_bytes": (data_dir / "upc.db").stat().st_size,
+                "runs": runs,
+            },
         )
     finally:
         if not args.keep and args.workdir is None:

@@ -8,6 +8,7 @@ usable (and testable) without the UI.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -1003,6 +1004,7 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
     """Create the console in the current Blocks context; all handlers are admin-only."""
     data = ConsoleData(services)
     downloads = Path(tempfile.mkdtemp(prefix="upc-console-downloads-"))
+    atexit.register(shutil.rmtree, downloads, ignore_errors=True)  # hand-over copies only
     outer = gr.context.get_render_context()
 
     with contextlib.suppress(Exception):

@@ -70,9 +70,14 @@ def format_history(history: Sequence[tuple[str, str]], user_name: str) -> str:
 
 
 def critic_messages(item: CriticInput) -> list[ChatMessage]:
-    system = load_prompt("critic", "learner").fill(name=item.user_name, background=item.background)
+    # The rubric is the same for every item (a shareable KV/prompt-cache prefix); who the
+    # user is goes in the request.
+    system = str(load_prompt("critic", "learner"))
     request = load_prompt("critic_request", "learner").fill(
-        history=format_history(item.history, item.user_name), reply=item.reply
+        name=item.user_name,
+        background=item.background,
+        history=format_history(item.history, item.user_name),
+        reply=item.reply,
     )
     return [ChatMessage("system", system), ChatMessage("user", request)]
 
@@ -149,6 +154,21 @@ def _score_from_expected(expected: float) -> int:
     return int(min(5, max(1, np.floor(expected + 0.5))))
 
 
+_MIN_SHARED_PREFIX = 16  # below this a shared prefix pass costs more than it saves
+
+
+def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens shared by every row, leaving each row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for row in rows[1:]:
+        i = 0
+        while i < n and row[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
 class LogitCritic:
     """Reads the judge's next-token probabilities for "1".."5" at each score slot.
 
@@ -163,10 +183,12 @@ class LogitCritic:
         model_id: str,
         *,
         batch_size: int = 8,
+        share_prefix: bool = True,
     ):
         self._run = run
         self.model_id = f"llm-logit:{model_id}"
         self.batch_size = batch_size
+        self.share_prefix = share_prefix
         self.prompt_version = _prompt_version("critic", "critic_request")
 
     @classmethod
@@ -266,19 +288,37 @@ class LogitCritic:
         mass: list[dict[str, float]],
         prompt_tokens: list[int],
     ) -> None:
-        """Score one batch: the prompt runs once, then each later slot reuses its KV cache."""
+        """Score one batch: the prompt runs once, then each later slot reuses its KV cache.
+
+        The rubric that opens every critic prompt is the same for all rows: its KV is
+        computed once and shared by the batch, so only the per-row suffix is prefilled.
+        """
         import torch
 
         device = next(model.parameters()).device
-        enc = tok(
-            [t + f"{DIMENSIONS[0]}:" for t in texts],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        input_ids = enc["input_ids"].to(device)
-        attn = enc["attention_mask"].to(device)
+        prompts = [
+            tok(t + f"{DIMENSIONS[0]}:", add_special_tokens=False)["input_ids"] for t in texts
+        ]
+        shared = _common_prefix_len(prompts) if self.share_prefix else 0
         past = None
+        if shared >= _MIN_SHARED_PREFIX:
+            with torch.no_grad():
+                prefix_out = model(
+                    input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True
+                )
+            past = prefix_out.past_key_values
+            if len(prompts) > 1:
+                past.batch_repeat_interleave(len(prompts))
+        else:
+            shared = 0
+        suffixes = [x[shared:] for x in prompts]
+        width = max(len(x) for x in suffixes)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=device)
+        attn = torch.tensor(
+            [[1] * shared + [0] * (width - len(x)) + [1] * len(x) for x in suffixes],
+            device=device,
+        )
         for k, dim in enumerate(DIMENSIONS):
             positions = (attn.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
             with torch.no_grad():

@@ -151,6 +151,42 @@ def test_logit_scores_are_valid_distributions(tiny) -> None:
         assert again.distribution[dim] == pytest.approx(scores[1].distribution[dim], abs=1e-4)
 
 
+def test_shared_rubric_prefix_gives_the_same_scores(tiny) -> None:
+    from learner.critic import _common_prefix_len, critic_messages
+
+    model, tok = tiny
+    items = [
+        _item(GOOD),
+        _item("How can I help you today?"),
+        CriticInput(user_name="Ole", background="Ole fixes boats.", history=(), reply="Hi."),
+    ]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in critic_messages(i)],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for i in items
+    ]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert _common_prefix_len(ids) > 200  # the whole rubric is shared by every item
+    shared = LogitCritic.from_hf(model, tok, "tiny", batch_size=4).score_batch(items)
+    unshared = LogitCritic.from_hf(model, tok, "tiny", share_prefix=False).score_batch(items)
+    for a, b in zip(shared, unshared, strict=True):
+        assert a.tokens == b.tokens
+        for dim in DIMENSIONS:
+            assert a.distribution[dim] == pytest.approx(b.distribution[dim], abs=1e-4)
+
+
+def test_common_prefix_leaves_every_row_a_token() -> None:
+    from learner.critic import _common_prefix_len
+
+    assert _common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2
+    assert _common_prefix_len([[1, 2, 3, 4], [1, 2, 9]]) == 2
+    assert _common_prefix_len([[5], [5, 6]]) == 0
+    assert _common_prefix_len([[1, 2], [3, 4]]) == 0
+
+
 def test_logit_critic_through_local_model(tiny) -> None:
     from chatbot.local_model import LocalModel
 

@@ -153,7 +153,7 @@ def test_killed_mid_training_never_serves_a_half_trained_adapter(
     before: dict = {}
 
     def mid_training(records):
-        return _stage(records, "curriculum") == "train" and _training_step(db) >= 2
+        return _stage(records, "curriculum") == "train" and _training_step(db) >= 1
 
     def nothing_published():
         registry = _assert_registry_whole(settings, db)
@@ -193,7 +193,7 @@ def test_killed_mid_retrain_catches_up_once(data_dir, tiny_model_dir, tmp_path):
         seed_conversation(db, f"user{n}")
 
     def mid_training(records):
-        return _stage(records, "retrain") == "train" and _training_step(db) >= 2
+        return _stage(records, "retrain") == "train" and _training_step(db) >= 1
 
     records = _crash_then_catch_up(env, tmp_path, "retrain", mid_training)
     run_dir = settings.runs_dir / "iter-001"

@@ -1,0 +1,111 @@
+"""Wall time of one whole curriculum iteration on this machine, stage by stage.
+
+    python bench/iteration_walltime.py                       # 50 train users, settings' defaults
+    python bench/iteration_walltime.py --users 50 --alpha 1 --beta 0
+
+Runs what `upc learn iterate --iterations 1` runs (generate with Algorithm 1, select, train,
+gate on the validation users, promote, hot-load signal) in a fresh data dir, with the embedded
+model, and times each stage through the driver's stage hook. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench._record import record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--model-dir", default=None, help="a materialized model dir to link")
+    parser.add_argument("--alpha", type=int, default=None, help="difficulty alpha override")
+    parser.add_argument("--beta", type=int, default=None, help="difficulty beta override")
+    parser.add_argument("--workdir", default=None, help="default: a fresh temporary dir")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="UPC_KEY=VALUE",
+        help="extra settings, e.g. UPC_LEARNER__GATE_USERS=10",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from chatbot.settings import load_settings
+    from learner.iterate import build_driver
+
+    data_dir = Path(args.workdir or tempfile.mkdtemp(prefix="upc-iter-bench-")) / "upc-data"
+    env = {k: v for k, v in os.environ.items() if k.startswith("UPC_")}
+    env["UPC_DATA_DIR"] = str(data_dir)
+    if args.alpha is not None:
+        env["UPC_LEARNER__ALPHA"] = str(args.alpha)
+    if args.beta is not None:
+        env["UPC_LEARNER__BETA"] = str(args.beta)
+    for item in args.env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    if args.model_dir:
+        link = data_dir / "models" / "smollm2-135m-instruct"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            os.symlink(Path(args.model_dir).resolve(), link)
+    settings = load_settings(env=env)
+
+    stage_start: dict[str, float] = {}
+    order: list[str] = []
+
+    def on_stage(stage: str, _k: int) -> None:
+        stage_start[stage] = time.perf_counter()
+        order.append(stage)
+
+    driver = build_driver(settings, gate=True, progress_bar=True)
+    driver.on_stage = on_stage
+    started = time.perf_counter()
+    state = driver.run_iteration(1, users=args.users)
+    ended = time.perf_counter()
+    marks = [stage_start[s] for s in order] + [ended]
+    stages = {s: round(marks[i + 1] - marks[i], 1) for i, s in enumerate(order)}
+    learner = settings.learner
+    out = {
+        "benchmark": "iteration_walltime",
+        "users": args.users,
+        "turns": learner.turns,
+        "max_regenerations": learner.max_regenerations,
+        "critic": learner.critic,
+        "alpha": learner.alpha,
+        "beta": learner.beta,
+        "gate_users": learner.gate_users,
+        "lora_rank": learner.lora_rank,
+        "max_new_tokens": settings.generation.max_new_tokens,
+        "wall_s": round(ended - started, 1),
+        "wall_min": round((ended - started) / 60, 2),
+        "stages_s": stages,
+        "easy_rate": state.select_stats.get("easy_rate"),
+        "regeneration_rate": state.select_stats.get("regeneration_rate"),
+        "trained_examples": state.train_metrics.get("examples"),
+        "train_tokens_per_s": state.train_metrics.get("tokens_per_s"),
+        "adapter": state.adapter_id,
+        "promoted": state.promoted,
+        "gate": {
+            k: (state.gate or {}).get(k)
+            for k in ("promote", "reason", "candidate_mean", "baseline_mean", "delta")
+        },
+        "note": state.note,
+    }
+    record("iteration_walltime", json.loads(json.dumps(out, default=str)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
