@@ -32,6 +32,8 @@ __all__ = [
     "IterationSteps",
     "build_driver",
     "format_table",
+    "load_iteration_state",
+    "next_iteration",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,24 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def load_iteration_state(runs_dir: Path, k: int) -> IterationState:
+    """Iteration k's saved state (an empty one when it has not started)."""
+    path = Path(runs_dir) / f"iter-{k:03d}" / STATE_FILE
+    if not path.is_file():
+        return IterationState(iteration=k)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    known = {f.name for f in dataclasses.fields(IterationState)}
+    return IterationState(**{k2: v for k2, v in data.items() if k2 in known})
+
+
+def next_iteration(runs_dir: Path) -> int:
+    """The first iteration that is not complete."""
+    k = 1
+    while load_iteration_state(runs_dir, k).complete:
+        k += 1
+    return k
+
+
 def _hash_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -133,12 +153,7 @@ class IterationDriver:
         return self.runs_dir / f"iter-{k:03d}"
 
     def load_state(self, k: int) -> IterationState:
-        path = self.run_dir(k) / STATE_FILE
-        if not path.is_file():
-            return IterationState(iteration=k)
-        data = json.loads(path.read_text(encoding="utf-8"))
-        known = {f.name for f in dataclasses.fields(IterationState)}
-        return IterationState(**{k2: v for k2, v in data.items() if k2 in known})
+        return load_iteration_state(self.runs_dir, k)
 
     def _save(self, state: IterationState) -> None:
         state.updated_at = _now()
@@ -153,11 +168,7 @@ class IterationDriver:
         self._save(state)
 
     def next_iteration(self) -> int:
-        """The first iteration that is not complete."""
-        k = 1
-        while self.load_state(k).complete:
-            k += 1
-        return k
+        return next_iteration(self.runs_dir)
 
     # ------------------------------------------------------------------ driving
     def run(

@@ -177,6 +177,14 @@ def _run_iteration(res: JobResources, kind: str, ctx: JobContext) -> dict[str, A
     }
 
 
+def _unfinished_kind(res: JobResources) -> str | None:
+    """The kind of the iteration that was started and not finished, if any."""
+    from learner.iterate import next_iteration
+
+    runs_dir = res.settings.runs_dir
+    return _read_kind(runs_dir / f"iter-{next_iteration(runs_dir):03d}")
+
+
 def curriculum_job(res: JobResources) -> Callable[[JobContext], Mapping[str, Any]]:
     return lambda ctx: _run_iteration(res, "curriculum", ctx)
 
@@ -187,7 +195,8 @@ def retrain_job(res: JobResources) -> Callable[[JobContext], Mapping[str, Any]]:
 
         pending = pending_count(res.database())
         needed = res.settings.learner.retrain_min_examples
-        if pending < needed:
+        # An interrupted logged iteration has already claimed its examples: finish it.
+        if pending < needed and _unfinished_kind(res) != "logged":
             return {"_status": "skipped", "pending_examples": pending, "needed": needed}
         return {**_run_iteration(res, "logged", ctx), "pending_examples": pending}
 

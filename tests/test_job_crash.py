@@ -39,9 +39,8 @@ def _learning_env(data_dir, tiny_model_dir, **extra) -> dict[str, str]:
         UPC_LEARNER__GATE_MARGIN="-5",  # promote, so the promote stage really runs
         UPC_LEARNER__LORA_RANK="4",
         UPC_LEARNER__MAX_SEQ_LEN="256",
-        UPC_LEARNER__EPOCHS="40",
-        UPC_LEARNER__CRITIQUE_INTERVAL_MINUTES="100000",
-        **extra,
+        UPC_LEARNER__EPOCHS="8",  # a few seconds of training: long enough to be killed in
+        **{"UPC_LEARNER__CRITIQUE_INTERVAL_MINUTES": "100000", **extra},
     )
 
 
@@ -68,51 +67,38 @@ def _assert_registry_whole(settings, db: Database) -> AdapterRegistry:
     return registry
 
 
-def _crash_then_catch_up(env, tmp_path, job: str, killed_at, after_kill=None) -> JobRecords:
-    """Start a worker with a 1 s interval, SIGKILL it once `killed_at(records)` holds, call
-    `after_kill()`, then restart it with an hour-long interval, so that the only run it
-    makes is the catch-up."""
-    db = Database.from_settings(_settings(env))
-    records = JobRecords(db)
-    proc = _start_worker(env, tmp_path / f"{job}-1.log", 1.0)
+def _run_worker_until(env, log_path, unit_s: float, condition, *, kill: bool) -> None:
+    """Run a worker until `condition()` holds, then SIGKILL it (or stop it cleanly)."""
+    proc = _start_worker(env, log_path, unit_s)
     try:
-        _wait(lambda: killed_at(records), timeout=240, step=0.05)
+        _wait(condition, timeout=400, step=0.05)
+    except AssertionError:
+        raise AssertionError(log_path.read_text(errors="replace")[-3000:]) from None
     finally:
-        _stop(proc, signal.SIGKILL)
-    left = [r.status for r in records.runs(job, limit=100) if r.status != "skipped"]
-    assert left == ["running"]  # as the dead worker left it
-    if after_kill is not None:
-        after_kill()
-    proc = _start_worker(env, tmp_path / f"{job}-2.log", 3600.0)
-    try:
-        _wait(
-            lambda: any(r.trigger == "catch-up" and r.finished_at for r in records.runs(job)),
-            timeout=400,
-        )
-    finally:
-        _stop(proc)
+        _stop(proc, signal.SIGKILL if kill else signal.SIGTERM)
+
+
+def _finished_catch_ups(records: JobRecords, job: str) -> int:
+    return sum(1 for r in records.runs(job, limit=100) if r.trigger == "catch-up" and r.finished_at)
+
+
+def _statuses(records: JobRecords, job: str) -> list[tuple[str, str]]:
     runs = records.runs(job, limit=100)
-    log = (tmp_path / f"{job}-2.log").read_text(errors="replace")
-    assert [r.status for r in runs if r.trigger == "catch-up"] == ["success"], log[-3000:]
-    assert [r.status for r in runs if r.trigger != "catch-up" and r.status != "skipped"] == [
-        "interrupted"
-    ]
-    return records
+    return [(r.trigger, r.status) for r in reversed(runs) if r.status != "skipped"]
 
 
-def _iteration_dialogues(db: Database) -> tuple[int, int]:
+def _iteration_dialogues(db: Database) -> tuple[int, int, int]:
+    """(rows, distinct users, finished) of the stored synthetic dialogues."""
     with db.session() as s:
         total = s.scalar(select(func.count(DialogueRow.id)))
         distinct = s.scalar(select(func.count(func.distinct(DialogueRow.persona_id))))
-    return total, distinct
+        done = s.scalar(select(func.count()).where(DialogueRow.status == "done"))
+    return total, distinct, done
 
 
-def _sft_ids(run_dir) -> list[str]:
-    lines = (run_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["dialogue_id"] for line in lines if line.strip()]
-
-
-def test_killed_mid_generation_resumes_without_duplicates(data_dir, tiny_model_dir, tmp_path):
+def test_killed_mid_generation_then_mid_training(data_dir, tiny_model_dir, tmp_path):
+    """Kill 1 lands between dialogues, kill 2 in the resumed run's training; each restart
+    makes exactly one catch-up run, and the last one finishes the same iteration."""
     env = _learning_env(
         data_dir,
         tiny_model_dir,
@@ -121,55 +107,46 @@ def test_killed_mid_generation_resumes_without_duplicates(data_dir, tiny_model_d
     )
     settings = _settings(env)
     db = Database.from_settings(settings)
+    records = JobRecords(db)
+    run_dir = settings.runs_dir / "iter-001"
 
-    def mid_generation(records):
+    def mid_generation():
         if _stage(records, "curriculum") != "generate":
             return False
-        with db.session() as s:
-            done = s.scalar(select(func.count()).where(DialogueRow.status == "done"))
-        return 1 <= done < USERS
+        return 1 <= _iteration_dialogues(db)[2] < USERS
 
-    _crash_then_catch_up(env, tmp_path, "curriculum", mid_generation)
-    total, distinct = _iteration_dialogues(db)
-    assert total == distinct == USERS  # finished dialogues were kept, none redone twice
-    state = json.loads((settings.runs_dir / "iter-001" / "state.json").read_text())
-    assert state["done"] == ["generate", "select", "train", "gate", "promote", "hotload"]
-    ids = _sft_ids(settings.runs_dir / "iter-001")
-    assert ids and len(ids) == len(set(ids))
-    registry = _assert_registry_whole(settings, db)
-    assert [m.id for m in registry.list()] == [state["adapter_id"]]
-    assert registry.active_id() == state["adapter_id"]
-    db.dispose()
-
-
-def test_killed_mid_training_never_serves_a_half_trained_adapter(
-    data_dir, tiny_model_dir, tmp_path
-):
-    env = _learning_env(data_dir, tiny_model_dir, UPC_LEARNER__CURRICULUM_INTERVAL_MINUTES="1")
-    settings = _settings(env)
-    db = Database.from_settings(settings)
-
-    run_dir = settings.runs_dir / "iter-001"
-    before: dict = {}
-
-    def mid_training(records):
+    def mid_training():
         return _stage(records, "curriculum") == "train" and _training_step(db) >= 1
 
-    def nothing_published():
-        registry = _assert_registry_whole(settings, db)
-        assert registry.list() == [] and registry.active_id() == "base"
-        assert (run_dir / "adapter-staging").exists()  # half-trained weights are only here
-        before["dialogues"] = _iteration_dialogues(db)
-
-    records = _crash_then_catch_up(env, tmp_path, "curriculum", mid_training, nothing_published)
-    runs = records.runs("curriculum", limit=100)
-    assert [(r.trigger, r.status) for r in reversed(runs)] == [
+    # 1. Killed between dialogues.
+    _run_worker_until(env, tmp_path / "w1.log", 1.0, mid_generation, kill=True)
+    assert _statuses(records, "curriculum") == [("schedule", "running")]  # as left by the dead
+    assert _iteration_dialogues(db)[2] < USERS
+    # 2. The catch-up resumes generation, then is killed while training.
+    _run_worker_until(env, tmp_path / "w2.log", 3600.0, mid_training, kill=True)
+    assert _iteration_dialogues(db) == (USERS, USERS, USERS)  # finished ones kept, none twice
+    registry = _assert_registry_whole(settings, db)
+    assert registry.list() == [] and registry.active_id() == "base"  # nothing half-promoted
+    assert (run_dir / "adapter-staging").exists()  # the half-trained weights are only here
+    # 3. The next catch-up finishes the iteration without generating again.
+    _run_worker_until(
+        env,
+        tmp_path / "w3.log",
+        3600.0,
+        lambda: _finished_catch_ups(records, "curriculum") >= 1,
+        kill=False,
+    )
+    assert _statuses(records, "curriculum") == [
         ("schedule", "interrupted"),
+        ("catch-up", "interrupted"),
         ("catch-up", "success"),
-    ]
-    assert _iteration_dialogues(db) == before["dialogues"]  # generation was not redone
+    ], (tmp_path / "w3.log").read_text(errors="replace")[-3000:]
+    assert _iteration_dialogues(db) == (USERS, USERS, USERS)
     state = json.loads((run_dir / "state.json").read_text())
+    assert state["done"] == ["generate", "select", "train", "gate", "promote", "hotload"]
     assert state["promoted"] and state["adapter_id"]
+    ids = [json.loads(line)["dialogue_id"] for line in (run_dir / "sft.jsonl").open()]
+    assert ids and len(ids) == len(set(ids))
     assert not (run_dir / "adapter-staging").exists()
     registry = _assert_registry_whole(settings, db)
     assert [m.id for m in registry.list()] == [state["adapter_id"]]
@@ -189,20 +166,36 @@ def test_killed_mid_retrain_catches_up_once(data_dir, tiny_model_dir, tmp_path):
     )
     settings = _settings(env)
     db = Database.from_settings(settings)
+    records = JobRecords(db)
     for n in range(4):
         seed_conversation(db, f"user{n}")
 
-    def mid_training(records):
+    def mid_training():
         return _stage(records, "retrain") == "train" and _training_step(db) >= 1
 
-    records = _crash_then_catch_up(env, tmp_path, "retrain", mid_training)
+    _run_worker_until(env, tmp_path / "w1.log", 1.0, mid_training, kill=True)
+    assert _statuses(records, "retrain") == [("schedule", "running")]
+    registry = _assert_registry_whole(settings, db)
+    assert registry.list() == []
+    # The killed run already claimed the examples, so the catch-up must finish it even
+    # though no new examples are pending.
+    _run_worker_until(
+        env,
+        tmp_path / "w2.log",
+        3600.0,
+        lambda: _finished_catch_ups(records, "retrain") >= 1,
+        kill=False,
+    )
+    assert _statuses(records, "retrain") == [
+        ("schedule", "interrupted"),
+        ("catch-up", "success"),
+    ], (tmp_path / "w2.log").read_text(errors="replace")[-3000:]
     run_dir = settings.runs_dir / "iter-001"
     assert (run_dir / "kind").read_text() == "logged"
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["adapter_id"] and "generate" in state["done"]
+    assert state["adapter_id"] and state["done"][-1] == "hotload"
     lines = (run_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines()
-    assert lines and len(lines) == len(set(lines))  # no example twice in the training set
+    assert len(lines) >= 4 and len(lines) == len(set(lines))  # no example twice
     registry = _assert_registry_whole(settings, db)
     assert [m.id for m in registry.list()] == [state["adapter_id"]]
-    assert len([r for r in records.runs("retrain", limit=100) if r.trigger == "catch-up"]) == 1
     db.dispose()
