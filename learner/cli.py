@@ -47,7 +47,15 @@ def _add_select(sub: Any) -> None:
     p.set_defaults(func=_select)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_generate, _add_select]
+def _add_sanity(sub: Any) -> None:
+    p = sub.add_parser("sanity", help="rank known-good against known-bad replies (critic check)")
+    p.add_argument("--critic", choices=("llm", "embedding"), default=None, help="default: settings")
+    p.add_argument("--every", type=int, default=1, help="use every Nth case (1: all 60)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_sanity)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_generate, _add_select, _add_sanity]
 
 
 def register(subparsers: Any) -> Any:
@@ -237,5 +245,40 @@ def _select(args: argparse.Namespace, settings: Any) -> int:
             },
             indent=2,
         )
+    )
+    return 0
+
+
+def _sanity(args: argparse.Namespace, settings: Any) -> int:
+    import dataclasses
+
+    from chatbot.runtime import ModelPool
+    from learner.critic import build_critic
+    from learner.sanity import evaluate_critic, load_sanity_cases
+
+    if args.every < 1:
+        print("--every must be 1 or more")
+        return 2
+    kind = args.critic or settings.learner.critic
+    settings = dataclasses.replace(
+        settings, learner=dataclasses.replace(settings.learner, critic=kind)
+    )
+    pool = ModelPool(settings)
+    try:
+        model = pool.get(settings.critic) if kind == "llm" else None
+        critic = build_critic(settings, model=model)
+        cases = load_sanity_cases()[:: args.every]
+        report = evaluate_critic(critic, cases)
+    finally:
+        pool.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    acc = report.accuracy
+    print(
+        f"{report.critic_model_id}: {report.cases} cases, {report.pairs_per_dimension} pairs "
+        f"per dimension (chance 0.5)\n"
+        f"  rel {acc['rel']:.3f}  int {acc['int']:.3f}  val {acc['val']:.3f}  "
+        f"mean {report.mean_accuracy:.3f}  unscored replies {report.unscored_replies}"
     )
     return 0

@@ -276,3 +276,17 @@ def test_build_critic_rejects_unknown_and_needs_model() -> None:
     settings = load_settings(env={}, learner__critic="llm")
     with pytest.raises(ValueError, match="needs a model"):
         build_critic(settings)
+
+
+def test_sanity_cli_reports_embedding_critic(tmp_path, capsys) -> None:
+    from chatbot.cli import main
+
+    config = tmp_path / "upc.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    argv = ["--config", str(config), "learn", "sanity", "--critic", "embedding"]
+    assert main([*argv, "--every", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cases"] == 10 and report["pairs_per_dimension"] == 30
+    assert report["critic_model_id"].startswith("embedding")
+    assert report["mean_accuracy"] > 0.75  # well above chance (0.5) on the sanity set
+    assert main([*argv, "--every", "0"]) == 2
