@@ -73,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--mode", choices=("both", "batched", "sequential"), default="both")
+    parser.add_argument(
+        "--sequential-users",
+        type=int,
+        default=None,
+        help="run the one-at-a-time baseline on the first N users only (its rate per "
+        "dialogue does not depend on how many run; default: all)",
+    )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-4bit", action="store_true", help="CUDA: load bf16, not 4-bit NF4")
     parser.add_argument(
         "--random-init",
         action="store_true",
@@ -113,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=max(8, args.users),
         queue_size=64,
         batch_window_ms=0,
+        load_in_4bit=not args.no_4bit,
         **prebuilt,
     )
     personas = _personas(args.users)
@@ -125,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         "random_init": args.random_init,
         "dtype": str(model.dtype),
         "torch_threads": torch.get_num_threads(),
+        "quantized_4bit": model.quantized,
     }
     try:
         common = {"turns": args.turns, "max_new": args.max_new_tokens, "seed": args.seed}
         if args.mode in ("both", "batched"):
             out["batched"] = _run(model, personas, batch_size=args.users, **common)
         if args.mode in ("both", "sequential"):
-            out["sequential"] = _run(model, personas, batch_size=1, **common)
+            seq_users = personas[: args.sequential_users or len(personas)]
+            out["sequential"] = _run(model, seq_users, batch_size=1, **common)
     finally:
         model.close()
     if "batched" in out and "sequential" in out:

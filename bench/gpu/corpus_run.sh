@@ -10,6 +10,6 @@ from chatbot.settings import load_settings
 print(ensure_embedded_model(load_settings().models_dir, Path("/tmp/smol.gguf")))
 PY
 python3 bench/corpus_throughput.py --model-dir /tmp/gpu-data/models/smollm2-135m-instruct \
-  --device cuda --users 16 --turns 5 --max-new-tokens 64 --sequential-users 4 \
+  --device cuda --no-4bit --users 16 --turns 5 --max-new-tokens 64 --sequential-users 4 \
   2>&1 | grep -v -E "it/s\]|s/it\]|Warning|warn" | tail -70 | tee $OUT/corpus_gpu.json
 cp docs/benchmarks.md $OUT/ 2>/dev/null; true
