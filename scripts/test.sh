@@ -14,4 +14,4 @@ echo "==> ruff"
 .venv/bin/ruff check chatbot learner personas storage tests bench app.py
 .venv/bin/ruff format --check chatbot learner personas storage tests bench app.py
 echo "==> pytest"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
