@@ -206,6 +206,11 @@ def main() -> int:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="export the formats at the same time (each child's peak RSS is its own)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -215,17 +220,24 @@ def main() -> int:
     data_dir = work / "data"
     try:
         built = build_db(data_dir, args.messages) if not (data_dir / "upc.db").exists() else {}
-        runs = []
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+        procs = []
         for fmt in args.formats.split(","):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", fmt, "--workdir", str(data_dir)],
-                check=True,
-                capture_output=True,
-                text=True,
-                env=env,
+            cmd = [sys.executable, __file__, "--child", fmt, "--workdir", str(data_dir)]
+            procs.append(
+                subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+                if args.parallel
+                else subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             )
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs = []
+        for proc in procs:
+            if args.parallel:
+                out, _ = proc.communicate()
+                if proc.returncode:
+                    raise SystemExit(f"export child failed with {proc.returncode}")
+            else:
+                out = proc.stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
         record(
             "export_rss",
             {
@@ -233,6 +245,7 @@ def main() -> int:
                 "messages": args.messages,
                 **built,
                 "db_bytes": (data_dir / "upc.db").stat().st_size,
+                "parallel": args.parallel,
                 "runs": runs,
             },
         )
