@@ -31,6 +31,7 @@ def _learning_env(data_dir, tiny_model_dir, **extra) -> dict[str, str]:
     return _env(
         data_dir,
         tiny_model_dir,
+        UPC_USER_SIM__MODEL=str(tiny_model_dir),  # the tiny model in all three roles
         UPC_LEARNER__CURRICULUM_USERS=str(USERS),
         UPC_LEARNER__TURNS="2",
         UPC_LEARNER__ALPHA="1",  # every finished dialogue is easy: there is data to train on
@@ -71,7 +72,7 @@ def _run_worker_until(env, log_path, unit_s: float, condition, *, kill: bool) ->
     """Run a worker until `condition()` holds, then SIGKILL it (or stop it cleanly)."""
     proc = _start_worker(env, log_path, unit_s)
     try:
-        _wait(condition, timeout=400, step=0.05)
+        _wait(condition, timeout=900, step=0.05)  # generous: CI machines may be loaded
     except AssertionError:
         raise AssertionError(log_path.read_text(errors="replace")[-3000:]) from None
     finally:
@@ -80,6 +81,17 @@ def _run_worker_until(env, log_path, unit_s: float, condition, *, kill: bool) ->
 
 def _finished_catch_ups(records: JobRecords, job: str) -> int:
     return sum(1 for r in records.runs(job, limit=100) if r.trigger == "catch-up" and r.finished_at)
+
+
+def _restart_for_catch_up(env, log_path, records: JobRecords, job: str, expected) -> None:
+    """Restart with an hour-long interval (the only run is the catch-up), wait for it to
+    finish, stop cleanly, and check the job's whole run history."""
+    done_before = _finished_catch_ups(records, job)
+    _run_worker_until(
+        env, log_path, 3600.0, lambda: _finished_catch_ups(records, job) > done_before, kill=False
+    )
+    statuses = _statuses(records, job)
+    assert statuses == expected, log_path.read_text(errors="replace")[-3000:]
 
 
 def _statuses(records: JobRecords, job: str) -> list[tuple[str, str]]:
@@ -129,18 +141,13 @@ def test_killed_mid_generation_then_mid_training(data_dir, tiny_model_dir, tmp_p
     assert registry.list() == [] and registry.active_id() == "base"  # nothing half-promoted
     assert (run_dir / "adapter-staging").exists()  # the half-trained weights are only here
     # 3. The next catch-up finishes the iteration without generating again.
-    _run_worker_until(
+    _restart_for_catch_up(
         env,
         tmp_path / "w3.log",
-        3600.0,
-        lambda: _finished_catch_ups(records, "curriculum") >= 1,
-        kill=False,
+        records,
+        "curriculum",
+        [("schedule", "interrupted"), ("catch-up", "interrupted"), ("catch-up", "success")],
     )
-    assert _statuses(records, "curriculum") == [
-        ("schedule", "interrupted"),
-        ("catch-up", "interrupted"),
-        ("catch-up", "success"),
-    ], (tmp_path / "w3.log").read_text(errors="replace")[-3000:]
     assert _iteration_dialogues(db) == (USERS, USERS, USERS)
     state = json.loads((run_dir / "state.json").read_text())
     assert state["done"] == ["generate", "select", "train", "gate", "promote", "hotload"]
@@ -179,17 +186,13 @@ def test_killed_mid_retrain_catches_up_once(data_dir, tiny_model_dir, tmp_path):
     assert registry.list() == []
     # The killed run already claimed the examples, so the catch-up must finish it even
     # though no new examples are pending.
-    _run_worker_until(
+    _restart_for_catch_up(
         env,
         tmp_path / "w2.log",
-        3600.0,
-        lambda: _finished_catch_ups(records, "retrain") >= 1,
-        kill=False,
+        records,
+        "retrain",
+        [("schedule", "interrupted"), ("catch-up", "success")],
     )
-    assert _statuses(records, "retrain") == [
-        ("schedule", "interrupted"),
-        ("catch-up", "success"),
-    ], (tmp_path / "w2.log").read_text(errors="replace")[-3000:]
     run_dir = settings.runs_dir / "iter-001"
     assert (run_dir / "kind").read_text() == "logged"
     state = json.loads((run_dir / "state.json").read_text())
