@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,9 @@ class DataDirError(RuntimeError):
     """The data directory is unusable; we refuse to start rather than lose data."""
 
 
+_CHECK_ATTEMPTS = 5
+
+
 def _check_sqlite_file(db_path: Path) -> None:
     try:
         with db_path.open("rb") as fh:
@@ -37,14 +41,26 @@ def _check_sqlite_file(db_path: Path) -> None:
             f"{db_path} is not a SQLite database (corrupt or overwritten). "
             "Restore it from a backup or move it away; nothing was changed."
         )
-    try:
-        con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    result = None
+    for attempt in range(_CHECK_ATTEMPTS):
         try:
-            result = con.execute("PRAGMA quick_check").fetchone()
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
-        raise DataDirError(f"database {db_path} is corrupt: {exc}. Nothing was changed.") from exc
+            con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+            try:
+                result = con.execute("PRAGMA quick_check").fetchone()
+            finally:
+                con.close()
+            break
+        except sqlite3.OperationalError as exc:
+            # Busy or mid-checkpoint (another process closing the WAL), not corruption.
+            if attempt + 1 == _CHECK_ATTEMPTS:
+                raise DataDirError(
+                    f"cannot check database {db_path}: {exc}. Nothing was changed."
+                ) from exc
+            time.sleep(0.2 * (attempt + 1))
+        except sqlite3.DatabaseError as exc:
+            raise DataDirError(
+                f"database {db_path} is corrupt: {exc}. Nothing was changed."
+            ) from exc
     if result and result[0] != "ok":
         raise DataDirError(f"database {db_path} failed its integrity check: {result[0]}")
 
