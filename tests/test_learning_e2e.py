@@ -11,7 +11,7 @@ from learner.iterate import build_driver
 from learner.registry import AdapterRegistry
 from storage import Database
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # two full iterations on CPU
 
 
 def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
