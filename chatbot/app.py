@@ -116,8 +116,13 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
                         scale=6,
                         max_lines=8,
                         elem_id="message",
+                        # Enabled once the page knows its conversation (the greeting has
+                        # streamed): an earlier message would start a second conversation.
+                        interactive=False,
                     )
-                    send_button = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    send_button = gr.Button(
+                        "Send", variant="primary", scale=1, elem_id="send", interactive=False
+                    )
                 with gr.Row():
                     regenerate_button = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate")
                 status = gr.Markdown("", elem_id="status")
@@ -145,17 +150,37 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
             extra = [gr.update(value=user.learning_opt_in), gr.update(value=user.memory_enabled)]
             if admin_tab is not None:
                 extra.append(gr.update(visible=user.is_admin))
+            ready = [gr.update(interactive=True)] * 2
+            waiting = [gr.update()] * 2
             if choices:
                 cid = choices[0][1]
                 history, ids = _render(chat.messages(user.id, cid))
-                yield bid, gr.update(choices=choices, value=cid), cid, history, ids, "", *extra
+                yield (
+                    bid,
+                    gr.update(choices=choices, value=cid),
+                    cid,
+                    history,
+                    ids,
+                    "",
+                    *ready,
+                    *extra,
+                )
                 return
             cid = chat.create_conversation(user.id)
             choices = conversation_choices(user)
             for history, note in stream_into(chat.stream_greeting(user.id, cid), []):
-                yield bid, gr.update(choices=choices, value=cid), cid, history, [], note, *extra
+                yield (
+                    bid,
+                    gr.update(choices=choices, value=cid),
+                    cid,
+                    history,
+                    [],
+                    note,
+                    *waiting,
+                    *extra,
+                )
             history, ids = _render(chat.messages(user.id, cid))
-            yield bid, gr.update(choices=choices, value=cid), cid, history, ids, "", *extra
+            yield bid, gr.update(choices=choices, value=cid), cid, history, ids, "", *ready, *extra
 
         load_outputs = [
             browser_id,
@@ -164,6 +189,8 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
             chatbot,
             message_ids,
             status,
+            textbox,
+            send_button,
             learning_box,
             memory_box,
         ]

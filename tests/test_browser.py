@@ -64,6 +64,10 @@ def test_greeting_stream_reload_and_history(browser, running_app):
     wait_until_settled(page, 1)
     greeting = bot_texts(page)[0].strip()
     assert greeting
+    # The message box opens once the greeting has streamed (no second conversation).
+    page.wait_for_function(
+        "() => !document.querySelector('#message textarea').disabled", timeout=60_000
+    )
     page.locator("#message textarea").fill("Hello! I'm a beekeeper and I love jazz.")
     page.locator("#message textarea").press("Enter")
     page.wait_for_function(
