@@ -200,6 +200,13 @@ def child(data_dir: Path, fmt: str) -> None:
     shutil.rmtree(result.directory)
 
 
+def _child_result(proc: subprocess.Popen) -> dict:
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"export child failed with exit status {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=1_000_000)
@@ -221,23 +228,15 @@ def main() -> int:
     try:
         built = build_db(data_dir, args.messages) if not (data_dir / "upc.db").exists() else {}
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-        procs = []
+        runs, pending = [], []
         for fmt in args.formats.split(","):
             cmd = [sys.executable, __file__, "--child", fmt, "--workdir", str(data_dir)]
-            procs.append(
-                subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-                if args.parallel
-                else subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-            )
-        runs = []
-        for proc in procs:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
             if args.parallel:
-                out, _ = proc.communicate()
-                if proc.returncode:
-                    raise SystemExit(f"export child failed with {proc.returncode}")
+                pending.append(proc)
             else:
-                out = proc.stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
+                runs.append(_child_result(proc))
+        runs += [_child_result(proc) for proc in pending]
         record(
             "export_rss",
             {

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chatbot.types import BASE_ADAPTER
+from learner.curriculum import iteration_dir
 from learner.registry import AdapterManifest, AdapterRegistry, _atomic_write, code_version
 
 __all__ = [
@@ -99,7 +100,7 @@ def _now() -> str:
 
 def load_iteration_state(runs_dir: Path, k: int) -> IterationState:
     """Iteration k's saved state (an empty one when it has not started)."""
-    path = Path(runs_dir) / f"iter-{k:03d}" / STATE_FILE
+    path = iteration_dir(runs_dir, k) / STATE_FILE
     if not path.is_file():
         return IterationState(iteration=k)
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -150,7 +151,7 @@ class IterationDriver:
 
     # ------------------------------------------------------------------ state
     def run_dir(self, k: int) -> Path:
-        return self.runs_dir / f"iter-{k:03d}"
+        return iteration_dir(self.runs_dir, k)
 
     def load_state(self, k: int) -> IterationState:
         return load_iteration_state(self.runs_dir, k)
@@ -414,7 +415,7 @@ def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True)
 
     def select(k: int) -> Mapping[str, Any]:
         _learn_cli(settings, ["learn", "select", "--iteration", str(k)])
-        selection = _read_json(settings.runs_dir / f"iter-{k:03d}" / "selection.json")
+        selection = _read_json(iteration_dir(settings.runs_dir, k) / "selection.json")
         return selection.get("stats") or {}
 
     def gate_step(candidate_id: str, k: int) -> Mapping[str, Any]:

@@ -152,14 +152,14 @@ def _driver(res: JobResources, kind: str, ctx: JobContext) -> Any:
 
 def _run_iteration(res: JobResources, kind: str, ctx: JobContext) -> dict[str, Any]:
     """Run the next iteration; an unfinished one is resumed first with its own kind."""
-    from learner.iterate import STAGES
+    from learner.curriculum import iteration_dir
+    from learner.iterate import STAGES, next_iteration
 
-    probe = _driver(res, kind, ctx)
-    k = probe.next_iteration()
-    run_dir = probe.run_dir(k)
+    k = next_iteration(res.settings.runs_dir)
+    run_dir = iteration_dir(res.settings.runs_dir, k)
     existing = _read_kind(run_dir)
     actual = existing or kind
-    driver = probe if actual == kind else _driver(res, actual, ctx)
+    driver = _driver(res, actual, ctx)
     run_dir.mkdir(parents=True, exist_ok=True)
     if existing is None:
         (run_dir / KIND_FILE).write_text(actual, encoding="utf-8")
@@ -179,10 +179,11 @@ def _run_iteration(res: JobResources, kind: str, ctx: JobContext) -> dict[str, A
 
 def _unfinished_kind(res: JobResources) -> str | None:
     """The kind of the iteration that was started and not finished, if any."""
+    from learner.curriculum import iteration_dir
     from learner.iterate import next_iteration
 
     runs_dir = res.settings.runs_dir
-    return _read_kind(runs_dir / f"iter-{next_iteration(runs_dir):03d}")
+    return _read_kind(iteration_dir(runs_dir, next_iteration(runs_dir)))
 
 
 def curriculum_job(res: JobResources) -> Callable[[JobContext], Mapping[str, Any]]:
