@@ -31,7 +31,13 @@ from chatbot.types import (
     ModelTimeoutError,
 )
 
-__all__ = ["AdapterLoadError", "LocalModel", "cpu_has_native_bf16", "pick_device_and_dtype"]
+__all__ = [
+    "AdapterLoadError",
+    "LocalModel",
+    "cpu_has_native_bf16",
+    "pick_device_and_dtype",
+    "worth_quantizing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,21 @@ _STOP = object()
 _MIN_REUSE = 8  # shorter shared prefixes are not worth a cache lookup
 
 
+SMALL_BASE_BYTES = 2 * 2**30  # below this, 4-bit NF4 buys nothing but slowness
+
+
+def worth_quantizing(model_path: str | Path) -> bool:
+    """Whether 4-bit loading pays off: not for a local base under 2 GiB of weights.
+
+    An HF id that is not a local directory is assumed large (the cautious choice for CUDA).
+    """
+    path = Path(model_path)
+    if not path.is_dir():
+        return True
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return size == 0 or size >= SMALL_BASE_BYTES
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     limit = min(len(a), len(b))
     i = 0
@@ -125,7 +146,11 @@ class LocalModel:
         self.tokenizer = tokenizer
         if model is None:
             kwargs: dict[str, Any] = {"dtype": self.dtype}
-            if self.device.startswith("cuda") and load_in_4bit:
+            if (
+                self.device.startswith("cuda")
+                and load_in_4bit
+                and worth_quantizing(self.model_path)
+            ):
                 from transformers import BitsAndBytesConfig
 
                 kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -528,9 +553,9 @@ class LocalModel:
         reasons = ["length"] * n
         first_token_at: list[float | None] = [None] * n
         vocab = self.model.get_output_embeddings().weight.shape[0]
+        # The repetition penalty covers generated tokens only: penalising the prompt would
+        # also penalise the end-of-turn token and keep replies running to the cap.
         seen = torch.zeros((n, vocab), dtype=torch.bool, device=self.device)
-        for r, p in enumerate(prompts):
-            seen[r, torch.tensor(p, dtype=torch.long, device=self.device)] = True
         stop_index = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=self.device)
 
         adapter = batch[0].adapter
@@ -563,6 +588,7 @@ class LocalModel:
                     if done[r]:
                         next_ids[r] = pad_id
                 now = time.perf_counter()
+                kept: list[int] = []
                 for r in range(n):
                     if done[r]:
                         continue
@@ -577,7 +603,7 @@ class LocalModel:
                         done[r], reasons[r] = True, "stop"
                         continue
                     generated[r].append(token)
-                    seen[r, token] = True
+                    kept.append(r)
                     sink = job.sinks[idx]
                     if sink is not None:
                         text = self.tokenizer.decode(generated[r], skip_special_tokens=True)
@@ -588,6 +614,10 @@ class LocalModel:
                         done[r], reasons[r] = True, "length"
                     elif now > job.deadline:
                         done[r], reasons[r] = True, "timeout"
+                if kept:
+                    # One scatter for the step instead of one device write per row.
+                    rows_kept = torch.tensor(kept, device=self.device)
+                    seen[rows_kept, next_ids.to(self.device)[rows_kept]] = True
                 if all(done) or step == max_new - 1:
                     break
                 attention = torch.cat(

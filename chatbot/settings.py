@@ -116,7 +116,22 @@ class MemorySettings:
 
 @dataclass
 class LearnerSettings:
-    critic: Literal["llm", "embedding"] = "embedding"
+    # The training critic scores Algorithm 1's replies and the curriculum's selection.
+    critic: Literal["rubric", "llm", "embedding"] = "rubric"
+    # The evaluation critic: never seen by training or selection; its id is in every report.
+    eval_critic: Literal["spc", "rubric", "llm", "embedding"] = "spc"
+    # The gate's critic ("eval": the evaluation critic, on validation users).
+    gate_critic: Literal["eval", "spc", "rubric", "llm", "embedding"] = "eval"
+    # Plain resamples under the serving prompt, next to the critique-guided regenerations.
+    best_of_n: int = 2
+    # Each iteration retrains from the base on the cumulative selection, or continues.
+    retrain_from: Literal["base", "parent"] = "base"
+    holdout_ratio: float = 0.1
+    # A DPO pair (chosen = best attempt, rejected = worst) needs this mean-score gap.
+    pair_min_gap: float = 1.0
+    gate_seeds: int = 2
+    # Critic-free checks may not regress more than this (relative) for a promotion.
+    gate_tolerance: float = 0.10
     turns: int = 5
     max_regenerations: int = 3
     accept_threshold: int = 4
@@ -132,20 +147,22 @@ class LearnerSettings:
     gate_margin: float = 0.0
     gate_users: int = 10
     dpo: bool = False
-    lora_rank: int = 64
-    lora_alpha: int = 16
+    # Rank 16 keeps a 135M model's adapter under 25 MB (the paper's 64 suits a 32B base).
+    lora_rank: int = 16
+    lora_alpha: int = 32
     lora_dropout: float = 0.05
     learning_rate: float = 2e-4
     max_grad_norm: float = 0.3
-    epochs: int = 1
+    epochs: int = 2
     warmup_ratio: float = 0.1
     max_seq_len: int = 1024
-    # Training (issue 5): the reference's batch 1 x accumulation 2, warm-up capped at 100.
-    train_batch_size: int = 1
-    grad_accum_steps: int = 2
+    # Per-turn examples are short: batches of 8, 2 epochs, warm-up 10% (capped at 100),
+    # cosine decay; each iteration retrains from the base on the cumulative selection.
+    train_batch_size: int = 8
+    grad_accum_steps: int = 1
     max_warmup_steps: int = 100
     weight_decay: float = 0.0
-    lr_scheduler: str = "constant_with_warmup"
+    lr_scheduler: str = "cosine"
     dpo_learning_rate: float = 1e-5
     dpo_beta: float = 0.1
     gate_seed: int = 1234

@@ -49,8 +49,12 @@ def _add_select(sub: Any) -> None:
 
 def _add_sanity(sub: Any) -> None:
     p = sub.add_parser("sanity", help="rank known-good against known-bad replies (critic check)")
-    p.add_argument("--critic", choices=("llm", "embedding"), default=None, help="default: settings")
-    p.add_argument("--every", type=int, default=1, help="use every Nth case (1: all 60)")
+    p.add_argument(
+        "--critic", choices=("rubric", "llm", "embedding"), default=None, help="default: settings"
+    )
+    p.add_argument(
+        "--every", type=int, default=1, help="use every Nth case of each set (1: all 60 and 40)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_sanity)
 
@@ -75,6 +79,7 @@ def generation_config(settings: Any, **overrides: Any):  # type: ignore[no-untyp
         "turns": learner.turns,
         "max_regenerations": learner.max_regenerations,
         "accept_threshold": learner.accept_threshold,
+        "best_of_n": learner.best_of_n,
         "batch_size": learner.batch_size,
         "chatbot_params": GenerationParams(
             max_new_tokens=gen.max_new_tokens,
@@ -229,6 +234,8 @@ def _select(args: argparse.Namespace, settings: Any) -> int:
             alpha=args.alpha if args.alpha is not None else settings.learner.alpha,
             beta=args.beta if args.beta is not None else settings.learner.beta,
             accept_threshold=settings.learner.accept_threshold,
+            pair_min_gap=settings.learner.pair_min_gap,
+            holdout_ratio=settings.learner.holdout_ratio,
         )
     except ValueError as exc:
         print(f"error: {exc}")
@@ -254,7 +261,12 @@ def _sanity(args: argparse.Namespace, settings: Any) -> int:
 
     from chatbot.runtime import ModelPool
     from learner.critic import build_critic
-    from learner.sanity import evaluate_critic, load_sanity_cases
+    from learner.sanity import (
+        evaluate_adversarial,
+        evaluate_critic,
+        load_adversarial_cases,
+        load_sanity_cases,
+    )
 
     if args.every < 1:
         print("--every must be 1 or more")
@@ -269,10 +281,17 @@ def _sanity(args: argparse.Namespace, settings: Any) -> int:
         critic = build_critic(settings, model=model)
         cases = load_sanity_cases()[:: args.every]
         report = evaluate_critic(critic, cases)
+        adversarial = {
+            split: evaluate_adversarial(
+                critic, load_adversarial_cases(split=split)[:: args.every], split=split
+            )
+            for split in ("dev", "heldout")
+        }
     finally:
         pool.close()
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        adv = {split: r.to_dict() for split, r in adversarial.items()}
+        print(json.dumps({**report.to_dict(), "adversarial": adv}, indent=2))
         return 0
     acc = report.accuracy
     print(
@@ -281,4 +300,20 @@ def _sanity(args: argparse.Namespace, settings: Any) -> int:
         f"  rel {acc['rel']:.3f}  int {acc['int']:.3f}  val {acc['val']:.3f}  "
         f"mean {report.mean_accuracy:.3f}  unscored replies {report.unscored_replies}"
     )
+    _print_adversarial(adversarial)
     return 0
+
+
+def _print_adversarial(reports: dict[str, Any]) -> None:
+    """The adversarial table: good reply preferred over each gaming kind (mean of the three)."""
+    kinds = list(next(iter(reports.values())).preference_by_kind)
+    print("\nadversarial set: good reply preferred over a gaming reply (chance 0.5)")
+    print(f"  {'kind':<18}" + "".join(f"{split:>10}" for split in reports))
+    for kind in kinds:
+        row = "".join(f"{r.preference_by_kind[kind]:>10.3f}" for r in reports.values())
+        print(f"  {kind:<18}{row}")
+    print(f"  {'all pairs':<18}" + "".join(f"{r.preference:>10.3f}" for r in reports.values()))
+    print(f"  {'cases':<18}" + "".join(f"{r.cases:>10d}" for r in reports.values()))
+    good = "".join(f"{r.good_pass_rate:>10.3f}" for r in reports.values())
+    gaming = "".join(f"{r.gaming_pass_rate:>10.3f}" for r in reports.values())
+    print(f"  {'good pass rate':<18}{good}\n  {'gaming pass rate':<18}{gaming}")

@@ -3,9 +3,12 @@
 A turn is difficult when any final score is below ``alpha``, or when it was regenerated and
 fewer than ``beta`` dimensions improved from the first attempt to the final reply. An
 unscored final reply counts as difficult (nothing shows it is good). A dialogue is easy iff
-no turn is difficult. Easy dialogues become SFT data (accepted replies as targets); every
-accepted regeneration gives a preference pair (chosen = regeneration, rejected = first
-attempt); users with difficult or failed dialogues are engaged again next iteration.
+no turn is difficult. Each turn of an easy dialogue becomes one SFT example: the dialogue
+before it under the serving system prompt as context, the loss on that reply alone (the
+greeting is not trained). A stable 10% of easy dialogues is held out for a held-out loss.
+Every turn whose best and worst attempts differ by at least ``pair_min_gap`` (mean score)
+gives a preference pair (chosen = best, rejected = worst); users with difficult or failed
+dialogues are engaged again next iteration.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from chatbot.prompting import load_prompt
 from learner.records import (
     DIMENSIONS,
+    Attempt,
     DialogueRecord,
     DimensionMeans,
     IterationStats,
@@ -39,14 +43,16 @@ __all__ = [
     "SelectionResult",
     "TrainingSet",
     "compute_stats",
+    "cumulative_training_files",
     "is_difficult_dialogue",
     "is_difficult_turn",
+    "is_held_out",
     "iteration_dir",
     "load_training_set",
     "personas_for_iteration",
     "preference_pairs",
     "select_iteration",
-    "sft_example",
+    "sft_examples",
 ]
 
 
@@ -111,35 +117,64 @@ def compute_stats(
     )
 
 
-def sft_example(dialogue: DialogueRecord, system_prompt: str) -> dict[str, Any]:
+def sft_examples(dialogue: DialogueRecord, system_prompt: str) -> list[dict[str, Any]]:
+    """One example per scored bot turn: the dialogue before it, the loss on that reply only."""
     messages = dialogue.messages(system_prompt)
-    while messages and messages[-1]["role"] == "user":
-        messages.pop()  # a trailing user answer has no target
-    return {"dialogue_id": dialogue.id, "persona_id": dialogue.persona_id, "messages": messages}
+    rows = []
+    # messages: system, greeting, intro, then (reply, answer) per turn.
+    for i, turn in enumerate(dialogue.turns):
+        usable = next((a.usable for a in turn.attempts if a.reply == turn.final_reply), True)
+        if not usable or not turn.final_reply.strip():
+            continue
+        rows.append(
+            {
+                "dialogue_id": dialogue.id,
+                "persona_id": dialogue.persona_id,
+                "turn": turn.index,
+                "loss": "last",
+                "messages": messages[: 3 + 2 * i + 1],
+            }
+        )
+    return rows
 
 
 def preference_pairs(
-    dialogue: DialogueRecord, system_prompt: str, accept_threshold: int = 4
+    dialogue: DialogueRecord, system_prompt: str, min_gap: float = 1.0
 ) -> list[PreferencePair]:
+    """Chosen = the best usable attempt, rejected = the worst attempt, where they differ by
+    at least ``min_gap`` in mean score."""
     pairs = []
     messages = dialogue.messages(system_prompt)
-    # messages: system, greeting, intro, then (reply, answer) per turn.
     for i, turn in enumerate(dialogue.turns):
-        if turn.regenerations == 0 or not turn.accepted(accept_threshold):
+        # Corpora stored before attempts were recorded: the first and final replies.
+        attempts = turn.attempts or [
+            Attempt("first", turn.first_reply, turn.first_score),
+            Attempt("final", turn.final_reply, turn.final_score),
+        ]
+        scored = [a for a in attempts if a.score.mean() is not None]
+        usable = [a for a in scored if a.usable]
+        if not usable:
             continue
-        if turn.final_reply == turn.first_reply:
+        best = max(usable, key=lambda a: a.score.mean())  # type: ignore[arg-type, return-value]
+        worst = min(scored, key=lambda a: a.score.mean())  # type: ignore[arg-type, return-value]
+        if best.reply == worst.reply or best.score.mean() - worst.score.mean() < min_gap:  # type: ignore[operator]
             continue
-        prompt = messages[: 3 + 2 * i]
         pairs.append(
             PreferencePair(
                 pair_id=f"{dialogue.id}-t{turn.index}",
                 dialogue_id=dialogue.id,
-                prompt=prompt,
-                chosen=turn.final_reply,
-                rejected=turn.first_reply,
+                prompt=messages[: 3 + 2 * i],
+                chosen=best.reply,
+                rejected=worst.reply,
             )
         )
     return pairs
+
+
+def is_held_out(dialogue_id: str, ratio: float) -> bool:
+    """A stable split by dialogue: the same dialogue is always on the same side."""
+    digest = hashlib.sha256(dialogue_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < ratio
 
 
 def iteration_dir(runs_dir: Path, iteration: int) -> Path:
@@ -181,8 +216,10 @@ def select_iteration(
     alpha: int = 3,
     beta: int = 2,
     accept_threshold: int = 4,
+    pair_min_gap: float = 1.0,
+    holdout_ratio: float = 0.1,
 ) -> SelectionResult:
-    """Write ``sft.jsonl``, ``pairs.jsonl`` and ``selection.json`` for iteration K."""
+    """Write ``sft.jsonl``, ``heldout.jsonl``, ``pairs.jsonl`` and ``selection.json``."""
     from learner.store import CurriculumState
 
     run = store.get_run(iteration)
@@ -199,8 +236,11 @@ def select_iteration(
     easy = [d for d in done if not is_difficult_dialogue(d, alpha, beta)]
     difficult = [d for d in done if is_difficult_dialogue(d, alpha, beta)]
     failed = [d for d in dialogues if d.status == "failed"]
-    pairs = [p for d in done for p in preference_pairs(d, system_prompt, accept_threshold)]
-    sft = [sft_example(d, system_prompt) for d in easy]
+    pairs = [p for d in done for p in preference_pairs(d, system_prompt, pair_min_gap)]
+    held = [d for d in easy if is_held_out(d.id, holdout_ratio)] if len(easy) > 1 else []
+    held_ids = {d.id for d in held}
+    sft = [row for d in easy if d.id not in held_ids for row in sft_examples(d, system_prompt)]
+    heldout = [row for d in held for row in sft_examples(d, system_prompt)]
     training_ids = sorted({d.id for d in easy} | {p.dialogue_id for p in pairs})
     ids_hash = _ids_hash(training_ids)
     pending = [d.persona_id for d in difficult] + [d.persona_id for d in failed]
@@ -208,6 +248,7 @@ def select_iteration(
     out = iteration_dir(runs_dir, iteration)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "sft.jsonl", _jsonl(sft))
+    _write_atomic(out / "heldout.jsonl", _jsonl(heldout))
     _write_atomic(out / "pairs.jsonl", _jsonl([p.to_dict() for p in pairs]))
     selection = {
         "iteration": iteration,
@@ -215,6 +256,8 @@ def select_iteration(
         "alpha": alpha,
         "beta": beta,
         "accept_threshold": accept_threshold,
+        "pair_min_gap": pair_min_gap,
+        "holdout_ratio": holdout_ratio,
         "counts": {
             "dialogues": len(dialogues),
             "done": len(done),
@@ -222,9 +265,11 @@ def select_iteration(
             "easy": len(easy),
             "difficult": len(difficult),
             "sft": len(sft),
+            "heldout": len(heldout),
             "pairs": len(pairs),
         },
         "easy_dialogue_ids": [d.id for d in easy],
+        "heldout_dialogue_ids": sorted(held_ids),
         "difficult_dialogue_ids": [d.id for d in difficult],
         "pending_persona_ids": pending,
         "training_dialogue_ids": training_ids,
@@ -286,8 +331,9 @@ def load_training_set(runs_dir: Path, iteration: int) -> TrainingSet:
         ) from exc
     ids = sorted({r["dialogue_id"] for r in sft} | {p["dialogue_id"] for p in pairs})
     ids_hash = _ids_hash(ids)
-    sft_ids = sorted(r["dialogue_id"] for r in sft)
-    if ids_hash != selection.get("ids_sha256") or sft_ids != sorted(
+    # Per-turn rows repeat a dialogue id; held-out easy dialogues are not in sft.jsonl.
+    sft_ids = {r["dialogue_id"] for r in sft} | set(selection.get("heldout_dialogue_ids", []))
+    if ids_hash != selection.get("ids_sha256") or sft_ids != set(
         selection.get("easy_dialogue_ids", [])
     ):
         raise ValueError(f"{directory}: training files do not match selection.json (ids hash)")
@@ -320,3 +366,19 @@ def personas_for_iteration(
             break
         chosen.append(persona)
     return chosen
+
+
+def cumulative_training_files(runs_dir: Path, iteration: int) -> tuple[Path, Path]:
+    """Write iteration K's cumulative ``train-all.jsonl`` and ``heldout-all.jsonl``: the
+    selected examples of iterations 1..K, for retraining from the base."""
+    out = iteration_dir(runs_dir, iteration)
+    parts: dict[str, list[str]] = {"sft.jsonl": [], "heldout.jsonl": []}
+    for k in range(1, iteration + 1):
+        for name, rows in parts.items():
+            path = iteration_dir(runs_dir, k) / name
+            if path.is_file():
+                rows.extend(x for x in path.read_text("utf-8").splitlines() if x.strip())
+    train, held = out / "train-all.jsonl", out / "heldout-all.jsonl"
+    _write_atomic(train, "".join(x + "\n" for x in parts["sft.jsonl"]))
+    _write_atomic(held, "".join(x + "\n" for x in parts["heldout.jsonl"]))
+    return train, held

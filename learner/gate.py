@@ -1,30 +1,37 @@
 """The promotion gate: a candidate adapter replaces the active one only if it scores better.
 
-Both are evaluated on the same validation users with the same simulated-user seeds and the
-same critic, T turns each, without regeneration (method.md section 6: every reply after the
-greeting is scored). The decision itself is `decide`, a pure function of two score sets.
+Both are evaluated on the same validation users with the same seeds (2 by default) and
+the same critic (the evaluation critic, which training never sees), T turns each, without
+regeneration. The comparison is paired: per-user mean scores, candidate minus baseline,
+with a bootstrap over users. Promotion needs the 95% lower bound of that gain above the
+margin AND no critic-free check (truncation, meta-text, placeholders, echo, distinct-2,
+traits revealed, ...) worse than its tolerance. `decide` is a pure function of the numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from chatbot.types import BASE_ADAPTER
+from learner.checks import CheckRegression, CriticFreeChecks, regressions
+from learner.generate import run_dialogues
 from learner.records import DIMENSIONS, DialogueRecord
 from learner.registry import AdapterError, AdapterRegistry
+from learner.stats import PairedCI, paired_bootstrap, per_user_means
 from storage.adapter_models import GateEvaluationRow
 
 __all__ = [
     "GateDecision",
     "ScoreSet",
     "decide",
-    "evaluate_adapter",
     "record_decision",
     "run_gate",
+    "run_variant",
 ]
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,8 @@ _EPS = 1e-9
 
 # run_dialogues(chatbot, user_model, critic, personas, *, turns, regenerate, adapter, seed)
 DialogueRunner = Callable[..., Sequence[DialogueRecord]]
+# Critic-free checks of one system's dialogues (learner.checks.critic_free_checks, bound).
+ChecksFn = Callable[[Sequence[DialogueRecord]], CriticFreeChecks]
 
 
 @dataclass(frozen=True)
@@ -45,11 +54,14 @@ class ScoreSet:
     val: tuple[float, ...] = ()
     unscored: int = 0
     dialogues: int = 0
+    # Persona id -> mean score over its dialogues (all seeds): the unit of the paired test.
+    per_user: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_dialogues(cls, adapter_id: str, dialogues: Iterable[DialogueRecord]) -> ScoreSet:
         values: dict[str, list[float]] = {d: [] for d in DIMENSIONS}
         unscored = n = 0
+        dialogues = list(dialogues)
         for dialogue in dialogues:
             n += 1
             for turn in dialogue.turns:
@@ -66,6 +78,7 @@ class ScoreSet:
             val=tuple(values["val"]),
             unscored=unscored,
             dialogues=n,
+            per_user=tuple(sorted(per_user_means(dialogues).items())),
         )
 
     @property
@@ -109,6 +122,14 @@ class GateDecision:
     reason: str
     candidate: dict[str, Any]
     baseline: dict[str, Any]
+    critic_id: str = ""
+    # The paired test: 95% bootstrap interval of the per-user gain, and how many users.
+    lower: float | None = None
+    upper: float | None = None
+    n_users: int = 0
+    seeds: tuple[int, ...] = ()
+    regressions: tuple[dict[str, Any], ...] = ()
+    checks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,9 +139,21 @@ def _fmt_means(means: dict[str, float | None]) -> str:
     return " ".join(f"{d}={'n/a' if v is None else f'{v:.3f}'}" for d, v in means.items())
 
 
-def decide(candidate: ScoreSet, baseline: ScoreSet, margin: float) -> GateDecision:
-    """Promote iff mean(rel,int,val) of the candidate - that of the baseline >= margin."""
+def decide(
+    candidate: ScoreSet,
+    baseline: ScoreSet,
+    margin: float,
+    *,
+    paired: PairedCI | None = None,
+    regressed: Sequence[CheckRegression] = (),
+    critic_id: str = "",
+) -> GateDecision:
+    """Promote iff the paired 95% lower bound of the gain exceeds ``margin`` and no
+    critic-free check regressed. ``paired`` defaults to the bootstrap of the two sets'
+    per-user means."""
     c, b = candidate.overall, baseline.overall
+    if paired is None:
+        paired = paired_bootstrap(dict(candidate.per_user), dict(baseline.per_user))
     common = {
         "candidate_id": candidate.adapter_id,
         "baseline_id": baseline.adapter_id,
@@ -129,6 +162,11 @@ def decide(candidate: ScoreSet, baseline: ScoreSet, margin: float) -> GateDecisi
         "margin": margin,
         "candidate": candidate.summary(),
         "baseline": baseline.summary(),
+        "critic_id": critic_id,
+        "lower": paired.lo,
+        "upper": paired.hi,
+        "n_users": paired.n_users,
+        "regressions": tuple(asdict(r) for r in regressed),
     }
     if c is None:
         return GateDecision(
@@ -138,49 +176,63 @@ def decide(candidate: ScoreSet, baseline: ScoreSet, margin: float) -> GateDecisi
             f"({candidate.unscored} unscored); it stays a candidate",
             **common,
         )
-    if b is None:
+    if b is None or paired.lo is None or paired.mean_diff is None:
         return GateDecision(
             promote=False,
             delta=None,
-            reason=f"baseline {baseline.adapter_id} has no scored replies; cannot compare",
+            reason=f"baseline {baseline.adapter_id} has no scored replies for the same users; "
+            "cannot compare",
             **common,
         )
-    delta = c - b
-    promote = delta >= margin - _EPS
+    delta = paired.mean_diff
+    gain_ok = paired.lo > margin - _EPS
+    promote = gain_ok and not regressed
     verdict = "promoted" if promote else "not promoted"
+    why = (
+        f"paired gain {delta:+.3f} over {paired.n_users} users, 95% CI "
+        f"[{paired.lo:+.3f}, {paired.hi:+.3f}], lower bound {'>' if gain_ok else '<='} "
+        f"margin {margin:.3f}"
+    )
+    if regressed:
+        why += "; critic-free checks regressed: " + ", ".join(
+            f"{r.label} {r.base:.3f} -> {r.candidate:.3f}" for r in regressed
+        )
     reason = (
-        f"{verdict}: mean(rel,int,val) {c:.3f} vs {b:.3f} for {baseline.adapter_id} "
-        f"(delta {delta:+.3f} {'>=' if promote else '<'} margin {margin:.3f}); "
+        f"{verdict}: {why}; mean(rel,int,val) {c:.3f} vs {b:.3f} for {baseline.adapter_id}; "
         f"candidate {_fmt_means(candidate.means())}; baseline {_fmt_means(baseline.means())}"
     )
     return GateDecision(promote=promote, delta=delta, reason=reason, **common)
 
 
-def evaluate_adapter(
+def run_variant(
     chatbot: Any,
     user_model: Any,
     critic: Any,
     personas: Sequence[Any],
     *,
     adapter: str,
-    seed: int,
+    seeds: Sequence[int],
     turns: int = 5,
     runner: DialogueRunner | None = None,
-) -> ScoreSet:
-    """Run T-turn dialogues (no regeneration) with one adapter and collect the critic's scores."""
+) -> list[DialogueRecord]:
+    """T-turn dialogues (no regeneration) with one adapter, once per seed."""
     if runner is None:
-        from learner.generate import run_dialogues as runner
-    dialogues = runner(
-        chatbot,
-        user_model,
-        critic,
-        personas,
-        turns=turns,
-        regenerate=False,
-        adapter=None if adapter == BASE_ADAPTER else adapter,
-        seed=seed,
-    )
-    return ScoreSet.from_dialogues(adapter, dialogues)
+        runner = run_dialogues
+    out: list[DialogueRecord] = []
+    for seed in seeds:
+        out.extend(
+            runner(
+                chatbot,
+                user_model,
+                critic,
+                personas,
+                turns=turns,
+                regenerate=False,
+                adapter=None if adapter == BASE_ADAPTER else adapter,
+                seed=seed,
+            )
+        )
+    return out
 
 
 def record_decision(
@@ -193,6 +245,11 @@ def record_decision(
         "candidate_mean": decision.candidate_mean,
         "baseline_mean": decision.baseline_mean,
         "delta": decision.delta,
+        "lower": decision.lower,
+        "upper": decision.upper,
+        "n_users": decision.n_users,
+        "critic_id": decision.critic_id,
+        "regressions": [r["key"] for r in decision.regressions],
         "promoted": decision.promote,
     }
     registry.update_manifest(
@@ -213,7 +270,16 @@ def record_decision(
                 margin=decision.margin,
                 promoted=decision.promote,
                 reason=decision.reason,
-                details={"candidate": decision.candidate, "baseline": decision.baseline},
+                details={
+                    "candidate": decision.candidate,
+                    "baseline": decision.baseline,
+                    "paired": {"lower": decision.lower, "upper": decision.upper},
+                    "n_users": decision.n_users,
+                    "seeds": list(decision.seeds),
+                    "critic_id": decision.critic_id,
+                    "regressions": list(decision.regressions),
+                    "checks": decision.checks,
+                },
             )
         )
 
@@ -236,22 +302,42 @@ def run_gate(
     personas: Sequence[Any],
     margin: float,
     seed: int,
+    n_seeds: int = 2,
     turns: int = 5,
     iteration: int | None = None,
     promote: bool = True,
     runner: DialogueRunner | None = None,
+    checks: ChecksFn | None = None,
+    tolerance: float = 0.10,
 ) -> GateDecision:
-    """Evaluate candidate vs the active adapter (or base), record, and promote if it wins."""
+    """Evaluate candidate vs the active adapter (or base), paired on the same users and
+    seeds; record the decision and its numbers, and promote if it wins."""
     baseline_id = registry.active_id()
     if baseline_id == candidate_id:
         raise AdapterError(f"{candidate_id} is already the active adapter")
     registry.verify(candidate_id)
     _ensure_loaded(chatbot, registry, candidate_id)
     _ensure_loaded(chatbot, registry, baseline_id)
-    kwargs = {"seed": seed, "turns": turns, "runner": runner}
-    cand = evaluate_adapter(chatbot, user_model, critic, personas, adapter=candidate_id, **kwargs)
-    base = evaluate_adapter(chatbot, user_model, critic, personas, adapter=baseline_id, **kwargs)
-    decision = decide(cand, base, margin)
+    seeds = tuple(seed + k for k in range(max(1, n_seeds)))
+    kwargs = {"seeds": seeds, "turns": turns, "runner": runner}
+    cand_dialogues = run_variant(
+        chatbot, user_model, critic, personas, adapter=candidate_id, **kwargs
+    )
+    base_dialogues = run_variant(
+        chatbot, user_model, critic, personas, adapter=baseline_id, **kwargs
+    )
+    cand = ScoreSet.from_dialogues(candidate_id, cand_dialogues)
+    base = ScoreSet.from_dialogues(baseline_id, base_dialogues)
+    regressed: list[CheckRegression] = []
+    check_values: dict[str, Any] = {}
+    if checks is not None:
+        cand_checks, base_checks = checks(cand_dialogues), checks(base_dialogues)
+        regressed = regressions(base_checks, cand_checks, tolerance)
+        check_values = {"candidate": asdict(cand_checks), "baseline": asdict(base_checks)}
+    decision = decide(
+        cand, base, margin, regressed=regressed, critic_id=str(getattr(critic, "model_id", ""))
+    )
+    decision = dataclasses.replace(decision, seeds=seeds, checks=check_values)
     record_decision(registry, decision, iteration=iteration)
     log.info("gate for %s: %s", candidate_id, decision.reason)
     if decision.promote and promote:

@@ -3,6 +3,11 @@
 Every step (greeting, self-introduction, reply, critique, regeneration, user answer) is one
 ``generate_batch`` call over all active dialogues of a chunk, so the local backend decodes
 them in one left-padded batch and the OpenAI backend sends them with bounded concurrency.
+Each turn starts with the first attempt plus ``best_of_n - 1`` plain resamples under the
+serving prompt; while the best one fails the accept threshold the chatbot regenerates from
+the critic's reasons. Every candidate is recorded with its scores and reply checks, and the
+dialogue continues with the best-scoring usable one (never text about the feedback, with
+placeholders, a role flip or cut off mid-sentence).
 With a ``CorpusStore`` each finished turn is written at once; a rerun of the same iteration
 skips finished dialogues and continues part-way ones from their last stored turn.
 """
@@ -20,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from chatbot.prompting import load_prompt
 from chatbot.types import ChatMessage, ChatModel, Completion, GenerationParams, ModelError
 from learner.critic import Critic
-from learner.records import CriticInput, DialogueRecord, PersonaLike, Score, TurnRecord
+from learner.records import Attempt, CriticInput, DialogueRecord, PersonaLike, Score, TurnRecord
+from learner.reply_checks import check_reply
 from learner.simulated_user import clean_user_text, user_messages, user_prompt_version
 
 if TYPE_CHECKING:
@@ -44,12 +50,34 @@ _APOLOGY = re.compile(
 )
 # C0 control characters (not tab/newline) that a small model may emit: never keep them.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_SENTENCE_END = re.compile(r"[.!?](?:[\"')\]]*)(?=\s|$)")
 _RETRYABLE = (ModelError, TimeoutError, ConnectionError, OSError)
 Progress = Callable[[str, int], None]
 
 
 def _clean(text: str) -> str:
     return _CONTROL.sub("", text).strip()
+
+
+def _finished(completion: Completion) -> tuple[str, str]:
+    """The reply text and why it stopped; a reply cut at the token cap ends at its last
+    whole sentence when there is one (the cap is still recorded as its finish reason)."""
+    text = _clean(completion.text)
+    if completion.finish_reason == "length":
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        if ends and ends[-1] >= 0.4 * len(text):
+            text = text[: ends[-1]].strip()
+    return text, completion.finish_reason
+
+
+def _keep_best(turn: TurnRecord) -> None:
+    """The final reply is the best-scoring usable attempt (the earliest on a tie)."""
+    usable = [a for a in turn.attempts if a.usable and a.score.mean() is not None]
+    if not usable:
+        return
+    best = max(usable, key=lambda a: (a.score.mean(), -turn.attempts.index(a)))
+    turn.final_reply, turn.final_score = best.reply, best.score
+    turn.final_finish_reason = best.finish_reason
 
 
 def is_apology(text: str) -> bool:
@@ -73,6 +101,8 @@ class GenerationConfig:
     turns: int = 5
     max_regenerations: int = 3
     accept_threshold: int = 4
+    # Candidates per turn before any critique: the first attempt plus n-1 plain resamples.
+    best_of_n: int = 2
     batch_size: int = 16
     max_apology_retries: int = 3
     # Bounded retries of a role call that raises (timeouts, 500s, connection errors).
@@ -245,21 +275,37 @@ class CorpusGenerator:
     def _turn(self, lives: list[_Live]) -> None:
         cfg = self.config
         histories = {id(live): live.history() for live in lives}
-        convs = [self._chat_messages(histories[id(live)]) for live in lives]
-        first = self._generate("chatbot", lives, convs)
-        pairs = [(live, _clean(c.text)) for live, c in first]
-        scored = self._score(pairs, histories)
+        # The first attempt and n-1 plain resamples under the serving prompt, in one batch.
+        n = max(1, cfg.best_of_n)
+        rows = [live for live in lives for _ in range(n)]
+        convs = [self._chat_messages(histories[id(live)]) for live in rows]
+        made = self._generate("chatbot", rows, convs)
+        candidates: list[tuple[_Live, str, str, str]] = []
+        seen: dict[int, int] = {}
+        for live, completion in made:
+            kind = "first" if seen.get(id(live), 0) == 0 else "resample"
+            seen[id(live)] = seen.get(id(live), 0) + 1
+            candidates.append((live, kind, *_finished(completion)))
         turns: dict[int, TurnRecord] = {}
-        for live, reply, score in scored:
-            last_user = histories[id(live)][-1][1]
-            turns[id(live)] = TurnRecord(
-                index=live.next_turn(),
-                user_message=last_user,
-                first_reply=reply,
-                first_score=score,
-                final_reply=reply,
-                final_score=score,
-            )
+        for (live, kind, reply, finish), score in zip(
+            candidates, self._score_all([(c[0], c[2]) for c in candidates], histories), strict=True
+        ):
+            if score is None or not live.active:
+                continue
+            attempt = self._attempt(live, kind, reply, finish, score, histories)
+            turn = turns.get(id(live))
+            if turn is None:
+                turn = turns[id(live)] = TurnRecord(
+                    index=live.next_turn(),
+                    user_message=histories[id(live)][-1][1],
+                    first_reply=reply,
+                    first_score=score,
+                    final_reply=reply,
+                    final_score=score,
+                    final_finish_reason=finish,
+                )
+            turn.attempts.append(attempt)
+            _keep_best(turn)
         while True:
             need = [
                 live
@@ -284,12 +330,33 @@ class CorpusGenerator:
                 self.store.save_turn(live.record, turn, cfg.accept_threshold)
             self.progress("turn", 1)
 
+    def _attempt(
+        self,
+        live: _Live,
+        kind: str,
+        reply: str,
+        finish: str,
+        score: Score,
+        histories: dict[int, list[tuple[str, str]]],
+    ) -> Attempt:
+        flags = check_reply(
+            reply,
+            history=histories[id(live)],
+            background=live.persona.background,
+            user_name=live.persona.name,
+            finish_reason=finish,
+        )
+        # Feedback talk, placeholders, role flips and cut-off text are never candidates.
+        usable = score.scored and not flags.unusable and not is_apology(reply)
+        return Attempt(kind, reply, score, finish, flags.kinds(), usable)
+
     def _regenerate(
         self,
         lives: list[_Live],
         turns: dict[int, TurnRecord],
         histories: dict[int, list[tuple[str, str]]],
     ) -> None:
+        """One critique-guided regeneration per turn, built on the best attempt so far."""
         cfg = self.config
         convs = {}
         for live in lives:
@@ -302,7 +369,7 @@ class CorpusGenerator:
                 ChatMessage("assistant", turn.final_reply),
                 ChatMessage("user", request),
             ]
-        candidates: dict[int, str] = {}
+        made: dict[int, tuple[str, str]] = {}
         pending = list(lives)
         for attempt in range(cfg.max_apology_retries + 1):
             if not pending:
@@ -310,9 +377,9 @@ class CorpusGenerator:
             results = self._generate("chatbot", pending, [convs[id(x)] for x in pending])
             still = []
             for live, completion in results:
-                text = _clean(completion.text)
+                text, finish = _finished(completion)
                 if text and not is_apology(text):
-                    candidates[id(live)] = text
+                    made[id(live)] = (text, finish)
                     continue
                 if attempt < cfg.max_apology_retries:
                     turns[id(live)].apology_retries += 1
@@ -322,12 +389,15 @@ class CorpusGenerator:
             if live.active:
                 turns[id(live)].regenerations += 1
                 self.progress("regeneration", 1)
-        # A regeneration that kept apologising is dropped: the previous reply stays.
-        fresh = [(live, candidates[id(live)]) for live in lives if id(live) in candidates]
-        for live, reply, score in self._score(fresh, histories):
+        # A regeneration that kept apologising is dropped: the best attempt so far stays.
+        fresh = [(live, made[id(live)]) for live in lives if id(live) in made]
+        scores = self._score_all([(live, reply) for live, (reply, _) in fresh], histories)
+        for (live, (reply, finish)), score in zip(fresh, scores, strict=True):
+            if score is None or not live.active:
+                continue
             turn = turns[id(live)]
-            turn.final_reply = reply
-            turn.final_score = score
+            turn.attempts.append(self._attempt(live, "regen", reply, finish, score, histories))
+            _keep_best(turn)
 
     # --------------------------------------------------------------- helpers
     def _chat_messages(self, history: list[tuple[str, str]]) -> list[ChatMessage]:
@@ -379,31 +449,36 @@ class CorpusGenerator:
             return []
         out = []
         for live, item in zip(lives, items, strict=True):
-            out.extend(self._with_retries(role, [live], [item], call))
+            if live.active:  # a dialogue that failed on an earlier item is not asked again
+                out.extend(self._with_retries(role, [live], [item], call))
         return out
 
-    def _score(
+    def _score_all(
         self, pairs: list[tuple[_Live, str]], histories: dict[int, list[tuple[str, str]]]
-    ) -> list[tuple[_Live, str, Score]]:
-        pairs = [(live, reply) for live, reply in pairs if live.active]
-        if not pairs:
-            return []
+    ) -> list[Score | None]:
+        """Scores aligned with ``pairs``; None where the dialogue failed (or had failed)."""
+        keep = [k for k, (live, _) in enumerate(pairs) if live.active]
+        out: list[Score | None] = [None] * len(pairs)
+        if not keep:
+            return out
         items = [
             CriticInput(
-                user_name=live.persona.name,
-                background=live.persona.background,
-                history=tuple(histories[id(live)]),
-                reply=reply,
+                user_name=pairs[k][0].persona.name,
+                background=pairs[k][0].persona.background,
+                history=tuple(histories[id(pairs[k][0])]),
+                reply=pairs[k][1],
             )
-            for live, reply in pairs
+            for k in keep
         ]
-        lives = [live for live, _ in pairs]
-        scored = self._with_retries("critic", lives, items, self.critic.score_batch)
-        replies = {id(live): reply for live, reply in pairs}
-        out = []
-        for live, score in scored:
-            live.record.tokens.add("critic", score.tokens)
-            out.append((live, replies[id(live)], score))
+        lives = [pairs[k][0] for k in keep]
+        scored = iter(self._with_retries("critic", lives, items, self.critic.score_batch))
+        pending = next(scored, None)
+        # Results keep their order; a per-item retry drops only the items that failed.
+        for k in keep:
+            if pending is not None and pending[0] is pairs[k][0]:
+                out[k] = pending[1]
+                pairs[k][0].record.tokens.add("critic", pending[1].tokens)
+                pending = next(scored, None)
         return out
 
     def _user_answers(
@@ -465,6 +540,7 @@ def run_dialogues(
     batch_size: int = 16,
     max_regenerations: int = 3,
     accept_threshold: int = 4,
+    best_of_n: int = 2,
 ) -> list[DialogueRecord]:
     """T-turn dialogues with every reply except the greeting scored (no storage).
 
@@ -473,6 +549,7 @@ def run_dialogues(
     config = GenerationConfig(
         turns=turns,
         max_regenerations=max_regenerations if regenerate else 0,
+        best_of_n=best_of_n if regenerate else 1,
         accept_threshold=accept_threshold,
         batch_size=batch_size,
         adapter=adapter,

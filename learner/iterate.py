@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from chatbot.types import BASE_ADAPTER
-from learner.curriculum import iteration_dir
+from learner.curriculum import cumulative_training_files, iteration_dir
 from learner.registry import AdapterManifest, AdapterRegistry, _atomic_write, code_version
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "IterationState",
     "IterationSteps",
     "build_driver",
+    "format_stage_times",
     "format_table",
     "load_iteration_state",
     "next_iteration",
@@ -57,6 +59,8 @@ class IterationState:
     active_after: str | None = None
     note: str | None = None
     updated_at: str = ""
+    # Wall seconds of each stage that ran (a resumed stage counts its last run).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -74,6 +78,8 @@ class IterationState:
             "int": cand.get("int"),
             "val": cand.get("val"),
             "adapter": self.adapter_id,
+            "heldout_loss": self.train_metrics.get("heldout_loss"),
+            "gate_lower": (self.gate or {}).get("lower"),
             "promoted": self.promoted,
             "note": self.note,
         }
@@ -136,6 +142,7 @@ class IterationDriver:
         system_prompt: str | None = None,
         progress_bar: bool = False,
         on_stage: Callable[[str, int], None] | None = None,
+        retrain_from: str = "base",
     ):
         self.runs_dir = Path(runs_dir)
         self.registry = registry
@@ -148,6 +155,10 @@ class IterationDriver:
         self.progress_bar = progress_bar
         # Called with (stage, iteration) before each unfinished stage runs (job progress).
         self.on_stage = on_stage
+        if retrain_from not in ("base", "parent"):
+            raise ValueError(f"retrain_from must be 'base' or 'parent', not {retrain_from!r}")
+        self.retrain_from = retrain_from
+        self._stage_started: float | None = None
 
     # ------------------------------------------------------------------ state
     def run_dir(self, k: int) -> Path:
@@ -166,6 +177,9 @@ class IterationDriver:
     def _mark(self, state: IterationState, stage: str) -> None:
         if stage not in state.done:
             state.done.append(stage)
+        if self._stage_started is not None:
+            state.stage_seconds[stage] = round(time.perf_counter() - self._stage_started, 2)
+            self._stage_started = None
         self._save(state)
 
     def next_iteration(self) -> int:
@@ -230,6 +244,7 @@ class IterationDriver:
 
     def _enter(self, stage: str, k: int) -> None:
         log.info("iteration %d: %s", k, stage)
+        self._stage_started = time.perf_counter()
         if self.on_stage is not None:
             self.on_stage(stage, k)
 
@@ -245,13 +260,21 @@ class IterationDriver:
             log.warning("iteration %d: %s", k, state.note)
             return
         if state.parent_id is None:
-            # Continue from the adapter that produced this iteration's data (fixed on first try).
-            state.parent_id = self.registry.active_id()
+            # Default: retrain from the base on the cumulative selection (errors don't
+            # compound); "parent" continues from the adapter that produced this data.
+            continuing = self.retrain_from == "parent"
+            state.parent_id = self.registry.active_id() if continuing else BASE_ADAPTER
             self._save(state)
         parent = None if state.parent_id == BASE_ADAPTER else state.parent_id
         config = self.train_config.to_dict()
         selection = _read_json(run_dir / "selection.json")
+        heldout: Path | None = None
         set_hash = selection.get("hash") or _hash_file(sft)
+        if parent is None and self.retrain_from == "base" and k > 1:
+            sft, heldout = cumulative_training_files(self.runs_dir, k)
+            set_hash = _hash_file(sft)
+        elif (run_dir / "heldout.jsonl").is_file():
+            heldout = run_dir / "heldout.jsonl"
         fingerprint = json.dumps([set_hash, parent, config], sort_keys=True)
         adapter_id = f"it{k:03d}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:10]}"
         state.adapter_id = adapter_id
@@ -271,6 +294,7 @@ class IterationDriver:
             system_prompt=self.system_prompt,
             parent_adapter_dir=self.registry.verified_path(parent) if parent else None,
             pairs_path=pairs if pairs.is_file() else None,
+            heldout_path=heldout,
             status=self.status,
             run_id=f"{adapter_id}",
             iteration=k,
@@ -319,7 +343,8 @@ def _fmt(value: Any) -> str:
 
 def format_table(states: list[IterationState]) -> str:
     """Plain-text table: easy rate, regeneration rate, validation rel/int/val, promoted."""
-    header = ["iter", "easy", "regen", "rel", "int", "val", "adapter", "promoted"]
+    header = ["iter", "easy", "regen", "rel", "int", "val", "heldout", "gate lb", "adapter"]
+    header += ["promoted"]
     rows = [header]
     for state in states:
         r = state.row()
@@ -331,6 +356,8 @@ def format_table(states: list[IterationState]) -> str:
                 _fmt(r["rel"]),
                 _fmt(r["int"]),
                 _fmt(r["val"]),
+                _fmt(r["heldout_loss"]),
+                _fmt(r["gate_lower"]),
                 _fmt(r["adapter"]),
                 _fmt(r["promoted"]) + (f" ({r['note']})" if r["note"] else ""),
             ]
@@ -341,7 +368,19 @@ def format_table(states: list[IterationState]) -> str:
     )
 
 
-# ---------------------------------------------------------------------- CLI
+def format_stage_times(states: list[IterationState]) -> str:
+    """Per-stage wall time of each iteration, in seconds."""
+    rows = [["iter", *STAGES, "total"]]
+    for state in states:
+        secs = [state.stage_seconds.get(stage) for stage in STAGES]
+        total = sum(x for x in secs if x is not None)
+        rows.append([str(state.iteration), *(_fmt(x) for x in secs), f"{total:.1f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
 # ---------------------------------------------------------------------- default wiring
 def _learn_cli(settings: Any, argv: list[str]) -> None:
     """Run a `upc learn ...` subcommand in-process (generate/select belong to learner.cli)."""

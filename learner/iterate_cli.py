@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from learner.iterate import build_driver, format_table
+from learner.iterate import build_driver, format_stage_times, format_table
 
 __all__ = ["register_iterate"]
 
@@ -30,4 +30,7 @@ def _iterate_handler(args: argparse.Namespace, settings: Any) -> int:
     )
     print()
     print(format_table(states))
+    print()
+    print("seconds per stage")
+    print(format_stage_times(states))
     return 0

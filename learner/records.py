@@ -7,6 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "DIMENSIONS",
+    "Attempt",
     "CriticInput",
     "DialogueRecord",
     "DimensionMeans",
@@ -80,6 +81,13 @@ class Score:
         score = self.get(dim)
         return None if score is None else float(score)
 
+    def mean(self) -> float | None:
+        """Mean of the three dimensions (expected values where given); None if unscored."""
+        values = [self.value(d) for d in DIMENSIONS]
+        if any(v is None for v in values):
+            return None
+        return sum(values) / len(values)  # type: ignore[arg-type]
+
     def failing(self, threshold: int) -> list[str]:
         """Dimensions scored below ``threshold`` (empty for an unscored reply)."""
         if not self.scored:
@@ -119,8 +127,39 @@ class TokenCounts:
 
 
 @dataclass
+class Attempt:
+    """One candidate reply of a turn: the first try, a plain resample or a critique-guided
+    regeneration, with its scores and the reply checks that fired."""
+
+    kind: str  # first | resample | regen
+    reply: str
+    score: Score
+    finish_reason: str = ""
+    flags: tuple[str, ...] = ()
+    usable: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        return cls(
+            kind=str(data.get("kind", "")),
+            reply=str(data.get("reply", "")),
+            score=Score.from_dict(data.get("score")),
+            finish_reason=str(data.get("finish_reason", "")),
+            flags=tuple(data.get("flags") or ()),
+            usable=bool(data.get("usable", True)),
+        )
+
+
+@dataclass
 class TurnRecord:
-    """One scored chatbot turn (t >= 2) of Algorithm 1."""
+    """One scored chatbot turn (t >= 2) of Algorithm 1.
+
+    ``first_*`` is the first attempt; ``final_*`` the best-scoring usable attempt, which the
+    dialogue continues with; ``attempts`` every candidate in the order it was made.
+    """
 
     index: int
     user_message: str
@@ -131,6 +170,8 @@ class TurnRecord:
     regenerations: int = 0
     apology_retries: int = 0
     user_answer: str = ""
+    attempts: list[Attempt] = field(default_factory=list)
+    final_finish_reason: str = ""
 
     def accepted(self, threshold: int) -> bool:
         return self.final_score.scored and not self.final_score.failing(threshold)

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from learner.records import DialogueRecord, Score, TokenCounts, TurnRecord
+from learner.records import Attempt, DialogueRecord, Score, TokenCounts, TurnRecord
 from storage.db import Database
 from storage.learner_models import CurriculumRow, DialogueRow, RunRow, TurnRow
 from storage.models import utcnow
@@ -54,6 +54,8 @@ def _turn_record(row: TurnRow) -> TurnRecord:
         regenerations=row.regenerations,
         apology_retries=row.apology_retries,
         user_answer=row.user_answer,
+        attempts=[Attempt.from_dict(a) for a in (row.attempts or [])],
+        final_finish_reason=row.final_finish_reason or "",
     )
 
 
@@ -191,6 +193,8 @@ class CorpusStore:
                     apology_retries=turn.apology_retries,
                     accepted=turn.accepted(accept_threshold),
                     user_answer=turn.user_answer,
+                    attempts=[a.to_dict() for a in turn.attempts],
+                    final_finish_reason=turn.final_finish_reason,
                 )
             )
             self._set_tokens(s.get(DialogueRow, record.id), record.tokens)

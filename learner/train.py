@@ -30,6 +30,8 @@ from typing import Any
 from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 
+from chatbot.local_model import worth_quantizing
+from learner.sft_loop import StepHook, heldout_loss, run_sft
 from storage.adapter_models import TrainingRun
 from storage.db import Database
 from storage.models import utcnow
@@ -148,6 +150,9 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
     # The trained PeftModel, only when `train_adapter(keep_model=True)` (tests, benchmarks).
     model: Any = field(default=None, repr=False)
+    heldout_examples: int = 0
+    heldout_loss_before: float | None = None
+    heldout_loss: float | None = None
 
     def metrics(self) -> dict[str, Any]:
         """What goes into the adapter manifest."""
@@ -162,6 +167,9 @@ class TrainResult:
             "tokens_per_s": round(self.tokens_per_s, 1),
             "final_loss": self.final_loss,
             "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "heldout_examples": self.heldout_examples,
+            "heldout_loss_before": _round(self.heldout_loss_before),
+            "heldout_loss": _round(self.heldout_loss),
         }
         if self.dpo is not None:
             out["dpo"] = self.dpo
@@ -338,6 +346,35 @@ def load_pairs(path: Path, system_prompt: str) -> list[dict[str, Any]]:
     return out
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _status_hook(store: TrainingStatusStore | None, run_id: str) -> StepHook | None:
+    """Mirror each optimizer step into the status row, at most once a second."""
+    if store is None:
+        return None
+    last = [0.0]
+
+    def hook(step: int, total: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or step >= total:
+            last[0] = now
+            store.update(run_id, step=step, loss=loss)
+
+    return hook
+
+
+def _tokenize_all(
+    tokenizer: Any, rows: list[tuple[str, list[dict[str, str]], bool]], max_len: int
+) -> list[TokenizedExample]:
+    return [
+        ex
+        for did, messages, last_only in rows
+        if (ex := build_example(tokenizer, did, messages, max_len, last_only=last_only)) is not None
+    ]
+
+
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], gen_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(
         list(messages), tokenize=False, add_generation_prompt=gen_prompt
@@ -409,7 +446,8 @@ def _load_model(base_model: str | Path, device: str, config: TrainConfig) -> tup
     import torch
     from transformers import AutoModelForCausalLM
 
-    quantized = device.startswith("cuda") and config.load_in_4bit
+    # bf16 LoRA for small bases; QLoRA only where the base would not fit otherwise.
+    quantized = device.startswith("cuda") and config.load_in_4bit and worth_quantizing(base_model)
     if quantized:
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
@@ -550,16 +588,17 @@ def train_adapter(
     adapter_id: str | None = None,
     progress_bar: bool = False,
     keep_model: bool = False,
+    heldout_path: Path | None = None,
 ) -> TrainResult:
     """Train one adapter into `output_dir` (PEFT safetensors + loss.json + loss.png).
 
     `parent_adapter_dir` continues from an earlier adapter (its weights are loaded trainable,
-    its LoRA shape kept). With `config.dpo` and a non-empty `pairs_path`, DPO follows SFT.
+    its LoRA shape kept). `heldout_path` (same format as `sft_path`) gives the held-out loss
+    before and after training. With `config.dpo` and a non-empty `pairs_path`, DPO follows SFT.
     """
     import torch
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
     if system_prompt is None:
         from chatbot.prompting import load_prompt
@@ -570,13 +609,16 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dialogues = load_sft_dialogues(Path(sft_path), system_prompt)
-    examples = [
-        ex
-        for did, messages, last_only in dialogues
-        if (ex := build_example(tokenizer, did, messages, config.max_seq_len, last_only=last_only))
-        is not None
-    ]
+    examples = _tokenize_all(
+        tokenizer, load_sft_dialogues(Path(sft_path), system_prompt), config.max_seq_len
+    )
+    heldout = (
+        _tokenize_all(
+            tokenizer, load_sft_dialogues(Path(heldout_path), system_prompt), config.max_seq_len
+        )
+        if heldout_path is not None and Path(heldout_path).is_file()
+        else []
+    )
     if not examples:
         raise TrainingDataError(f"{sft_path} holds no dialogue with an assistant reply to learn")
     pairs = (
@@ -607,36 +649,38 @@ def train_adapter(
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-        dataset = _dataset([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples])
-        with tempfile.TemporaryDirectory(prefix="upc-train-") as scratch:
-            args = SFTConfig(
-                **_trainer_args(config, device, quantized, scratch),
-                learning_rate=config.learning_rate,
-                lr_scheduler_type=config.lr_scheduler,
-                warmup_steps=warmup,
-                num_train_epochs=config.epochs,
-                max_steps=total_steps,
-                max_length=config.max_seq_len,
-                packing=False,
-                disable_tqdm=not progress_bar,
-                shuffle_dataset=True,
-            )
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=[_ProgressCallback(status, run_id, "sft", history)],
-            )
-            # Library code logs; the trainer's stdout printer is not wanted (tqdm stays optional).
-            trainer.remove_callback(PrinterCallback)
-            started = time.perf_counter()
-            trainer.train()
-            train_seconds = time.perf_counter() - started
-            model = trainer.model
-            dpo_metrics = None
-            if pairs:
+        if peft_config is not None:
+            model = get_peft_model(model, peft_config)
+        if _checkpointing(config, device):
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        pad_id = tokenizer.pad_token_id
+        before = heldout_loss(model, heldout, pad_id=pad_id, device=device)
+        if status is not None:
+            status.update(run_id, stage="sft", step=0, total_steps=total_steps)
+        loop = run_sft(
+            model,
+            examples,
+            pad_id=pad_id,
+            device=device,
+            total_steps=total_steps,
+            warmup_steps=warmup,
+            learning_rate=config.learning_rate,
+            schedule=config.lr_scheduler,
+            batch_size=config.batch_size,
+            grad_accum_steps=config.grad_accum_steps,
+            max_grad_norm=config.max_grad_norm,
+            weight_decay=config.weight_decay,
+            seed=config.seed,
+            on_step=_status_hook(status, run_id),
+            progress_bar=progress_bar,
+        )
+        history.extend(loop.loss_history)
+        train_seconds = loop.seconds
+        after = heldout_loss(model, heldout, pad_id=pad_id, device=device)
+        dpo_metrics = None
+        if pairs:
+            with tempfile.TemporaryDirectory(prefix="upc-dpo-") as scratch:
                 dpo_metrics = _train_dpo(
                     model,
                     tokenizer,
@@ -651,7 +695,7 @@ def train_adapter(
                     progress_bar,
                 )
         tokens = sum(len(ex.input_ids) for ex in examples)
-        seen = tokens * total_steps * config.batch_size * config.grad_accum_steps / len(examples)
+        seen = loop.tokens
         model.save_pretrained(str(output_dir), selected_adapters=["default"])
         save_loss_curve(history, output_dir)
     except Exception as exc:
@@ -678,6 +722,9 @@ def train_adapter(
         parent_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
         config=config.to_dict(),
         model=model if keep_model else None,
+        heldout_examples=len(heldout),
+        heldout_loss_before=before,
+        heldout_loss=after,
     )
     if status is not None:
         status.update(run_id, status="done", step=result.steps)

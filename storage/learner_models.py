@@ -104,6 +104,9 @@ class TurnRow(Base):
     apology_retries: Mapped[int] = mapped_column(Integer, default=0)
     accepted: Mapped[bool] = mapped_column(Boolean, default=False)
     user_answer: Mapped[str] = mapped_column(Text, default="")
+    # Every candidate (first try, resamples, regenerations) with scores and reply checks.
+    attempts: Mapped[list] = mapped_column(JSON, default=list)
+    final_finish_reason: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     dialogue: Mapped[DialogueRow] = relationship(back_populates="turns")

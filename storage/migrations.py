@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import Engine
 
 __all__ = ["MIGRATIONS", "Migration", "applied_migrations", "apply_migrations"]
@@ -25,6 +25,17 @@ class Migration:
     # "module:Table" names of ORM tables to create, e.g. "storage.models:users".
     tables: tuple[str, ...] = ()
     run: Callable[[Connection], None] | None = field(default=None, compare=False)
+
+
+def _add_turn_attempt_columns(conn: Connection) -> None:
+    """Turns record every attempt and the final reply's finish reason (older DBs lack both)."""
+    have = {c["name"] for c in inspect(conn).get_columns("learn_turns")}
+    if "attempts" not in have:
+        conn.execute(text("ALTER TABLE learn_turns ADD COLUMN attempts JSON"))
+    if "final_finish_reason" not in have:
+        conn.execute(
+            text("ALTER TABLE learn_turns ADD COLUMN final_finish_reason VARCHAR(16) DEFAULT ''")
+        )
 
 
 MIGRATIONS: list[Migration] = [
@@ -68,6 +79,7 @@ MIGRATIONS: list[Migration] = [
             "storage.learning_models:erasures",
         ),
     ),
+    Migration("0008_turn_attempts", run=_add_turn_attempt_columns),
 ]
 
 

@@ -155,16 +155,25 @@ def test_select_writes_the_training_set_contract(store: CorpusStore, settings: S
     system = str(load_prompt("upc_system"))
 
     sft = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
-    assert len(sft) == 1
-    assert sft[0]["dialogue_id"] == "d-easy" and sft[0]["persona_id"] == "p1"
-    roles = [m["role"] for m in sft[0]["messages"]]
+    # One example per bot turn of the easy dialogue, the loss on that reply only; the
+    # greeting is context, never a target.
+    assert [(r["dialogue_id"], r["turn"], r["loss"]) for r in sft] == [
+        ("d-easy", 2, "last"),
+        ("d-easy", 3, "last"),
+    ]
+    assert all(r["persona_id"] == "p1" for r in sft)
+    assert [m["role"] for m in sft[0]["messages"]] == ["system", "assistant", "user", "assistant"]
+    roles = [m["role"] for m in sft[1]["messages"]]
     assert roles == ["system", "assistant", "user", "assistant", "user", "assistant"]
-    assert sft[0]["messages"][0]["content"] == system
-    assert sft[0]["messages"][1]["content"] == "Hello there!"
-    assert sft[0]["messages"][5]["content"] == "better"  # the accepted regeneration
+    assert sft[1]["messages"][0]["content"] == system
+    assert sft[1]["messages"][1]["content"] == "Hello there!"
+    assert sft[0]["messages"][-1]["content"] == "first"
+    assert sft[1]["messages"][5]["content"] == "better"  # the best attempt
+    assert (out / "heldout.jsonl").read_text() == ""  # one easy dialogue: nothing held out
 
     pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
-    # d-easy turn 3 regenerated and accepted; d-hard turn 2 was regenerated but not accepted.
+    # d-easy turn 3: best (4,4,4) vs worst (2,2,4), a gap of 1.33; d-hard turn 2's gap is
+    # 0.67, under the minimum of 1.
     assert len(pairs) == 1
     pair = pairs[0]
     assert set(pair) == {"pair_id", "dialogue_id", "prompt", "chosen", "rejected"}
@@ -245,3 +254,47 @@ def test_cli_select(store: CorpusStore, settings: Settings, capsys) -> None:
     assert selection["counts"]["easy"] == 1  # d-easy's final scores are all 4
     args = parser.parse_args(["learn", "select", "--iteration", "9"])
     assert args.func(args, settings) == 2
+
+
+def test_pairs_take_the_best_and_worst_recorded_attempts() -> None:
+    from learner.curriculum import preference_pairs
+    from learner.records import Attempt
+
+    turn = T((2, 2, 2), (4, 4, 5), regens=2, index=2, first_reply="so so")
+    turn.final_reply = "great reply"
+    turn.attempts = [
+        Attempt("first", "so so", S(2, 2, 2)),
+        Attempt("resample", "great reply", S(4, 4, 5)),
+        Attempt(
+            "regen", "Here is a better response: ...", S(1, 1, 1), flags=("meta",), usable=False
+        ),
+        Attempt("regen", "fine", S(3, 3, 3)),
+    ]
+    dialogue = _dialogue("d1", "p1", [turn])
+    [pair] = preference_pairs(dialogue, "sys", min_gap=1.0)
+    # The unusable meta reply is never chosen but is the natural rejected one.
+    assert (pair.chosen, pair.rejected) == ("great reply", "Here is a better response: ...")
+    assert preference_pairs(dialogue, "sys", min_gap=3.5) == []
+
+
+def test_held_out_split_is_stable_and_near_the_ratio() -> None:
+    from learner.curriculum import is_held_out
+
+    ids = [f"dialogue-{i}" for i in range(2000)]
+    held = [i for i in ids if is_held_out(i, 0.1)]
+    assert 150 < len(held) < 250
+    assert held == [i for i in ids if is_held_out(i, 0.1)]
+    assert not any(is_held_out(i, 0.0) for i in ids)
+
+
+def test_cumulative_training_files_join_every_iteration(settings: Settings) -> None:
+    from learner.curriculum import cumulative_training_files
+
+    for k, rows in ((1, ["a", "b"]), (2, ["c"])):
+        d = settings.runs_dir / f"iter-{k:03d}"
+        d.mkdir(parents=True)
+        (d / "sft.jsonl").write_text("".join(json.dumps({"x": r}) + "\n" for r in rows))
+        (d / "heldout.jsonl").write_text(json.dumps({"x": f"h{k}"}) + "\n")
+    train, held = cumulative_training_files(settings.runs_dir, 2)
+    assert [json.loads(x)["x"] for x in train.read_text().splitlines()] == ["a", "b", "c"]
+    assert [json.loads(x)["x"] for x in held.read_text().splitlines()] == ["h1", "h2"]

@@ -16,19 +16,23 @@ from storage.db import Database
 
 
 def _scores(adapter_id: str, rel, int_, val, unscored=0) -> ScoreSet:
-    return ScoreSet(adapter_id, tuple(rel), tuple(int_), tuple(val), unscored=unscored)
+    """One reply per user u0, u1, ...: each user's mean is that reply's mean score."""
+    per_user = tuple((f"u{i}", (r + n + v) / 3) for i, (r, n, v) in enumerate(zip(rel, int_, val)))
+    return ScoreSet(
+        adapter_id, tuple(rel), tuple(int_), tuple(val), unscored=unscored, per_user=per_user
+    )
 
 
 def test_better_candidate_is_promoted():
-    base = _scores("base", [4, 4, 5], [3, 3, 4], [3, 4, 3])
-    cand = _scores("it001", [5, 4, 5], [4, 4, 4], [4, 4, 3])
+    base = _scores("base", [4, 4, 5, 4, 3, 4], [3, 3, 4, 3, 3, 3], [3, 4, 3, 3, 3, 4])
+    cand = _scores("it001", [5, 5, 5, 5, 4, 5], [4, 4, 4, 4, 4, 4], [4, 4, 4, 4, 4, 4])
     decision = decide(cand, base, margin=0.1)
     assert decision.promote
     assert decision.delta == pytest.approx(cand.overall - base.overall)
-    assert decision.delta == pytest.approx(
-        (14 / 3 + 12 / 3 + 11 / 3) / 3 - (13 / 3 + 10 / 3 + 10 / 3) / 3
-    )
+    assert decision.lower is not None and decision.lower > 0.1 and decision.n_users == 6
+    assert decision.lower <= decision.delta <= decision.upper
     assert "promoted" in decision.reason and "int=" in decision.reason
+    assert "95% CI" in decision.reason
 
 
 def test_worse_candidate_is_refused_and_reason_explains():
@@ -38,26 +42,49 @@ def test_worse_candidate_is_refused_and_reason_explains():
     assert not decision.promote
     assert decision.delta < 0
     assert decision.reason.startswith("not promoted")
-    assert "it001" in decision.reason and "margin 0.000" in decision.reason
-    assert decision.candidate["means"]["rel"] == pytest.approx(4.5)
+    assert "it001" in decision.reason
 
 
-def test_margin_is_enforced():
-    base = _scores("base", [4], [4], [4])
-    slightly = _scores("c", [4.3], [4], [4])  # +0.1 on the mean
+def test_a_higher_mean_without_a_positive_lower_bound_is_refused():
+    # One user gains a lot, another loses: the mean rises but the paired interval spans 0.
+    base = _scores("base", [3, 4, 4, 4], [3, 4, 4, 4], [3, 4, 4, 4])
+    cand = _scores("it001", [5, 3, 4, 4], [5, 3, 4, 4], [5, 3, 4, 4])
+    decision = decide(cand, base, margin=0.0)
+    assert decision.delta > 0 and decision.lower <= 0
+    assert not decision.promote
+
+
+def test_a_regressed_check_blocks_promotion():
+    from learner.checks import CheckRegression
+
+    base = _scores("base", [3] * 5, [3] * 5, [3] * 5)
+    cand = _scores("it001", [4] * 5, [4] * 5, [4] * 5)
+    regressed = [CheckRegression("truncation_rate", "truncation", "lower", 0.05, 0.2, 3.0)]
+    decision = decide(cand, base, margin=0.0, regressed=regressed)
+    assert decision.lower == pytest.approx(1.0) and not decision.promote
+    assert "truncation" in decision.reason and decision.regressions[0]["key"] == "truncation_rate"
+
+
+def test_margin_is_enforced_on_the_lower_bound():
+    base = _scores("base", [4] * 4, [3] * 4, [3] * 4)
+    slightly = _scores("c", [4] * 4, [3] * 4, [3.45] * 4)  # +0.15 for every user
     assert decide(slightly, base, margin=0.1).promote
     assert not decide(slightly, base, margin=0.2).promote
-    # A tie passes only a zero margin.
-    assert decide(_scores("c", [4], [4], [4]), base, margin=0.0).promote
-    assert not decide(_scores("c", [4], [4], [4]), base, margin=0.01).promote
 
 
 def test_no_scores_never_promotes():
-    base = _scores("base", [3], [3], [3])
-    empty = _scores("c", [], [], [], unscored=5)
+    base = _scores("base", [4], [4], [4])
+    empty = _scores("c", [], [], [], unscored=3)
     decision = decide(empty, base, margin=-10.0)
     assert not decision.promote and "no scored replies" in decision.reason
     assert not decide(base, empty, margin=-10.0).promote
+
+
+def test_users_missing_on_one_side_are_not_compared():
+    base = ScoreSet("base", (4.0,), (4.0,), (4.0,), per_user=(("a", 4.0),))
+    cand = ScoreSet("it001", (5.0,), (5.0,), (5.0,), per_user=(("b", 5.0),))
+    decision = decide(cand, base, margin=0.0)
+    assert not decision.promote and decision.n_users == 0
 
 
 def _dialogue(persona: str, scores: list[tuple[int, int, int]], unscored: int = 0):
@@ -133,8 +160,10 @@ def test_run_gate_records_and_promotes_only_the_better(tmp_path, peft_dir):
     first = run_gate(registry, "good", iteration=1, **common)
     assert first.promote and first.baseline_id == "base"
     assert registry.active_id() == "good"
-    assert {c["seed"] for c in calls} == {7} and all(not c["regenerate"] for c in calls)
-    assert [c["adapter"] for c in calls] == ["good", None]
+    # Paired: the same users and the same two seeds for candidate and baseline.
+    assert {c["seed"] for c in calls} == {7, 8} and all(not c["regenerate"] for c in calls)
+    assert [c["adapter"] for c in calls] == ["good", "good", None, None]
+    assert first.n_users == 2 and first.seeds == (7, 8) and first.lower == pytest.approx(1.0)
 
     second = run_gate(registry, "bad", iteration=2, **common)
     assert not second.promote and second.baseline_id == "good"
@@ -152,4 +181,4 @@ def test_run_gate_records_and_promotes_only_the_better(tmp_path, peft_dir):
             ("good", "base", True),
             ("bad", "good", False),
         ]
-        assert rows[1].details["baseline"]["replies"] == 8
+        assert rows[1].details["baseline"]["replies"] == 16  # 2 users x 2 seeds x 4 turns

@@ -120,6 +120,16 @@ def test_algorithm1_stores_full_turn_records(local, store: CorpusStore) -> None:
             # A random model's judge is unsure (~3): every reply fails 4 and is regenerated.
             assert turn.regenerations == 2
             assert turn.final_reply
+            # Best-of-2 then critique-guided regenerations, every attempt recorded.
+            kinds = [a.kind for a in turn.attempts]
+            assert kinds[:2] == ["first", "resample"] and set(kinds[2:]) <= {"regen"}
+            assert turn.attempts[0].reply == turn.first_reply
+            usable = [a for a in turn.attempts if a.usable]
+            if usable:
+                best = max(a.score.mean() for a in usable)
+                assert turn.final_score.mean() == pytest.approx(best)
+                assert any(a.reply == turn.final_reply for a in usable)
+            assert all(a.finish_reason in ("stop", "length") for a in turn.attempts)
         assert saved.tokens.chatbot > 0 and saved.tokens.user > 0 and saved.tokens.critic > 0
         assert saved.tokens == live.tokens
         assert saved.chatbot_model_id == "tiny-llama"
@@ -150,7 +160,7 @@ def test_lockstep_one_batched_call_per_step(local) -> None:
 def test_resume_after_crash_redoes_nothing(local, store: CorpusStore) -> None:
     from learner.critic import CachedCritic
 
-    config = _config(max_regenerations=0, batch_size=2)
+    config = _config(max_regenerations=0, batch_size=2, best_of_n=1)
     critic = LogitCritic.from_local_model(local)
     crashing = CrashAfter(critic, n=3)
     gen = CorpusGenerator(local, local, crashing, config, store=store)
@@ -284,8 +294,9 @@ def test_critic_500s_and_garbage(local, store: CorpusStore) -> None:
         failed = store.dialogues(run.id)
         assert [d.status for d in failed] == ["failed", "failed"]
         assert all(d.cause.startswith("critic:") for d in failed)
-        # bounded: 2 batch attempts then 2 per dialogue alone, no more.
-        assert bad.requests == 2 * 2 + 2 * 2
+        # bounded: 2 batch attempts of 4 items (2 candidates each), then 2 per dialogue
+        # alone; a failed dialogue's second candidate is never sent.
+        assert bad.requests == 2 * 4 + 2 * 2
 
         gen2 = CorpusGenerator(
             local, local, TextJudgeCritic(_openai(garbage.base_url)), config, store=store
@@ -302,7 +313,7 @@ def test_critic_500s_and_garbage(local, store: CorpusStore) -> None:
         assert "lovely" in turn.first_score.raw
         assert turn.regenerations == 0  # never regenerate on an invented score
     assert compute_stats([dialogue], 2).unscored == 2
-    assert garbage.requests == 2 * 4  # two turns x (1 ask + 3 re-asks)
+    assert garbage.requests == 2 * 2 * 4  # two turns x two candidates x (1 ask + 3 re-asks)
 
 
 @pytest.mark.slow

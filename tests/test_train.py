@@ -278,8 +278,8 @@ def test_iteration_driver_resumes_and_is_idempotent(tiny_model_dir, tmp_path):
         if crash["gate"]:
             crash["gate"] = False
             raise RuntimeError("simulated crash in the gate")
-        better = ScoreSet(candidate_id, (5.0,), (4.0,), (4.0,))
-        worse = ScoreSet(registry.active_id(), (4.0,), (3.0,), (3.0,))
+        better = ScoreSet(candidate_id, (5.0,), (4.0,), (4.0,), per_user=(("u1", 4.33),))
+        worse = ScoreSet(registry.active_id(), (4.0,), (3.0,), (3.0,), per_user=(("u1", 3.33),))
         return decide(better, worse, margin=0.0).to_dict()
 
     driver = IterationDriver(
@@ -291,6 +291,7 @@ def test_iteration_driver_resumes_and_is_idempotent(tiny_model_dir, tmp_path):
         train_config=_fast(max_steps=2),
         status=TrainingStatusStore(db),
         system_prompt=SYSTEM,
+        retrain_from="parent",
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
         driver.run(2)

@@ -1,0 +1,193 @@
+"""A plain PyTorch LoRA SFT loop: length-bucketed batches, loss on labelled tokens only.
+
+It needs only torch and peft (no trl), so the same code trains on a CPU and on a GPU
+machine that has no trl. Batches group examples of similar length, so padding stays small
+and a large batch fills the GPU; the loss is the mean over labelled (reply) tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LoopResult", "StepHook", "bucket_batches", "heldout_loss", "lr_at", "run_sft"]
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+StepHook = Callable[[int, int, float], None]
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    seconds: float
+    tokens: int  # tokens run through the model (padding excluded)
+    loss_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def bucket_batches(
+    lengths: Sequence[int], batch_size: int, *, seed: int = 0, epoch: int = 0
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length, in a shuffled order of batches.
+
+    Examples are shuffled, cut into chunks of 50 batches, and sorted by length inside each
+    chunk, so batches mix lengths across the run but pad little.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = max(1, batch_size) * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches.extend(part[k : k + batch_size] for k in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule.startswith("constant"):
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    if schedule == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def _collate(examples: Sequence[Any], pad_id: int, device: str) -> dict[str, Any]:
+    import torch
+
+    width = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[r, :n] = torch.tensor(ex.input_ids)
+        labels[r, :n] = torch.tensor(ex.labels)
+        mask[r, :n] = 1
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
+    }
+
+
+def _loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+    """Summed token loss over labelled positions, and how many there were."""
+    import torch
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1, :].float()
+    target = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((target != IGNORE_INDEX).sum())
+
+
+def heldout_loss(
+    model: Any, examples: Sequence[Any], *, pad_id: int, device: str, batch_size: int = 16
+) -> float | None:
+    """Mean per-token loss on the labelled tokens of ``examples`` (None when empty)."""
+    import torch
+
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        lengths = [len(ex.input_ids) for ex in examples]
+        for idx in bucket_batches(lengths, batch_size):
+            loss, n = _loss_sum(model, _collate([examples[i] for i in idx], pad_id, device))
+            total += float(loss)
+            count += n
+    if was_training:
+        model.train()
+    return total / count if count else None
+
+
+def run_sft(
+    model: Any,
+    examples: Sequence[Any],
+    *,
+    pad_id: int,
+    device: str,
+    total_steps: int,
+    warmup_steps: int,
+    learning_rate: float,
+    schedule: str,
+    batch_size: int,
+    grad_accum_steps: int,
+    max_grad_norm: float,
+    weight_decay: float,
+    seed: int,
+    on_step: StepHook | None = None,
+    progress_bar: bool = False,
+) -> LoopResult:
+    """Train the trainable (LoRA) parameters for ``total_steps`` optimizer steps."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    lengths = [len(ex.input_ids) for ex in examples]
+    model.train()
+    history: list[dict[str, Any]] = []
+    tokens = 0
+    epoch = 0
+    queue: list[list[int]] = []
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc="train", unit="step")
+    started = time.perf_counter()
+    for step in range(total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, warmup_steps, learning_rate, schedule)
+        micro = []
+        for _ in range(max(1, grad_accum_steps)):
+            if not queue:
+                queue = bucket_batches(lengths, batch_size, seed=seed, epoch=epoch)
+                epoch += 1
+            micro.append(queue.pop())
+        labelled = sum(
+            sum(1 for x in examples[i].labels[1:] if x != IGNORE_INDEX) for b in micro for i in b
+        )
+        step_loss = 0.0
+        for idx in micro:
+            batch = _collate([examples[i] for i in idx], pad_id, device)
+            loss, _n = _loss_sum(model, batch)
+            # Every labelled token of the step weighs the same, whatever its micro-batch.
+            (loss / max(1, labelled)).backward()
+            step_loss += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean = step_loss / max(1, labelled)
+        history.append({"stage": "sft", "step": step + 1, "loss": mean})
+        if on_step is not None:
+            on_step(step + 1, total_steps, mean)
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return LoopResult(total_steps, time.perf_counter() - started, tokens, history)
