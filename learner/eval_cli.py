@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -11,24 +12,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "select_personas"]
+__all__ = ["EVAL_CRITICS", "TRAIN_CRITICS", "register", "select_personas"]
 
-_CRITICS = ("llm", "embedding", "both")
+TRAIN_CRITICS = ("rubric", "embedding", "llm")
+EVAL_CRITICS = ("spc", "rubric", "embedding", "llm")
 
 
 def register(subparsers: Any) -> Any:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate systems on test users (critic scores, ALOE, independent metrics)",
+        # No prefix matching: the sub-commands' "--n" must not look like "--no-memory".
+        allow_abbrev=False,
+        help="evaluate systems on test users (two critics, critic-free checks, ALOE)",
         description=(
-            "Each user has a T-turn dialogue with each system; the critic scores every reply "
-            "but the greeting. Writes report.json, report.md, report.png and dialogues.jsonl."
+            "Each user has --seeds T-turn dialogues with each system; the training critic "
+            "scores every reply but the greeting and the evaluation critic re-scores it. "
+            "Writes report.json, report.md, report.png and transcripts.jsonl. "
+            "`upc eval side-by-side` builds a blind page for people to compare two systems."
         ),
     )
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--set", dest="set_name", help="persona set (default: every set)")
-    p.add_argument("--personas", help="evaluate the users of this persona file instead")
+    p.add_argument(
+        "--personas",
+        help="evaluate the users of this file (e.g. the published ISCO-800 JSON) instead",
+    )
     p.add_argument("--users", type=int, default=50, help="number of users (default 50)")
+    p.add_argument("--seeds", type=int, default=2, help="dialogues per user (default 2)")
     p.add_argument("--turns", type=int, default=5, help="dialogue turns, 2 to 10 (default 5)")
     p.add_argument(
         "--systems",
@@ -36,15 +46,32 @@ def register(subparsers: Any) -> Any:
         help="comma-separated: base, adapter ids, openai:MODEL@URL (default: base)",
     )
     p.add_argument(
-        "--critic",
-        choices=_CRITICS,
+        "--train-critic",
+        choices=TRAIN_CRITICS,
         default=None,
-        help="llm, embedding, or both (both reports their Spearman agreement); "
-        "default: settings.learner.critic",
+        help="the critic training optimises (default: settings.learner.critic)",
+    )
+    p.add_argument(
+        "--eval-critic",
+        choices=EVAL_CRITICS,
+        default="spc",
+        help="the independent critic (default spc: fitted on Synthetic-Persona-Chat)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="relative worsening of a critic-free check counted as a regression "
+        "(default: settings.learner.gate_tolerance)",
     )
     p.add_argument("--out", help="output dir (default: <data>/runs/eval-<time>)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="dialogues decoded together (default: all of a system's dialogues)",
+    )
     p.add_argument(
         "--openai-key-env",
         default="OPENAI_API_KEY",
@@ -60,6 +87,24 @@ def register(subparsers: Any) -> Any:
     p.add_argument("--no-perplexity", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
+    sub = p.add_subparsers(dest="eval_command", metavar="{side-by-side,unblind}")
+    sbs = sub.add_parser(
+        "side-by-side",
+        help="a blind HTML page comparing two systems' dialogues with the same users",
+    )
+    sbs.add_argument("--a", required=True, help="report dir or transcripts.jsonl")
+    sbs.add_argument("--b", help="report dir or transcripts.jsonl (default: the same as --a)")
+    sbs.add_argument("--a-system", help="system of --a (needed when it holds several)")
+    sbs.add_argument("--b-system", help="system of --b (needed when it holds several)")
+    sbs.add_argument("--out", required=True, help="the page (FILE.html); key: FILE.key.json")
+    sbs.add_argument("--n", type=int, default=50, help="items to sample (default 50, 0: all)")
+    sbs.add_argument("--seed", type=int, default=0, help="sampling and side shuffling seed")
+    sbs.add_argument("--hide-persona", action="store_true", help="show only the user's name")
+    sbs.set_defaults(func=_side_by_side)
+    unb = sub.add_parser("unblind", help="tally saved side-by-side answers with their key")
+    unb.add_argument("--key", required=True, help="FILE.key.json written with the page")
+    unb.add_argument("answers", nargs="+", help="answer files downloaded from the page")
+    unb.set_defaults(func=_unblind)
     return p
 
 
@@ -73,10 +118,16 @@ def select_personas(personas: list[Any], users: int, seed: int) -> list[Any]:
 
 def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], str]:
     if args.personas:
-        from personas.importer import parse_file
+        from personas.importer import parse_personas
 
-        pool = parse_file(args.personas, "eval", default_split=args.split)
-        pool = [p for p in pool if p.split == args.split]
+        parsed = parse_personas(args.personas, "eval", default_split=args.split)
+        if parsed.merged_duplicates:
+            print(
+                f"{args.personas}: merged {parsed.merged_duplicates} duplicate rows "
+                f"(same id, name, background and split): {len(parsed.personas)} users",
+                file=sys.stderr,
+            )
+        pool = [p for p in parsed.personas if p.split == args.split]
         source = f"{args.personas}, split {args.split}"
     else:
         from personas.catalog import PersonaCatalog
@@ -89,49 +140,95 @@ def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
     return select_personas(pool, args.users, args.seed), source
 
 
-def _critic(settings: Any, kind: str, pool: Any) -> Any:
-    from learner.critic import build_critic
+def _critic(settings: Any, kind: str, pool: Any, embedder: Any) -> Any:
+    from learner.critic import build_critic_kind
+    from learner.eval_critic import PersonaChatCritic
 
-    learner = dataclasses.replace(settings.learner, critic=kind)
-    chosen = dataclasses.replace(settings, learner=learner)
+    if kind == "spc":
+        return PersonaChatCritic(embedder)
     model = pool.get(settings.critic) if kind == "llm" else None
-    return build_critic(chosen, model=model)
+    return build_critic_kind(kind, settings, model, embedder)
+
+
+def _config(args: argparse.Namespace, settings: Any) -> Any:
+    from learner.cli import generation_config
+    from learner.evaluate import EvalConfig
+
+    if args.users < 1:
+        raise ValueError("--users must be 1 or more")
+    gen = generation_config(settings)
+    tolerance = args.tolerance
+    if tolerance is None:
+        tolerance = settings.learner.gate_tolerance
+    return EvalConfig(
+        turns=args.turns,
+        seed=args.seed,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        regression_tolerance=tolerance,
+        use_memory=not args.no_memory,
+        chatbot_params=gen.chatbot_params,
+        user_params=(
+            dataclasses.replace(gen.user_params, max_new_tokens=args.user_max_new_tokens)
+            if args.user_max_new_tokens
+            else gen.user_params
+        ),
+    )
+
+
+def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespace) -> Any:
+    """(spec, model) pairs, the local model (or None) and the OpenAI clients to close."""
+    from chatbot.openai_model import OpenAIModel
+    from learner.registry import AdapterRegistry
+    from storage.db import Database
+
+    local = None
+    if any(s.kind != "openai" for s in specs) or not args.no_perplexity:
+        local = pool.get(settings.chatbot)
+    systems, openai_models = [], []
+    registry = None
+    for spec in specs:
+        if spec.kind == "openai":
+            model = OpenAIModel(
+                spec.base_url,
+                spec.model,
+                api_key=os.environ.get(args.openai_key_env) or None,
+                model_id=spec.name,
+            )
+            openai_models.append(model)
+            systems.append((spec, model))
+            continue
+        if spec.kind == "adapter":
+            if not hasattr(local, "load_adapter"):
+                raise ValueError(
+                    f"adapter {spec.adapter} needs a local chatbot model "
+                    "(settings.chatbot.backend = local)"
+                )
+            if registry is None:
+                registry = AdapterRegistry(settings.adapters_dir, Database.from_settings(settings))
+            if spec.adapter not in local.adapters:
+                local.load_adapter(spec.adapter, registry.verified_path(spec.adapter))
+        systems.append((spec, local))
+    return systems, local, openai_models
 
 
 def _eval(args: argparse.Namespace, settings: Any) -> int:
     from tqdm import tqdm
 
     from chatbot.embeddings import Embedder
-    from chatbot.openai_model import OpenAIModel
     from chatbot.runtime import ModelPool
-    from learner.cli import generation_config
-    from learner.evaluate import EvalConfig, evaluate, parse_systems, write_outputs
-    from learner.registry import AdapterError, AdapterRegistry
+    from learner.eval_report import to_markdown, write_outputs
+    from learner.evaluate import evaluate_systems, parse_systems
+    from learner.registry import AdapterError
     from personas.importer import PersonaImportError
-    from storage.db import Database
 
     try:
-        if args.users < 1:
-            raise ValueError("--users must be 1 or more")
         specs = parse_systems(args.systems)
         personas, source = _load_personas(args, settings)
-        gen = generation_config(settings)
-        config = EvalConfig(
-            turns=args.turns,
-            seed=args.seed,
-            batch_size=args.batch_size or settings.learner.batch_size,
-            use_memory=not args.no_memory,
-            chatbot_params=gen.chatbot_params,
-            user_params=(
-                dataclasses.replace(gen.user_params, max_new_tokens=args.user_max_new_tokens)
-                if args.user_max_new_tokens
-                else gen.user_params
-            ),
-        )
+        config = _config(args, settings)
     except (ValueError, PersonaImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    critic_kind = args.critic or settings.learner.critic
     out_dir = (
         Path(args.out)
         if args.out
@@ -141,48 +238,19 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
     openai_models: list[Any] = []
     bar = None
     try:
-        local = None
-        systems = []
-        needs_local = any(s.kind != "openai" for s in specs)
-        if needs_local or not args.no_perplexity:
-            local = pool.get(settings.chatbot)
-        registry = None
-        for spec in specs:
-            if spec.kind == "openai":
-                model = OpenAIModel(
-                    spec.base_url,  # type: ignore[arg-type]
-                    spec.model,  # type: ignore[arg-type]
-                    api_key=os.environ.get(args.openai_key_env) or None,
-                    model_id=spec.name,
-                )
-                openai_models.append(model)
-                systems.append((spec, model))
-                continue
-            if spec.kind == "adapter":
-                if not hasattr(local, "load_adapter"):
-                    raise ValueError(
-                        f"adapter {spec.adapter} needs a local chatbot model "
-                        "(settings.chatbot.backend = local)"
-                    )
-                if registry is None:
-                    registry = AdapterRegistry(
-                        settings.adapters_dir, Database.from_settings(settings)
-                    )
-                if spec.adapter not in local.adapters:  # type: ignore[union-attr]
-                    local.load_adapter(spec.adapter, registry.verified_path(spec.adapter))  # type: ignore[union-attr,arg-type]
-            systems.append((spec, local))
+        systems, local, openai_models = _systems(specs, pool, settings, args)
         user_model = pool.get(settings.user_sim)
         embedder = Embedder()
-        primary = "embedding" if critic_kind == "embedding" else "llm"
-        critic = _critic(settings, primary, pool)
-        second = _critic(settings, "embedding", pool) if critic_kind == "both" else None
+        train_critic = _critic(
+            settings, args.train_critic or settings.learner.critic, pool, embedder
+        )
+        eval_critic = _critic(settings, args.eval_critic, pool, embedder)
         runner = None
         if not args.no_perplexity and hasattr(local, "run_exclusive"):
-            runner = local.run_exclusive  # type: ignore[union-attr]
+            runner = local.run_exclusive
+        per_system = len(personas) * config.seeds * config.turns
         if not args.no_progress:
-            total = len(systems) * len(personas) * config.turns
-            bar = tqdm(total=total, desc="eval turns", unit="turn")
-
+            bar = tqdm(total=len(systems) * per_system, desc="eval turns", unit="turn")
         finished = {"systems": 0}
 
         def progress(kind: str, n: int) -> None:
@@ -193,16 +261,16 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
             elif kind == "system":
                 # Failed dialogues skip turns: jump to the end of this system's share.
                 finished["systems"] += 1
-                bar.n = finished["systems"] * len(personas) * config.turns
+                bar.n = finished["systems"] * per_system
                 bar.set_postfix_str(f"{finished['systems']}/{len(systems)} systems")
                 bar.refresh()
 
-        report = evaluate(
+        report = evaluate_systems(
             systems,
             personas,
             user_model=user_model,
-            critic=critic,
-            second_critic=second,
+            train_critic=train_critic,
+            eval_critic=eval_critic,
             embedder=embedder,
             base_runner=runner,
             base_model_id=getattr(local, "model_id", None),
@@ -220,7 +288,44 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
             model.close()
         pool.close()
     paths = write_outputs(report, out_dir)
-    print(report.to_markdown())
+    print(to_markdown(report))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    return 0
+
+
+def _side_by_side(args: argparse.Namespace, _settings: Any) -> int:
+    from learner.side_by_side import write_side_by_side
+
+    try:
+        page, key, count = write_side_by_side(
+            args.a,
+            args.b or args.a,
+            args.out,
+            system_a=args.a_system,
+            system_b=args.b_system,
+            n=args.n or None,
+            seed=args.seed,
+            show_persona=not args.hide_persona,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{count} items -> {page}")
+    print(f"key (keep it from the judges): {key}")
+    return 0
+
+
+def _unblind(args: argparse.Namespace, _settings: Any) -> int:
+    from learner.side_by_side import unblind
+
+    try:
+        key = json.loads(Path(args.key).read_text(encoding="utf-8"))
+        for path in args.answers:
+            tally = unblind(key, json.loads(Path(path).read_text(encoding="utf-8")))
+            wins = ", ".join(f"{name} {n}" for name, n in tally.wins.items())
+            print(f"{path}: answered {tally.answered} of {tally.items}: {wins}, tie {tally.ties}")
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0

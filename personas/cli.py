@@ -102,6 +102,8 @@ def _import(args: argparse.Namespace, settings: Any) -> int:
         return 2
     splits = ", ".join(f"{k} {v}" for k, v in result.splits.items())
     print(f"imported {result.count} users as set {result.name!r} ({splits}) -> {result.path}")
+    if result.merged_duplicates:
+        print(f"merged {result.merged_duplicates} duplicates (rows repeating a user exactly)")
     return 0
 
 

@@ -3,6 +3,11 @@
 Import is all-or-nothing: every row is checked first, and any problem raises
 `PersonaImportError` listing the rows and problems; only a clean file is written, through a
 temporary file and an atomic rename.
+
+Rows that repeat a user exactly (same id, name, background and split; other keys such as the
+published `expand_id` may differ) are merged into one and counted: the published ISCO-800
+test file lists each of its 200 users twice. Rows that share an id but differ in name,
+background or split are an error naming the id and the rows.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -27,14 +33,18 @@ __all__ = [
     "MAX_IMPORT_WORDS",
     "MIN_IMPORT_WORDS",
     "ImportResult",
+    "ParsedFile",
     "PersonaImportError",
     "atomic_write_text",
     "delete_set",
     "import_file",
     "parse_file",
+    "parse_personas",
     "save_set",
     "validate_set_name",
 ]
+
+log = logging.getLogger(__name__)
 
 MIN_IMPORT_WORDS = 10
 MAX_IMPORT_WORDS = 1000
@@ -62,6 +72,15 @@ class ImportResult:
     path: Path
     count: int
     splits: dict[str, int]
+    merged_duplicates: int = 0  # rows dropped as exact repeats of an earlier row
+
+
+@dataclass(frozen=True)
+class ParsedFile:
+    """The users of a checked file and how many exact duplicate rows were merged away."""
+
+    personas: list[Persona]
+    merged_duplicates: int = 0
 
 
 def validate_set_name(name: str) -> str:
@@ -111,8 +130,11 @@ def _split(value: Any, problems: list[str], where: str, key: str) -> str | None:
     return value.strip().lower()
 
 
-def _published_rows(items: list[Any], set_name: str, problems: list[str]) -> list[Persona]:
-    personas = []
+Located = list[tuple[str, Persona]]  # (where in the file, the user it holds)
+
+
+def _published_rows(items: list[Any], set_name: str, problems: list[str]) -> Located:
+    personas: Located = []
     for number, item in enumerate(items, start=1):
         where = f"row {number}"
         if not isinstance(item, dict):
@@ -133,7 +155,8 @@ def _published_rows(items: list[Any], set_name: str, problems: list[str]) -> lis
         if background is not None:
             _check_background(background, problems, where)
         if split and name and background:
-            personas.append(_persona(set_name, str(item["id"]), name, background, split, {}))
+            persona = _persona(set_name, str(item["id"]), name, background, split, {})
+            personas.append((f"row {number}", persona))
     return personas
 
 
@@ -142,8 +165,8 @@ def _record_rows(
     set_name: str,
     default_split: str,
     problems: list[str],
-) -> list[Persona]:
-    personas = []
+) -> Located:
+    personas: Located = []
     for number, (where, row) in enumerate(rows, start=1):
         name = _text_field(row, "name", problems, where)
         background = _text_field(row, "background", problems, where)
@@ -155,7 +178,8 @@ def _record_rows(
         extra = {k: row[k] for k in ("isco_code", "isco_title", "traits") if row.get(k)}
         if split and name and background:
             try:
-                personas.append(_persona(set_name, local_id, name, background, split, extra))
+                persona = _persona(set_name, local_id, name, background, split, extra)
+                personas.append((where, persona))
             except PersonaFormatError as exc:
                 problems.append(f"{where}: {exc}")
     return personas
@@ -190,8 +214,31 @@ def _read_text(path: Path) -> str:
         raise PersonaImportError(str(path), [f"cannot read file: {exc}"]) from exc
 
 
-def parse_file(path: str | Path, set_name: str, default_split: str = "train") -> list[Persona]:
-    """Parse and check a whole file; raise `PersonaImportError` on any problem."""
+def _merge_duplicates(located: Located, problems: list[str]) -> tuple[list[Persona], int]:
+    """Keep the first of exactly repeated users; name ids whose rows disagree."""
+    first: dict[str, tuple[str, Persona]] = {}
+    conflicts: dict[str, list[str]] = {}
+    kept: list[Persona] = []
+    merged = 0
+    for where, persona in located:
+        if persona.id not in first:
+            first[persona.id] = (where, persona)
+            kept.append(persona)
+        elif persona == first[persona.id][1]:
+            merged += 1
+        else:
+            conflicts.setdefault(persona.id, [first[persona.id][0]]).append(where)
+    for pid, wheres in conflicts.items():
+        problems.append(
+            f"id {pid!r} appears {len(wheres)} times with a different name, background or "
+            f"split ({', '.join(wheres)})"
+        )
+    return kept, merged
+
+
+def parse_personas(path: str | Path, set_name: str, default_split: str = "train") -> ParsedFile:
+    """Parse and check a whole file, merging exact duplicate rows (and saying how many);
+    raise `PersonaImportError` on any problem."""
     path = Path(path)
     source = str(path)
     if default_split not in SPLITS:
@@ -256,15 +303,24 @@ def parse_file(path: str | Path, set_name: str, default_split: str = "train") ->
         raise PersonaImportError(
             source, [f"unknown file type {suffix!r} (use .json, .jsonl, .csv)"]
         )
-    seen: dict[str, int] = {}
-    for persona in personas:
-        seen[persona.id] = seen.get(persona.id, 0) + 1
-    problems.extend(f"id {pid!r} appears {n} times" for pid, n in seen.items() if n > 1)
-    if not personas and not problems:
+    unique, merged = _merge_duplicates(personas, problems)
+    if not unique and not problems:
         problems.append("the file holds no backgrounds")
     if problems:
         raise PersonaImportError(source, problems)
-    return personas
+    if merged:
+        log.warning(
+            "%s: merged %d duplicate rows (same id, name, background and split); %d users",
+            source,
+            merged,
+            len(unique),
+        )
+    return ParsedFile(unique, merged)
+
+
+def parse_file(path: str | Path, set_name: str, default_split: str = "train") -> list[Persona]:
+    """The users of a checked file (see `parse_personas`)."""
+    return parse_personas(path, set_name, default_split).personas
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -328,9 +384,15 @@ def import_file(
     target = personas_dir(data_dir) / f"{name}.jsonl"
     if target.exists() and not replace:
         raise FileExistsError(f"persona set {name!r} already exists (pass --replace)")
-    personas = parse_file(path, name, default_split)
-    stored = save_set(
-        personas, data_dir, name, {"imported_from": str(path.resolve())}, replace=replace
-    )
+    parsed = parse_personas(path, name, default_split)
+    personas = parsed.personas
+    info = {"imported_from": str(path.resolve()), "merged_duplicates": parsed.merged_duplicates}
+    stored = save_set(personas, data_dir, name, info, replace=replace)
     splits = {s: sum(1 for p in personas if p.split == s) for s in SPLITS}
-    return ImportResult(name=name, path=stored, count=len(personas), splits=splits)
+    return ImportResult(
+        name=name,
+        path=stored,
+        count=len(personas),
+        splits=splits,
+        merged_duplicates=parsed.merged_duplicates,
+    )

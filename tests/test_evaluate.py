@@ -83,13 +83,17 @@ def test_upc_eval_end_to_end_base_vs_adapter(
             "--split",
             "test",
             "--users",
-            "3",
+            "2",
+            "--seeds",
+            "2",
             "--turns",
             "3",
             "--systems",
             f"base,{ADAPTER_ID}",
-            "--critic",
-            "both",
+            "--train-critic",
+            "llm",
+            "--eval-critic",
+            "spc",
             "--seed",
             "5",
             "--out",
@@ -100,58 +104,113 @@ def test_upc_eval_end_to_end_base_vs_adapter(
     )
     captured = capsys.readouterr()
     printed = captured.out
-    assert code == 0, printed
+    assert code == 0, printed + captured.err
     assert "eval turns" in captured.err  # the tqdm progress bar
     report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["systems"]] == ["base", ADAPTER_ID]
-    assert len(report["personas"]) == 3
-    assert report["critic_id"] == "llm-logit:" + str(tiny_model_dir)
-    assert report["second_critic_id"].startswith("embedding:")
+    assert len(report["personas"]) == 2 and report["config"]["seeds"] == 2
+    assert report["base_system"] == "base"
+    assert report["train_critic_id"] == "llm-logit:" + str(tiny_model_dir)
+    assert report["eval_critic_id"].startswith("spc-ranker")
     assert report["perplexity_model_id"] == str(tiny_model_dir)
     for system in report["systems"]:
-        assert system["dialogues"] == 3
+        assert system["dialogues"] == 4  # 2 users x 2 seeds
         ok = system["dialogues"] - system["failed"]
-        assert ok >= 2, system
+        assert ok >= 3, system
         assert system["replies"] >= 2 * ok
-        assert system["unscored"] == 0  # the logit critic always yields a score
-        for key in ("rel", "int", "val", "mean"):
-            ci = system["scores"][key]
-            assert 1.0 <= ci["low"] <= ci["mean"] <= ci["high"] <= 5.0
-            assert ci["n"] == system["replies"]
-            second = system["secondary_scores"][key]
-            assert 1.0 <= second["mean"] <= 5.0
-        assert set(system["al"]["mean"]) == {"2", "3"}
-        assert system["aloe"]["mean"]["ir"] is not None
-        assert system["aloe"]["mean"]["turns"] == [2, 3]
-        ppl = system["perplexity"]
+        for view in ("train", "eval"):
+            figures = system[view]
+            assert figures["replies"] == system["replies"]
+            for key in ("rel", "int", "val", "mean"):
+                ci = figures["scores"][key]
+                assert 1.0 <= ci["low"] <= ci["mean"] <= ci["high"] <= 5.0
+                assert ci["n"] == 2  # per-user means: the users are the unit
+            assert set(figures["al"]["mean"]) == {"2", "3"}
+            assert figures["aloe"]["mean"]["turns"] == [2, 3]
+        assert system["train"]["unscored"] == 0  # the logit critic always yields a score
+        checks = system["checks"]
+        assert checks["replies"] == system["replies"]
+        ppl = checks["perplexity"]
         assert ppl["replies"] == system["replies"] and ppl["tokens"] > 0
         assert 1.0 < ppl["perplexity"] < 1e6
+        for rate in ("truncation_rate", "meta_rate", "placeholder_rate", "echo_rate"):
+            assert 0.0 <= checks[rate] <= 1.0
+        assert 0.0 < checks["distinct_2"] <= 1.0 and checks["traits_revealed"] >= 0.0
+        assert checks["user_turns"] >= ok * 3
         assert -1.0 <= system["background_similarity"]["mean"] <= 1.0
         assert system["traits_total"] >= 3 * ok  # shipped users have occupation + education + hobby
-        assert 0.0 <= system["discovery_rate"]["mean"] <= 1.0
         for rate in ("passivity_rate", "question_rate", "repetition_rate"):
             assert 0.0 <= system[rate]["mean"] <= 1.0
             assert system[rate]["n"] == system["replies"]
         assert system["agreement"]["pairs"] == system["replies"]
+    base, cand = report["systems"]
+    assert base["train"]["vs_base"] is None and base["regressions"] is None
+    paired = cand["eval"]["vs_base"]["mean"]
+    assert paired["n_users"] == 2 and paired["lo"] <= paired["mean_diff"] <= paired["hi"]
+    expected = cand["eval"]["scores"]["mean"]["mean"] - base["eval"]["scores"]["mean"]["mean"]
+    assert paired["mean_diff"] == pytest.approx(expected)
+    assert isinstance(cand["regressions"], list)
     assert report["agreement"]["pairs"] == sum(s["replies"] for s in report["systems"])
 
-    lines = [json.loads(x) for x in (out / "dialogues.jsonl").read_text().splitlines()]
-    assert len(lines) == 6
+    lines = [json.loads(x) for x in (out / "transcripts.jsonl").read_text().splitlines()]
+    assert len(lines) == 8
     by_system: dict[str, list[str]] = {}
+    seeds: dict[tuple[str, str], list[int]] = {}
     for row in lines:
         turns = row["dialogue"]["turns"]
-        assert len(row["second_scores"]) == len(turns)
+        assert len(row["eval_scores"]) == len(turns)
+        assert row["eval_critic_id"] == report["eval_critic_id"] and row["background"]
         assert row["dialogue"]["adapter"] == (None if row["system"] == "base" else ADAPTER_ID)
         by_system.setdefault(row["system"], []).extend(t["final_reply"] for t in turns)
+        seeds.setdefault((row["system"], row["persona_id"]), []).append(row["seed"])
+    assert all(sorted(v) == [0, 1] for v in seeds.values()) and len(seeds) == 4
     # Same seeds and users: the random LoRA is what makes the replies differ.
     assert by_system["base"] != by_system[ADAPTER_ID]
 
     markdown = (out / "report.md").read_text()
     assert "| base |" in markdown and f"| {ADAPTER_ID} |" in markdown
     assert "Spearman" in markdown and "AL(k)" in markdown and "discovery" in markdown
+    assert "Evaluation critic" in markdown and "Critic-free checks" in markdown
+    assert "Difference to `base`" in markdown
     assert "| base |" in printed
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+    page = tmp_path / "sbs.html"
+    assert main(["eval", "side-by-side", "--a", str(out), "--a-system", "base",
+                 "--b-system", ADAPTER_ID, "--out", str(page), "--n", "0"]) == 0  # fmt: skip
+    key = json.loads((tmp_path / "sbs.key.json").read_text())
+    assert len(key["items"]) == 4
+
+
+def test_upc_eval_on_the_published_test_file(config_file: Path, tmp_path: Path, capsys) -> None:
+    rows = []
+    for copy in range(2):
+        for i in range(200):
+            rows.append(
+                {
+                    "stage": "test",
+                    "id": 600 + i,
+                    "name": f"Tester {i}",
+                    "prompt": f"Tester {i} drives a night bus in Lyon, studied history, is calm "
+                    f"but secretive, and restores old radios at home; file {i}.",
+                    "expand_id": copy * 200 + i + 1,
+                }
+            )
+    path = tmp_path / "isco800_test.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    out = tmp_path / "published"
+    argv = ["--config", str(config_file), "eval", "--personas", str(path), "--users", "2",
+            "--seeds", "1", "--turns", "2", "--train-critic", "embedding", "--eval-critic",
+            "rubric", "--no-perplexity", "--no-progress", "--out", str(out),
+            "--user-max-new-tokens", "12"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "merged 200 duplicate rows" in err and "200 users" in err
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["personas"]) == 2 and all(p.startswith("eval:") for p in report["personas"])
+    assert report["systems"][0]["checks"]["perplexity"] is None
+    assert report["train_critic_id"].startswith("embedding:")
 
 
 def test_upc_eval_refuses_unknown_adapter_and_bad_arguments(

@@ -22,7 +22,7 @@ from personas.composer import (
     dumps_jsonl,
     plan_splits,
 )
-from personas.importer import PersonaImportError, import_file, parse_file
+from personas.importer import PersonaImportError, import_file, parse_file, parse_personas
 from personas.records import SPLITS, Persona
 from personas.stats import persona_stats
 from personas.taxonomy import load_taxonomy
@@ -325,12 +325,58 @@ def test_malformed_files_name_the_row_and_problem(tmp_path):
     rows = _published(2)
     rows[1]["id"] = 0
     dup.write_text(json.dumps(rows), encoding="utf-8")
-    with pytest.raises(PersonaImportError, match="id 't:0' appears 2 times"):
+    with pytest.raises(PersonaImportError, match=r"id 't:0' appears 2 times .*\(row 1, row 2\)"):
         parse_file(dup, "t")
     latin = tmp_path / "latin.csv"
     latin.write_bytes("name,background\nJosé,caf\xe9\n".encode("latin-1"))
     with pytest.raises(PersonaImportError, match="not UTF-8"):
         parse_file(latin, "t")
+
+
+def _published_test_file(users: int = 200) -> list[dict]:
+    """The published TEST file's shape: every user twice, expand_id 1..N then N+1..2N."""
+    rows = []
+    for copy in range(2):
+        for i in range(users):
+            rows.append(
+                {
+                    "stage": "test",
+                    "id": 600 + i,
+                    "name": f"Tester {i}",
+                    "prompt": f"Tester {i} drives a night bus in Lyon, studied history, is calm "
+                    f"but secretive, and restores old radios at home; file {i}.",
+                    "expand_id": copy * users + i + 1,
+                }
+            )
+    return rows
+
+
+def test_published_test_file_merges_exact_duplicates(tmp_path, settings, caplog, capsys):
+    path = tmp_path / "isco800_test.json"
+    path.write_text(json.dumps(_published_test_file()), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="personas.importer"):
+        parsed = parse_personas(path, "t", default_split="test")
+    assert len(parsed.personas) == 200 and parsed.merged_duplicates == 200
+    assert "merged 200 duplicate rows" in caplog.text
+    assert len({p.id for p in parsed.personas}) == 200
+    result = import_file(path, tmp_path / "data", name="paper-test")
+    assert result.count == 200 and result.merged_duplicates == 200
+    assert result.splits == {"train": 0, "validation": 0, "test": 200}
+    assert _run_cli(settings, "import", str(path), "--name", "pt") == 0
+    out = capsys.readouterr().out
+    assert "imported 200 users" in out and "merged 200 duplicates" in out
+
+
+def test_conflicting_rows_under_one_id_are_an_error_naming_them(tmp_path):
+    rows = _published_test_file(5)
+    rows[7]["prompt"] = rows[7]["prompt"].replace("night bus", "tram")
+    path = tmp_path / "conflict.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(PersonaImportError) as info:
+        parse_file(path, "t")
+    assert info.value.problems == [
+        "id 't:602' appears 2 times with a different name, background or split (row 3, row 8)"
+    ]
 
 
 def test_set_names_are_checked(tmp_path):
