@@ -1,15 +1,17 @@
 """The critic: scores a chatbot reply on rel / int / val from the user's point of view.
 
-Three implementations share one interface (``score_batch(items) -> list[Score]``):
+The implementations share one interface (``score_batch(items) -> list[Score]``):
 
 - ``TextJudgeCritic``: any ``ChatModel`` answers in text; a tolerant parser reads it and the
   judge is re-asked up to 3 times; after that the reply is *unscored* (never invented).
 - ``LogitCritic``: a local transformers model; the score at each slot is the expected value
   of the next-token distribution over "1".."5", so even a tiny model yields a valid score.
 - ``EmbeddingCritic``: model-free, with the shipped MiniLM (formulas in docs/critic.md).
+- ``RubricCritic`` (``learner.rubric_critic``, the default): MiniLM + the reply checks of
+  ``learner.reply_checks``, calibrated on base-model replies.
 
 ``CachedCritic`` wraps any of them with a content-hash cache; ``build_critic`` picks one
-from the settings.
+from the settings, ``build_critic_kind`` by name.
 """
 
 from __future__ import annotations
@@ -19,24 +21,30 @@ import json
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from chatbot.embeddings import Embedder
 from chatbot.prompting import load_prompt
 from chatbot.types import ChatMessage, ChatModel, GenerationParams
 from learner.critic_parse import parse_judgement
 from learner.records import DIMENSIONS, CriticInput, Score
+from learner.rubric_critic import RubricCritic
 
 __all__ = [
+    "CRITIC_BUILDERS",
     "CachedCritic",
     "Critic",
+    "CriticBuilder",
     "EmbeddingCritic",
     "LogitCritic",
     "TextJudgeCritic",
     "build_critic",
+    "build_critic_kind",
     "critic_messages",
     "format_history",
 ]
@@ -557,23 +565,49 @@ class CachedCritic:
         return out
 
 
+CriticBuilder = Callable[[Any, "ChatModel | None", Any], Critic]
+
+
+def _build_rubric(settings: Any, model: ChatModel | None, embedder: Any) -> Critic:
+    return RubricCritic(embedder if embedder is not None else Embedder())
+
+
+def _build_embedding(settings: Any, model: ChatModel | None, embedder: Any) -> Critic:
+    return EmbeddingCritic(embedder if embedder is not None else Embedder())
+
+
+def _build_llm(settings: Any, model: ChatModel | None, embedder: Any) -> Critic:
+    # A model exposing ``run_exclusive`` (the local backend) is read through its logits;
+    # any other ``ChatModel`` (e.g. OpenAI-compatible) is a text judge.
+    if model is None:
+        raise ValueError("the llm critic needs a model (settings.critic)")
+    if hasattr(model, "run_exclusive"):
+        return LogitCritic.from_local_model(model)
+    return TextJudgeCritic(model)
+
+
+# The critics known by name. Another module adds its own by passing ``extra_builders`` to
+# ``build_critic_kind`` (e.g. an evaluation critic), so this module never imports it.
+CRITIC_BUILDERS: Mapping[str, CriticBuilder] = MappingProxyType(
+    {"rubric": _build_rubric, "embedding": _build_embedding, "llm": _build_llm}
+)
+
+
+def build_critic_kind(
+    kind: str,
+    settings: Any,
+    model: ChatModel | None = None,
+    embedder: Any = None,
+    *,
+    extra_builders: Mapping[str, CriticBuilder] | None = None,
+) -> Critic:
+    """The critic called ``kind`` ("rubric", "embedding", "llm", or an extra one), cached."""
+    builders = {**CRITIC_BUILDERS, **(extra_builders or {})}
+    if kind not in builders:
+        raise ValueError(f"unknown critic {kind!r}: use one of {', '.join(sorted(builders))}")
+    return CachedCritic(builders[kind](settings, model, embedder))
+
+
 def build_critic(settings: Any, model: ChatModel | None = None, embedder: Any = None) -> Critic:
-    """The critic chosen by ``settings.learner.critic`` (``llm`` or ``embedding``), cached.
-
-    For ``llm`` a model exposing ``run_exclusive`` (the local backend) is read through its
-    logits; any other ``ChatModel`` (e.g. OpenAI-compatible) is a text judge.
-    """
-    kind = settings.learner.critic
-    if kind == "embedding":
-        if embedder is None:
-            from chatbot.embeddings import Embedder
-
-            embedder = Embedder()
-        return CachedCritic(EmbeddingCritic(embedder))
-    if kind == "llm":
-        if model is None:
-            raise ValueError("the llm critic needs a model (settings.critic)")
-        if hasattr(model, "run_exclusive"):
-            return CachedCritic(LogitCritic.from_local_model(model))
-        return CachedCritic(TextJudgeCritic(model))
-    raise ValueError(f"unknown critic {kind!r}: use 'llm' or 'embedding'")
+    """The training critic chosen by ``settings.learner.critic`` (default ``rubric``), cached."""
+    return build_critic_kind(settings.learner.critic, settings, model, embedder)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from chatbot.embeddings import Embedder
 from learner.records import DIMENSIONS, CriticInput, Score
@@ -445,7 +444,19 @@ class AgreementReport:
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    return float(spearmanr(a, b).statistic)
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties sharing their mean rank (numpy only: scipy is not everywhere)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _values, inverse = np.unique(x, return_inverse=True)
+    sums = np.bincount(inverse, weights=ranks)
+    counts = np.bincount(inverse)
+    return (sums / counts)[inverse]
 
 
 def _pair_agreement(

@@ -14,9 +14,11 @@ from learner.critic import (
     LogitCritic,
     TextJudgeCritic,
     build_critic,
+    build_critic_kind,
 )
 from learner.critic_parse import parse_judgement
 from learner.records import DIMENSIONS, CriticInput
+from learner.rubric_critic import RubricCritic
 from learner.sanity import evaluate_critic, load_sanity_cases
 
 
@@ -276,6 +278,14 @@ def test_build_critic_rejects_unknown_and_needs_model() -> None:
     settings = load_settings(env={}, learner__critic="llm")
     with pytest.raises(ValueError, match="needs a model"):
         build_critic(settings)
+    with pytest.raises(ValueError, match="unknown critic"):
+        build_critic_kind("nonsense", settings)
+
+
+def test_default_critic_is_rubric(embedder) -> None:
+    critic = build_critic(load_settings(env={}), embedder=embedder)
+    assert isinstance(critic, CachedCritic) and isinstance(critic.inner, RubricCritic)
+    assert critic.model_id.startswith("rubric:")
 
 
 def test_sanity_cli_reports_embedding_critic(tmp_path, capsys) -> None:
@@ -290,3 +300,22 @@ def test_sanity_cli_reports_embedding_critic(tmp_path, capsys) -> None:
     assert report["critic_model_id"].startswith("embedding")
     assert report["mean_accuracy"] > 0.75  # well above chance (0.5) on the sanity set
     assert main([*argv, "--every", "0"]) == 2
+
+
+def test_sanity_cli_reports_rubric_critic_and_adversarial_table(tmp_path, capsys) -> None:
+    from chatbot.cli import main
+
+    config = tmp_path / "upc.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    argv = ["--config", str(config), "learn", "sanity", "--every", "4"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["critic_model_id"].startswith("rubric:")  # the default
+    assert report["mean_accuracy"] > 0.9
+    for split in ("dev", "heldout"):
+        adv = report["adversarial"][split]
+        assert adv["split"] == split and adv["cases"] == 5 and adv["pairs"] == 40
+        assert adv["preference"] > 0.85
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "adversarial set" in text and "recite_unrevealed" in text and "heldout" in text
