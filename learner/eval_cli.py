@@ -54,8 +54,9 @@ def register(subparsers: Any) -> Any:
     p.add_argument(
         "--eval-critic",
         choices=EVAL_CRITICS,
-        default="spc",
-        help="the independent critic (default spc: fitted on Synthetic-Persona-Chat)",
+        default=None,
+        help="the independent critic (default: settings.learner.eval_critic, spc: fitted on "
+        "Synthetic-Persona-Chat)",
     )
     p.add_argument(
         "--tolerance",
@@ -141,13 +142,10 @@ def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
 
 
 def _critic(settings: Any, kind: str, pool: Any, embedder: Any) -> Any:
-    from learner.critic import build_critic_kind
-    from learner.eval_critic import PersonaChatCritic
+    from learner.eval_critic import build_named_critic
 
-    if kind == "spc":
-        return PersonaChatCritic(embedder)
     model = pool.get(settings.critic) if kind == "llm" else None
-    return build_critic_kind(kind, settings, model, embedder)
+    return build_named_critic(kind, settings, model, embedder)
 
 
 def _config(args: argparse.Namespace, settings: Any) -> Any:
@@ -244,7 +242,9 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
         train_critic = _critic(
             settings, args.train_critic or settings.learner.critic, pool, embedder
         )
-        eval_critic = _critic(settings, args.eval_critic, pool, embedder)
+        eval_critic = _critic(
+            settings, args.eval_critic or settings.learner.eval_critic, pool, embedder
+        )
         runner = None
         if not args.no_perplexity and hasattr(local, "run_exclusive"):
             runner = local.run_exclusive

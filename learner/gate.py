@@ -230,6 +230,7 @@ def run_variant(
                 regenerate=False,
                 adapter=None if adapter == BASE_ADAPTER else adapter,
                 seed=seed,
+                batch_size=max(1, len(personas)),  # every user in flight at once
             )
         )
     return out

@@ -488,23 +488,22 @@ class CorpusGenerator:
         first_turn: bool,
         histories: dict[int, list[tuple[str, str]]] | None = None,
     ) -> list[tuple[_Live, str]]:
-        """User-model replies; an empty (unusable) answer is retried, then fails the dialogue."""
+        """User-model replies, repaired by ``clean_user_text``; an answer that stays out of
+        character (help offers, AI talk, labels, placeholders, echoes) comes back "" and is
+        resampled, up to 5 samples, then the dialogue fails."""
         answers: dict[int, str] = {}
         pending = [live for live in lives if live.active]
-        for _ in range(self.config.role_retries):
+        for _ in range(max(self.config.role_retries, 5)):
             if not pending:
                 break
-            convs = [
-                user_messages(
-                    live.persona,
-                    histories[id(live)] if histories else live.history(),
-                    first_turn=first_turn,
-                )
-                for live in pending
-            ]
+            seen = {
+                id(live): histories[id(live)] if histories else live.history() for live in pending
+            }
+            convs = [user_messages(x.persona, seen[id(x)], first_turn=first_turn) for x in pending]
             still = []
             for live, completion in self._generate("user", pending, convs):
-                text = clean_user_text(completion.text, live.persona.name)
+                bot = next((c for r, c in reversed(seen[id(live)]) if r == "assistant"), "")
+                text = clean_user_text(completion.text, live.persona.name, last_bot=bot)
                 if text:
                     answers[id(live)] = text
                 else:
@@ -541,6 +540,8 @@ def run_dialogues(
     max_regenerations: int = 3,
     accept_threshold: int = 4,
     best_of_n: int = 2,
+    chatbot_params: GenerationParams | None = None,
+    user_params: GenerationParams | None = None,
 ) -> list[DialogueRecord]:
     """T-turn dialogues with every reply except the greeting scored (no storage).
 
@@ -555,4 +556,8 @@ def run_dialogues(
         adapter=adapter,
         seed=seed,
     )
+    if chatbot_params is not None:
+        config.chatbot_params = chatbot_params
+    if user_params is not None:
+        config.user_params = user_params
     return CorpusGenerator(chatbot, user_model, critic, config).run(personas).dialogues

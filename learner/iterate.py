@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -406,27 +407,34 @@ def _resolve_base(settings: Any) -> tuple[str | Path, str]:
 
 
 def _gate_resources(settings: Any) -> dict[str, Any]:
+    """The gate's parts: the chatbot, the simulated user, the gate critic (by default the
+    evaluation critic, which training never sees), the validation users and the
+    critic-free checks."""
+    from chatbot.embeddings import Embedder
     from chatbot.runtime import build_model
-    from learner.critic import CachedCritic, EmbeddingCritic, LogitCritic, TextJudgeCritic
+    from learner.checks import critic_free_checks
+    from learner.eval_critic import build_named_critic, gate_critic_kind
     from personas.catalog import PersonaCatalog
 
     chatbot = build_model(settings.chatbot, settings)
     same = dataclasses.asdict(settings.user_sim) == dataclasses.asdict(settings.chatbot)
     user_model = chatbot if same else build_model(settings.user_sim, settings)
-    if settings.learner.critic == "embedding":
-        from chatbot.embeddings import Embedder
-
-        critic: Any = EmbeddingCritic(Embedder())
-    else:
-        judge = build_model(settings.critic, settings)
-        local = hasattr(judge, "run_exclusive")
-        critic = LogitCritic.from_local_model(judge) if local else TextJudgeCritic(judge)
+    kind = gate_critic_kind(settings)
+    judge = build_model(settings.critic, settings) if kind == "llm" else None
+    embedder = Embedder()
+    critic = build_named_critic(kind, settings, judge, embedder)
     personas = PersonaCatalog.load().all(split="validation")[: settings.learner.gate_users]
+    by_id = {p.id: p for p in personas}
+
+    def checks(dialogues: Any) -> Any:
+        return critic_free_checks(dialogues, by_id, embedder=embedder)
+
     return {
         "chatbot": chatbot,
         "user_model": user_model,
-        "critic": CachedCritic(critic),
+        "critic": critic,
         "personas": personas,
+        "checks": checks,
     }
 
 
@@ -434,7 +442,9 @@ def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True)
     """The driver with the product's parts: `upc learn generate/select`, the embedded or
     configured chatbot, the configured critic and the validation users for the gate."""
     from chatbot.prompting import load_prompt
+    from learner.cli import generation_config
     from learner.gate import run_gate
+    from learner.generate import run_dialogues
     from learner.train import TrainConfig, TrainingStatusStore
     from storage.db import Database
 
@@ -457,6 +467,9 @@ def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True)
         selection = _read_json(iteration_dir(settings.runs_dir, k) / "selection.json")
         return selection.get("stats") or {}
 
+    # The gate's dialogues use the same generation settings as the corpus and serving.
+    params = generation_config(settings)
+
     def gate_step(candidate_id: str, k: int) -> Mapping[str, Any]:
         if not gate:
             return {"promote": True, "reason": "gate disabled by --no-gate"}
@@ -467,9 +480,16 @@ def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True)
             candidate_id,
             margin=settings.learner.gate_margin,
             seed=settings.learner.gate_seed,
+            n_seeds=settings.learner.gate_seeds,
+            tolerance=settings.learner.gate_tolerance,
             turns=settings.learner.turns,
             iteration=k,
             promote=False,
+            runner=functools.partial(
+                run_dialogues,
+                chatbot_params=params.chatbot_params,
+                user_params=params.user_params,
+            ),
             **resources,
         )
         return decision.to_dict()
@@ -484,4 +504,5 @@ def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True)
         status=TrainingStatusStore(db),
         system_prompt=str(load_prompt("upc_system")),
         progress_bar=progress_bar,
+        retrain_from=settings.learner.retrain_from,
     )

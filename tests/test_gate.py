@@ -130,7 +130,8 @@ def peft_dir(tmp_path) -> Path:
 def _runner_with(table: dict[str, tuple[int, int, int]], calls: list):
     """Stands in for `learner.generate.run_dialogues`: fixed scores per adapter."""
 
-    def run(chatbot, user_model, critic, personas, *, turns, regenerate, adapter, seed):
+    def run(chatbot, user_model, critic, personas, *, turns, regenerate, adapter, seed, batch_size):
+        assert batch_size == len(personas)
         calls.append({"adapter": adapter, "seed": seed, "turns": turns, "regenerate": regenerate})
         score = table[adapter or "base"]
         return [_dialogue(p, [score] * (turns - 1)) for p in personas]
