@@ -17,7 +17,9 @@ from storage.db import Database
 
 def _scores(adapter_id: str, rel, int_, val, unscored=0) -> ScoreSet:
     """One reply per user u0, u1, ...: each user's mean is that reply's mean score."""
-    per_user = tuple((f"u{i}", (r + n + v) / 3) for i, (r, n, v) in enumerate(zip(rel, int_, val)))
+    per_user = tuple(
+        (f"u{i}", (r + n + v) / 3) for i, (r, n, v) in enumerate(zip(rel, int_, val, strict=True))
+    )
     return ScoreSet(
         adapter_id, tuple(rel), tuple(int_), tuple(val), unscored=unscored, per_user=per_user
     )
