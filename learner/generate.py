@@ -503,7 +503,10 @@ class CorpusGenerator:
             still = []
             for live, completion in self._generate("user", pending, convs):
                 bot = next((c for r, c in reversed(seen[id(live)]) if r == "assistant"), "")
-                text = clean_user_text(completion.text, live.persona.name, last_bot=bot)
+                own = [c for r, c in seen[id(live)] if r == "user"]
+                text = clean_user_text(
+                    completion.text, live.persona.name, last_bot=bot, earlier=own
+                )
                 if text:
                     answers[id(live)] = text
                 else:
