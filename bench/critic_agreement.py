@@ -72,7 +72,7 @@ def main() -> int:
                 "corpus": str(args.corpus),
                 "items": len(items),
                 "means": means,
-                "agreement": report.__dict__,
+                "agreement": asdict(report),
             },
             default=str,
         )
