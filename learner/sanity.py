@@ -139,16 +139,10 @@ def evaluate_critic(
 
 
 @dataclass(frozen=True)
-class AdversarialCase:
-    id: str
-    split: str  # "dev" or "heldout"
-    name: str
-    background: str
-    history: tuple[tuple[str, str], ...]
-    replies: dict[str, str]
+class AdversarialCase(SanityCase):
+    """A sanity case whose replies are one good reply and one per gaming kind."""
 
-    def item(self, kind: str) -> CriticInput:
-        return CriticInput(self.name, self.background, self.history, self.replies[kind])
+    split: str = "dev"  # "dev" or "heldout"
 
 
 @dataclass

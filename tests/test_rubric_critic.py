@@ -28,18 +28,8 @@ from learner.rubric_critic import (
     load_reply_items,
 )
 from learner.sanity import GAMING_KINDS, evaluate_adversarial, load_adversarial_cases
+from tests.test_reply_checks import BG, HISTORY
 
-BG = (
-    "Maria Lopez, 46, is a pediatric nurse in Seville who moved from intensive care to a "
-    "children's ward after burning out. She trained in Granada. She grows tomatoes on her "
-    "balcony and is training for her first half marathon."
-)
-HISTORY = (
-    ("assistant", "Hi! How has your week been?"),
-    ("user", "Hi, I'm Maria. Long shift at the hospital, I'm a nurse."),
-    ("assistant", "That sounds tiring. What kind of ward do you work on?"),
-    ("user", "A children's ward now. I left intensive care because I burnt out."),
-)
 GOOD = (
     "Leaving intensive care after burnout takes courage, and a children's ward gives more "
     "room for connection. Many nurses say the kids' resilience helps them recover; what do "
