@@ -127,6 +127,10 @@ class LearnerSettings:
     # Each iteration retrains from the base on the cumulative selection, or continues.
     retrain_from: Literal["base", "parent"] = "base"
     holdout_ratio: float = 0.1
+    # Never train on a reply the reply checks flag as unusable (cut off, feedback talk,
+    # placeholders, role flip). The checks are English phrase lists: turn this off for
+    # other languages, where they misfire.
+    skip_flagged_targets: bool = True
     # A DPO pair (chosen = best attempt, rejected = worst) needs this mean-score gap.
     pair_min_gap: float = 1.0
     gate_seeds: int = 2

@@ -236,6 +236,7 @@ def _select(args: argparse.Namespace, settings: Any) -> int:
             accept_threshold=settings.learner.accept_threshold,
             pair_min_gap=settings.learner.pair_min_gap,
             holdout_ratio=settings.learner.holdout_ratio,
+            skip_flagged=settings.learner.skip_flagged_targets,
         )
     except ValueError as exc:
         print(f"error: {exc}")

@@ -117,14 +117,18 @@ def compute_stats(
     )
 
 
-def sft_examples(dialogue: DialogueRecord, system_prompt: str) -> list[dict[str, Any]]:
-    """One example per scored bot turn: the dialogue before it, the loss on that reply only."""
+def sft_examples(
+    dialogue: DialogueRecord, system_prompt: str, *, skip_flagged: bool = True
+) -> list[dict[str, Any]]:
+    """One example per scored bot turn: the dialogue before it, the loss on that reply only.
+
+    A reply the reply checks flagged as unusable is never a target (``skip_flagged``)."""
     messages = dialogue.messages(system_prompt)
     rows = []
     # messages: system, greeting, intro, then (reply, answer) per turn.
     for i, turn in enumerate(dialogue.turns):
         usable = next((a.usable for a in turn.attempts if a.reply == turn.final_reply), True)
-        if not usable or not turn.final_reply.strip():
+        if (skip_flagged and not usable) or not turn.final_reply.strip():
             continue
         rows.append(
             {
@@ -218,6 +222,7 @@ def select_iteration(
     accept_threshold: int = 4,
     pair_min_gap: float = 1.0,
     holdout_ratio: float = 0.1,
+    skip_flagged: bool = True,
 ) -> SelectionResult:
     """Write ``sft.jsonl``, ``heldout.jsonl``, ``pairs.jsonl`` and ``selection.json``."""
     from learner.store import CurriculumState
@@ -239,8 +244,15 @@ def select_iteration(
     pairs = [p for d in done for p in preference_pairs(d, system_prompt, pair_min_gap)]
     held = [d for d in easy if is_held_out(d.id, holdout_ratio)] if len(easy) > 1 else []
     held_ids = {d.id for d in held}
-    sft = [row for d in easy if d.id not in held_ids for row in sft_examples(d, system_prompt)]
-    heldout = [row for d in held for row in sft_examples(d, system_prompt)]
+    sft = [
+        row
+        for d in easy
+        if d.id not in held_ids
+        for row in sft_examples(d, system_prompt, skip_flagged=skip_flagged)
+    ]
+    heldout = [
+        row for d in held for row in sft_examples(d, system_prompt, skip_flagged=skip_flagged)
+    ]
     training_ids = sorted({d.id for d in easy} | {p.dialogue_id for p in pairs})
     ids_hash = _ids_hash(training_ids)
     pending = [d.persona_id for d in difficult] + [d.persona_id for d in failed]

@@ -257,7 +257,7 @@ class IterationDriver:
         sft = run_dir / "sft.jsonl"
         if not sft.is_file() or not sft.read_text(encoding="utf-8").strip():
             state.adapter_id = None
-            state.note = "no easy dialogues: nothing to train"
+            state.note = "no training examples (no easy dialogue, or every reply was flagged)"
             log.warning("iteration %d: %s", k, state.note)
             return
         if state.parent_id is None:

@@ -298,3 +298,16 @@ def test_cumulative_training_files_join_every_iteration(settings: Settings) -> N
     train, held = cumulative_training_files(settings.runs_dir, 2)
     assert [json.loads(x)["x"] for x in train.read_text().splitlines()] == ["a", "b", "c"]
     assert [json.loads(x)["x"] for x in held.read_text().splitlines()] == ["h1", "h2"]
+
+
+def test_flagged_replies_are_never_targets_unless_allowed() -> None:
+    from learner.curriculum import sft_examples
+    from learner.records import Attempt
+
+    good = T((4, 4, 4), index=2, first_reply="A whole reply.")
+    good.attempts = [Attempt("first", "A whole reply.", S(4, 4, 4))]
+    cut = T((4, 4, 4), index=3, first_reply="and then the")
+    cut.attempts = [Attempt("first", "and then the", S(4, 4, 4), "length", ("truncated",), False)]
+    dialogue = _dialogue("d1", "p1", [good, cut])
+    assert [r["turn"] for r in sft_examples(dialogue, "sys")] == [2]
+    assert [r["turn"] for r in sft_examples(dialogue, "sys", skip_flagged=False)] == [2, 3]

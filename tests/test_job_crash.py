@@ -41,6 +41,9 @@ def _learning_env(data_dir, tiny_model_dir, **extra) -> dict[str, str]:
         UPC_LEARNER__LORA_RANK="4",
         UPC_LEARNER__MAX_SEQ_LEN="256",
         UPC_LEARNER__EPOCHS="8",  # a few seconds of training: long enough to be killed in
+        # A random-weight model's replies are all flagged (cut off): train on them anyway,
+        # this test is about crashes, not data quality.
+        UPC_LEARNER__SKIP_FLAGGED_TARGETS="false",
         **{"UPC_LEARNER__CRITIQUE_INTERVAL_MINUTES": "100000", **extra},
     )
 
