@@ -415,6 +415,9 @@ def build_example(
     for k, (start, _stop) in enumerate(enc["offset_mapping"]):
         if any(a <= start < b for a, b in spans):
             labels[k] = input_ids[k]
+    if last_only and len(input_ids) > max_len:
+        # One target at the end: drop the oldest context, never the reply.
+        input_ids, labels = input_ids[-max_len:], labels[-max_len:]
     input_ids, labels = input_ids[:max_len], labels[:max_len]
     if all(x == IGNORE_INDEX for x in labels):
         return None

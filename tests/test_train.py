@@ -113,6 +113,16 @@ def test_label_mask_truncation_and_empty(tokenizer):
     assert build_example(tokenizer, "d1", messages, max_len=8) is None
 
 
+def test_a_per_turn_example_keeps_its_reply_when_cut(tokenizer):
+    messages = DIALOGUES[0]["messages"]
+    full = build_example(tokenizer, "d1", messages, max_len=4096, last_only=True)
+    cut = build_example(tokenizer, "d1", messages, max_len=12, last_only=True)
+    # The oldest context goes; the target reply at the end stays whole.
+    assert cut is not None and len(cut.input_ids) == 12
+    assert cut.input_ids == full.input_ids[-12:] and cut.labels == full.labels[-12:]
+    assert cut.label_tokens == full.label_tokens
+
+
 def test_plan_steps_scales_warmup_for_small_data():
     config = TrainConfig()
     assert plan_steps(40, config) == (20, 2)
