@@ -9,17 +9,15 @@ are fitted on the 80% and measured, and calibrated, on the 20%.
 Data: Synthetic-Persona-Chat (validation split), Jandaghi et al., arXiv:2312.10007 (2023),
 google-research-datasets/Synthetic-Persona-Chat, CC BY 4.0.
 
-    python -m learner.fit_eval_critic --out learner/data/eval_critic.json
+    python -m learner.critic_tools_cli fit-eval-critic --out learner/data/eval_critic.json
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -48,7 +46,6 @@ __all__ = [
     "SpcConversation",
     "fit_eval_critic",
     "load_spc",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -396,33 +393,3 @@ def fit_eval_critic(
         embed_seconds=embed_seconds,
         seconds=seconds,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--conversations", type=int, default=600)
-    parser.add_argument("--contexts-per-side", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = fit_eval_critic(
-        out_path=args.out,
-        embedder=Embedder(device=args.device),
-        data_path=args.data,
-        conversations=args.conversations,
-        contexts_per_side=args.contexts_per_side,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-    )
-    summary = asdict(result)
-    summary["out_path"] = str(result.out_path)
-    print(json.dumps(summary, indent=1, default=str))
-    return 0 if all(math.isfinite(r.heldout_accuracy) for r in result.heads.values()) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

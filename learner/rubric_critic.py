@@ -8,12 +8,11 @@ onto 1..5 through anchors taken from percentiles of real base-model replies
 (``learner/data/rubric_calibration.json``); formulas and figures are in docs/critic.md.
 
 Recalibrate (after changing a feature or a weight) with
-``python -m learner.rubric_critic calibrate [--replies FILE] [--target-pass 0.25]``.
+``python -m learner.critic_tools_cli calibrate-rubric [--replies FILE] [--target-pass 0.25]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -418,34 +417,23 @@ def calibrate(
     return cal
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m learner.rubric_critic calibrate``: refreeze the calibration file."""
-    parser = argparse.ArgumentParser(prog="python -m learner.rubric_critic")
-    parser.add_argument("command", choices=("calibrate",))
-    parser.add_argument("--replies", type=Path, default=None, help="default: shipped replies")
-    parser.add_argument("--version", default="cal1")
-    parser.add_argument("--target-pass", type=float, default=0.25)
-    parser.add_argument("--out", type=Path, default=None, help="default: learner/data/...")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    items = load_reply_items(args.replies)
-    critic = RubricCritic(Embedder(device=args.device), _identity_calibration())
+def calibrate_from_replies(
+    replies: Path | None = None,
+    *,
+    version: str = "cal1",
+    target_pass: float = 0.25,
+    out: Path | None = None,
+    device: str = "cpu",
+) -> Calibration:
+    """Refreeze the calibration from base-model replies (default: the shipped ones)."""
+    items = load_reply_items(replies)
+    critic = RubricCritic(Embedder(device=device), _identity_calibration())
     feats = critic.features_batch(items)
-    composites = [f.composite for f in feats]
-    unusable = [bool(UNUSABLE_FLAGS & set(f.flags)) for f in feats]
-    out = args.out or Path(__file__).parent / "data" / CALIBRATION_FILE
-    source = str(args.replies or f"learner/data/{REPLIES_FILE}")
-    cal = calibrate(
-        composites,
-        version=args.version,
-        unusable=unusable,
-        target_pass=args.target_pass,
-        out=out,
-        source=source,
+    return calibrate(
+        [f.composite for f in feats],
+        version=version,
+        unusable=[bool(UNUSABLE_FLAGS & set(f.flags)) for f in feats],
+        target_pass=target_pass,
+        out=out or Path(__file__).parent / "data" / CALIBRATION_FILE,
+        source=str(replies or f"learner/data/{REPLIES_FILE}"),
     )
-    print(json.dumps({k: v for k, v in cal.to_dict().items() if k != "anchors"}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
