@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import OrderedDict, deque
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from chatbot.decoding import DecodeRow, decode_rows
 from chatbot.types import (
     BASE_ADAPTER,
     ChatMessage,
@@ -527,136 +529,84 @@ class LocalModel:
         prompts = [job.prompts[i] for job, i in rows]
         n = len(rows)
         started = time.perf_counter()
-        pad_id = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[r, width - len(p) :] = 1
-        input_ids = input_ids.to(self.device)
-        attention = attention.to(self.device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        params = [job.params for job, _ in rows]
-        max_new = max(p.max_new_tokens for p in params)
-        # Rows of one job get distinct seeds, so a seeded batch does not repeat itself.
-        generators = [
-            _make_generator(None if job.params.seed is None else job.params.seed + idx)
+        specs = [
+            DecodeRow(
+                prompt=job.prompts[idx],
+                max_new_tokens=job.params.max_new_tokens,
+                min_new_tokens=job.params.min_new_tokens,
+                temperature=job.params.temperature,
+                top_p=job.params.top_p,
+                repetition_penalty=job.params.repetition_penalty or 1.0,
+                # Rows of one job get distinct seeds, so a seeded batch does not repeat itself.
+                seed=_row_seed(job.params.seed, idx),
+                streamed=job.sinks[idx] is not None,
+            )
             for job, idx in rows
         ]
-        penalty = torch.tensor([p.repetition_penalty or 1.0 for p in params], device=self.device)
-        temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], device=self.device)
         generated: list[list[int]] = [[] for _ in range(n)]
         emitted_text = [""] * n
-        done = [False] * n
-        reasons = ["length"] * n
-        first_token_at: list[float | None] = [None] * n
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        # The repetition penalty covers generated tokens only: penalising the prompt would
-        # also penalise the end-of-turn token and keep replies running to the cap.
-        seen = torch.zeros((n, vocab), dtype=torch.bool, device=self.device)
-        stop_index = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=self.device)
+
+        def on_token(r: int, token: int) -> None:
+            job, idx = rows[r]
+            sink = job.sinks[idx]
+            generated[r].append(token)
+            text = self.tokenizer.decode(generated[r], skip_special_tokens=True)
+            if (
+                sink is not None
+                and not text.endswith("\ufffd")
+                and len(text) > len(emitted_text[r])
+            ):
+                sink.put(text[len(emitted_text[r]) :])
+                emitted_text[r] = text
+
+        def check(live: list[int]) -> list[str | None]:
+            now = time.perf_counter()
+            out: list[str | None] = []
+            for r in live:
+                job = rows[r][0]
+                out.append(
+                    "stop" if job.cancelled.is_set() else "timeout" if now > job.deadline else None
+                )
+            return out
 
         adapter = batch[0].adapter
         cache, reused = self._cached_prefix(prompts, adapter)
-        if reused:
-            # Only the part of the prompt after the cached prefix needs a forward pass.
-            input_ids = input_ids[:, reused:]
-            positions = positions[:, reused:]
-        fed = list(prompts[0]) if n == 1 else None
         with torch.inference_mode(), self._adapter_context(adapter):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
+            decoded = decode_rows(
+                self.model,
+                specs,
+                pad_id=self.tokenizer.pad_token_id,
+                stop_ids=sorted(self._stop_ids),
+                device=self.device,
+                cache=cache,
+                reused=reused,
+                check=check,
+                on_token=on_token,
+                started=started,
             )
-            logits = out.logits[:, -1, :].float()
-            position = positions[:, -1:]
-            for step in range(max_new):
-                too_short = [r for r in range(n) if len(generated[r]) < params[r].min_new_tokens]
-                if too_short:
-                    rows_index = torch.tensor(too_short, device=self.device)
-                    logits[rows_index[:, None], stop_index[None, :]] = float("-inf")
-                next_ids = _sample_batch(
-                    logits, seen, penalty, temperature, top_p, generators
-                ).cpu()
-                for r in range(n):
-                    if done[r]:
-                        next_ids[r] = pad_id
-                now = time.perf_counter()
-                kept: list[int] = []
-                for r in range(n):
-                    if done[r]:
-                        continue
-                    job, idx = rows[r]
-                    token = int(next_ids[r])
-                    if first_token_at[r] is None:
-                        first_token_at[r] = now - job.submitted_at
-                    if job.cancelled.is_set():
-                        done[r], reasons[r] = True, "stop"
-                        continue
-                    if token in self._stop_ids:
-                        done[r], reasons[r] = True, "stop"
-                        continue
-                    generated[r].append(token)
-                    kept.append(r)
-                    sink = job.sinks[idx]
-                    if sink is not None:
-                        text = self.tokenizer.decode(generated[r], skip_special_tokens=True)
-                        if not text.endswith("\ufffd") and len(text) > len(emitted_text[r]):
-                            sink.put(text[len(emitted_text[r]) :])
-                            emitted_text[r] = text
-                    if len(generated[r]) >= params[r].max_new_tokens:
-                        done[r], reasons[r] = True, "length"
-                    elif now > job.deadline:
-                        done[r], reasons[r] = True, "timeout"
-                if kept:
-                    # One scatter for the step instead of one device write per row.
-                    rows_kept = torch.tensor(kept, device=self.device)
-                    seen[rows_kept, next_ids.to(self.device)[rows_kept]] = True
-                if all(done) or step == max_new - 1:
-                    break
-                attention = torch.cat(
-                    [attention, torch.ones((n, 1), dtype=attention.dtype, device=self.device)],
-                    dim=1,
-                )
-                position = position + 1
-                if fed is not None:
-                    fed.append(int(next_ids[0]))
-                out = self.model(
-                    input_ids=next_ids.to(self.device)[:, None],
-                    attention_mask=attention,
-                    position_ids=position,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                logits = out.logits[:, -1, :].float()
         elapsed = time.perf_counter() - started
-        if fed is not None:
-            self._store_prefix(fed[: cache.get_seq_length()], cache, adapter)
+        if n == 1:
+            fed = (prompts[0] + decoded[0].tokens)[: cache.get_seq_length()]
+            self._store_prefix(fed, cache, adapter)
         results: dict[int, list[Completion]] = {id(job): [] for job in batch}
         for r, (job, idx) in enumerate(rows):
-            text = self.tokenizer.decode(generated[r], skip_special_tokens=True).strip()
+            full = self.tokenizer.decode(decoded[r].tokens, skip_special_tokens=True)
             sink = job.sinks[idx]
             if sink is not None:
-                full = self.tokenizer.decode(generated[r], skip_special_tokens=True)
                 if len(full) > len(emitted_text[r]):
                     sink.put(full[len(emitted_text[r]) :])
                 sink.put(_STOP)
+            first = decoded[r].first_token_s
             results[id(job)].append(
                 Completion(
-                    text=text,
+                    text=full.strip(),
                     model_id=self.model_id,
                     adapter_id=job.adapter or BASE_ADAPTER,
                     prompt_tokens=len(prompts[r]),
-                    completion_tokens=len(generated[r]),
+                    completion_tokens=len(decoded[r].tokens),
                     latency_s=time.perf_counter() - job.submitted_at,
-                    first_token_s=first_token_at[r],
-                    finish_reason=reasons[r],  # type: ignore[arg-type]
+                    first_token_s=None if first is None else first + started - job.submitted_at,
+                    finish_reason=decoded[r].reason,  # type: ignore[arg-type]
                     extra={"batch_size": n, "decode_s": elapsed, "cached_prompt_tokens": reused},
                 )
             )
@@ -664,48 +614,9 @@ class LocalModel:
             job.future.set_result(results[id(job)])
 
 
-def _make_generator(seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    return generator
-
-
-_NUCLEUS_CANDIDATES = 512  # top-p is applied within the 512 likeliest tokens
-
-
-def _sample_batch(
-    logits: torch.Tensor,
-    seen: torch.Tensor,
-    penalty: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    generators: list[torch.Generator | None],
-) -> torch.Tensor:
-    """One next token per row: repetition penalty, then greedy or temperature + top-p.
-
-    Vectorised over the batch; only the final draw is per row (each row may have its own
-    seeded generator).
-    """
-    pen = penalty[:, None]
-    penalised = torch.where(logits > 0, logits / pen, logits * pen)
-    logits = torch.where(seen, penalised, logits)
-    choice = torch.argmax(logits, dim=-1)
-    sampled = (temperature > 0).nonzero().flatten().tolist()
-    if not sampled:
-        return choice
-    k = min(_NUCLEUS_CANDIDATES, logits.shape[-1])
-    top_logits, top_ids = torch.topk(logits, k, dim=-1)
-    probs = torch.softmax(top_logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    cumulative = probs.cumsum(dim=-1)
-    keep = (cumulative - probs) < top_p[:, None]
-    keep[:, 0] = True
-    probs = (probs * keep).cpu()
-    for r in sampled:
-        pick = torch.multinomial(probs[r], 1, generator=generators[r])
-        choice[r] = top_ids[r, int(pick)]
-    return choice
+def _row_seed(seed: int | None, index: int) -> int:
+    """A row's sampling seed: the request's seed plus the row index, else a fresh random one."""
+    return secrets.randbits(62) if seed is None else seed + index
 
 
 def _check_adapter_dir(path: Path) -> None:

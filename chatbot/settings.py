@@ -131,6 +131,8 @@ class LearnerSettings:
     # placeholders, role flip). The checks are English phrase lists: turn this off for
     # other languages, where they misfire.
     skip_flagged_targets: bool = True
+    # No more than this share of training targets may open with the same three words.
+    max_opener_share: float = 0.1
     # A DPO pair (chosen = best attempt, rejected = worst) needs this mean-score gap.
     pair_min_gap: float = 1.0
     gate_seeds: int = 2

@@ -237,6 +237,7 @@ def _select(args: argparse.Namespace, settings: Any) -> int:
             pair_min_gap=settings.learner.pair_min_gap,
             holdout_ratio=settings.learner.holdout_ratio,
             skip_flagged=settings.learner.skip_flagged_targets,
+            max_opener_share=settings.learner.max_opener_share,
         )
     except ValueError as exc:
         print(f"error: {exc}")

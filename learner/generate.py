@@ -26,7 +26,7 @@ from chatbot.prompting import load_prompt
 from chatbot.types import ChatMessage, ChatModel, Completion, GenerationParams, ModelError
 from learner.critic import Critic
 from learner.records import Attempt, CriticInput, DialogueRecord, PersonaLike, Score, TurnRecord
-from learner.reply_checks import check_reply
+from learner.reply_checks import check_reply, repeats_itself
 from learner.simulated_user import clean_user_text, user_messages, user_prompt_version
 
 if TYPE_CHECKING:
@@ -346,9 +346,18 @@ class CorpusGenerator:
             user_name=live.persona.name,
             finish_reason=finish,
         )
-        # Feedback talk, placeholders, role flips and cut-off text are never candidates.
-        usable = score.scored and not flags.unusable and not is_apology(reply)
-        return Attempt(kind, reply, score, finish, flags.kinds(), usable)
+        # Feedback talk, placeholders, role flips, cut-off text and replies that copy the
+        # bot's own earlier turns are never candidates.
+        kinds = flags.kinds()
+        if repeats_itself(reply, histories[id(live)]):
+            kinds = (*kinds, "self_repeat")
+        usable = (
+            score.scored
+            and not flags.unusable
+            and "self_repeat" not in kinds
+            and not is_apology(reply)
+        )
+        return Attempt(kind, reply, score, finish, kinds, usable)
 
     def _regenerate(
         self,

@@ -17,6 +17,8 @@ __all__ = [
     "content_stems",
     "has_placeholder",
     "is_truncated",
+    "opener",
+    "repeats_itself",
     "stem",
     "unrevealed_details",
     "word_tokens",
@@ -135,6 +137,32 @@ def _trigrams(words: Sequence[str]) -> set[tuple[str, ...]]:
 
 def _sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?…])\s+|\n+", text.strip()) if s.strip()]
+
+
+def opener(text: str, words: int = 3) -> str:
+    """The first few words, lower-cased: how a reply opens ("i'm so glad")."""
+    return " ".join(word_tokens(text)[:words])
+
+
+# A reply that reuses this share of its trigrams from the bot's earlier turns repeats itself.
+_SELF_REPEAT_SHARE = 0.35
+
+
+def repeats_itself(reply: str, history: Sequence[tuple[str, str]]) -> bool:
+    """Whether a reply opens like one of the bot's earlier turns, or re-uses much of their
+    wording. Trained on, such replies teach the model to copy its own context: the loop's
+    first adapter opened 9 replies in 10 alike and repeated itself 2.3x as often as base."""
+    own = [c for role, c in history if role == "assistant" and c.strip()]
+    if not own:
+        return False
+    start = opener(reply)
+    if len(start.split()) == 3 and any(opener(c) == start for c in own):
+        return True
+    tri = _trigrams(word_tokens(reply))
+    earlier: set[tuple[str, ...]] = set()
+    for c in own:
+        earlier |= _trigrams(word_tokens(c))
+    return bool(tri) and len(tri & earlier) / len(tri) >= _SELF_REPEAT_SHARE
 
 
 # ------------------------------------------------------------------------ truncation

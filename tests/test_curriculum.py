@@ -14,6 +14,7 @@ from chatbot.prompting import load_prompt
 from chatbot.settings import Settings, load_settings
 from learner.cli import register
 from learner.curriculum import (
+    cap_openers,
     compute_stats,
     is_difficult_dialogue,
     is_difficult_turn,
@@ -311,3 +312,16 @@ def test_flagged_replies_are_never_targets_unless_allowed() -> None:
     dialogue = _dialogue("d1", "p1", [good, cut])
     assert [r["turn"] for r in sft_examples(dialogue, "sys")] == [2]
     assert [r["turn"] for r in sft_examples(dialogue, "sys", skip_flagged=False)] == [2, 3]
+
+
+def test_cap_openers_keeps_the_best_scoring_share_per_opening():
+    def row(text, score):
+        return {"score": score, "messages": [{"role": "assistant", "content": text}]}
+
+    rows = [row(f"I'm so glad {i}.", float(i)) for i in range(8)]
+    rows += [row("Which bike is it?", 1.0), row("Tell me more.", 2.0)]
+    kept = cap_openers(rows, 0.2)
+    glad = [r for r in kept if r["messages"][-1]["content"].startswith("I'm so glad")]
+    assert [r["score"] for r in glad] == [6.0, 7.0]  # ceil(0.2 * 10) = 2, the best two
+    assert len(kept) == 4
+    assert cap_openers(rows, 1.0) == rows

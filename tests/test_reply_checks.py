@@ -9,6 +9,8 @@ from learner.reply_checks import (
     check_reply,
     has_placeholder,
     is_truncated,
+    opener,
+    repeats_itself,
     unrevealed_details,
 )
 
@@ -347,3 +349,16 @@ def test_revealed_details_are_free_to_use() -> None:
 
 def test_no_background_no_recitation() -> None:
     assert not check_reply("How is life in Seville?", history=HISTORY).recites_unrevealed
+
+
+def test_a_reply_that_opens_like_or_copies_an_earlier_bot_turn_repeats_itself():
+    history = [
+        ("assistant", "I'm so glad you're here! What brings you by today?"),
+        ("user", "I restore old motorcycles on weekends."),
+    ]
+    assert opener("I'm so glad to hear that.") == "i'm so glad"
+    assert repeats_itself("I'm so glad to hear about your motorcycles.", history)
+    assert repeats_itself("Well, what brings you by today, friend?", history)
+    assert not repeats_itself("Which bike are you restoring right now?", history)
+    # The user's words are not the bot's own: echoing them is a different check.
+    assert not repeats_itself("I restore old motorcycles on weekends too.", history[1:])

@@ -1,0 +1,279 @@
+"""The batched decode loop of the local backend.
+
+Everything per token stays on the device: sampling (repetition penalty, temperature, top-p
+and a counter-based Gumbel draw), end-of-turn detection and the token buffer. The host looks
+at the batch only every few steps (stops, cancellations, deadlines), or every step when a row
+streams. Finished rows leave the batch once a quarter of it is done, and rows that share a
+prompt (best-of-n samples) prefill it once.
+
+Sampling noise is a hash of (row seed, step, token id), so a row's tokens depend on its seed
+and its logits, not on which other rows share the batch: the same seeds give the same corpus
+whether users are decoded together, apart, or on different GPUs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["DecodeResult", "DecodeRow", "decode_rows", "sample_tokens", "uniform_noise"]
+
+SYNC_EVERY = 8  # host checks every 8 steps when nothing streams
+COMPACT_AT = 0.25  # drop finished rows once a quarter of the batch is done
+_MIN_COMPACT_ROWS = 16
+NUCLEUS_CANDIDATES = 512  # top-p is applied within the 512 likeliest tokens
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class DecodeRow:
+    prompt: list[int]
+    max_new_tokens: int
+    min_new_tokens: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    seed: int
+    streamed: bool = False
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    reason: str  # "stop", "length", or a reason given by the host check
+    first_token_s: float | None
+
+
+# Host callbacks: ``check(rows)`` gets the live global row indices at a sync point and
+# returns a reason to end each one (or None); ``on_token(row, token)`` sees streamed tokens.
+Check = Callable[[list[int]], list[str | None]]
+OnToken = Callable[[int, int], None]
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values below 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, step: int, ids: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) draws, one per (row seed, step, token id); ``ids`` is (rows, k)."""
+    row = _mix32((seeds & _M32) ^ _mix32(((seeds >> 32) & _M32) ^ (step & _M32)))
+    x = _mix32(row[:, None] ^ _mix32(ids.long() & _M32))
+    return ((x >> 8).float() + 0.5) / float(1 << 24)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    penalty: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    step: int,
+    any_sampled: bool = True,
+) -> torch.Tensor:
+    """One next token per row: repetition penalty, then greedy or temperature + top-p."""
+    pen = penalty[:, None]
+    penalised = torch.where(logits > 0, logits / pen, logits * pen)
+    logits = torch.where(seen, penalised, logits)
+    greedy = torch.argmax(logits, dim=-1)
+    if not any_sampled:
+        return greedy
+    k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    top_logits, top_ids = torch.topk(logits, k, dim=-1)
+    logp = torch.log_softmax(top_logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    probs = logp.exp()
+    keep = (probs.cumsum(dim=-1) - probs) < top_p[:, None]
+    keep[:, 0] = True
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, step, top_ids)))
+    pick = torch.where(keep, logp + gumbel, float("-inf")).argmax(dim=-1, keepdim=True)
+    sampled = top_ids.gather(1, pick).squeeze(1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def _left_pad(prompts: Sequence[list[int]], width: int, pad_id: int) -> tuple[Any, Any]:
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
+class _Batch:
+    """Per-row decode state on the device; rows can be dropped as they finish."""
+
+    def __init__(self, rows: Sequence[DecodeRow], device: str, vocab: int):
+        self.ids = torch.arange(len(rows), device=device)
+        self.penalty = torch.tensor([r.repetition_penalty or 1.0 for r in rows], device=device)
+        self.temperature = torch.tensor([r.temperature for r in rows], device=device)
+        self.top_p = torch.tensor([r.top_p for r in rows], device=device)
+        self.seeds = torch.tensor([r.seed for r in rows], dtype=torch.long, device=device)
+        self.min_new = torch.tensor([r.min_new_tokens for r in rows], device=device)
+        self.max_new = torch.tensor([r.max_new_tokens for r in rows], device=device)
+        self.lengths = torch.zeros(len(rows), dtype=torch.long, device=device)
+        self.done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        self.stopped = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        # The repetition penalty covers generated tokens only: penalising the prompt would
+        # also penalise the end-of-turn token and keep replies running to the cap.
+        self.seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
+
+    def select(self, keep: torch.Tensor) -> None:
+        for name in (
+            "ids", "penalty", "temperature", "top_p", "seeds", "min_new", "max_new",
+            "lengths", "done", "stopped", "seen",
+        ):  # fmt: skip
+            setattr(self, name, getattr(self, name)[keep])
+
+
+def decode_rows(
+    model: Any,
+    rows: Sequence[DecodeRow],
+    *,
+    pad_id: int,
+    stop_ids: Sequence[int],
+    device: str,
+    cache: Any,
+    reused: int = 0,
+    check: Check | None = None,
+    on_token: OnToken | None = None,
+    started: float | None = None,
+) -> list[DecodeResult]:
+    """Decode ``rows`` together; ``cache`` may hold the first ``reused`` prompt tokens
+    (single-row requests only). Returns one result per row, in order."""
+    n = len(rows)
+    started = time.perf_counter() if started is None else started
+    streaming = any(r.streamed for r in rows)
+    sync_every = 1 if streaming or n == 1 else SYNC_EVERY
+    max_new = max(r.max_new_tokens for r in rows)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    stop_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    stop_mask[torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)] = True
+    any_sampled = any(r.temperature > 0 for r in rows)
+    any_min = any(r.min_new_tokens > 0 for r in rows)
+
+    # Rows sharing a prompt (best-of-n) prefill it once.
+    unique: dict[tuple[int, ...], int] = {}
+    owner = [unique.setdefault(tuple(r.prompt), len(unique)) for r in rows]
+    prompts = [list(p) for p in unique]
+    width = max(len(p) for p in prompts)
+    input_ids, mask = _left_pad(prompts, width, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if reused:
+        input_ids, positions_in = input_ids[:, reused:], positions[:, reused:]
+    else:
+        positions_in = positions
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions_in,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = out.logits[:, -1, :].float()
+    position = positions[:, -1:]
+    if len(prompts) < n:
+        index = torch.tensor(owner, device=device)
+        cache.batch_select_indices(index)
+        logits, mask, position = logits[index], mask[index], position[index]
+    attention = torch.zeros((n, width + max_new), dtype=torch.long, device=device)
+    attention[:, :width] = mask
+
+    state = _Batch(rows, device, vocab)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    tokens = torch.full((n, max_new), pad_id, dtype=torch.long, device=device)
+    reasons: list[str | None] = [None] * n
+    first_token: list[float | None] = [None] * n
+    streamed = [r for r in range(n) if rows[r].streamed]
+    live = list(range(n))
+    for step in range(max_new):
+        if any_min:
+            short = (state.lengths < state.min_new)[:, None] & stop_mask[None, :]
+            logits = logits.masked_fill(short, float("-inf"))
+        nxt = sample_tokens(
+            logits, state.seen, state.penalty, state.temperature, state.top_p,
+            state.seeds, step, any_sampled,
+        )  # fmt: skip
+        is_stop = stop_mask[nxt] & ~state.done
+        grows = ~state.done & ~is_stop
+        nxt = torch.where(grows, nxt, pad_id)
+        tokens[state.ids, step] = nxt
+        state.seen[torch.arange(len(live), device=device), nxt] |= grows
+        state.lengths += grows.long()
+        state.stopped |= is_stop
+        state.done |= is_stop | (state.lengths >= state.max_new)
+        if streamed and on_token is not None:
+            host = nxt.tolist()
+            alive = grows.tolist()
+            for k, r in enumerate(live):
+                if rows[r].streamed and alive[k]:
+                    on_token(r, host[k])
+        last = step == max_new - 1
+        if step % sync_every == sync_every - 1 or last:
+            now = time.perf_counter() - started
+            for r in live:
+                if first_token[r] is None:
+                    first_token[r] = now
+            if check is not None:
+                done_host = state.done.tolist()
+                verdicts = check([r for k, r in enumerate(live) if not done_host[k]])
+                ended = iter(verdicts)
+                for k, r in enumerate(live):
+                    if not done_host[k]:
+                        reason = next(ended)
+                        if reason is not None:
+                            reasons[r] = reason
+                            state.done[k] = True
+            if bool(state.done.all()) or last:
+                break
+            finished = int(state.done.sum())
+            if len(live) >= _MIN_COMPACT_ROWS and finished >= COMPACT_AT * len(live):
+                _finish_rows(state, reasons, live, lengths)
+                keep = (~state.done).nonzero().flatten()
+                live = [live[k] for k in keep.tolist()]
+                state.select(keep)
+                cache.batch_select_indices(keep)
+                attention = attention[keep]
+                position = position[keep]
+                nxt = nxt[keep]
+        attention[:, width + step] = 1
+        position = position + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=attention[:, : width + step + 1],
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1, :].float()
+    _finish_rows(state, reasons, live, lengths)
+    host_tokens, host_lengths = tokens.tolist(), lengths.tolist()
+    return [
+        DecodeResult(
+            tokens=host_tokens[r][: host_lengths[r]],
+            reason=reasons[r] or "length",
+            first_token_s=first_token[r],
+        )
+        for r in range(n)
+    ]
+
+
+def _finish_rows(
+    state: _Batch, reasons: list[str | None], live: list[int], lengths: torch.Tensor
+) -> None:
+    """Record the lengths and end reasons of the rows now in the batch that are done."""
+    lengths[state.ids] = state.lengths
+    done, stopped = state.done.tolist(), state.stopped.tolist()
+    for k, r in enumerate(live):
+        if done[k] and reasons[r] is None:
+            reasons[r] = "stop" if stopped[k] else "length"
