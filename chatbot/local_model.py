@@ -81,6 +81,7 @@ class _Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
+    seeds: list[int] | None = None  # per prompt; else params.seed + row index
 
 
 @dataclass
@@ -217,11 +218,14 @@ class LocalModel:
         conversations: Sequence[Sequence[ChatMessage]],
         params: GenerationParams,
         adapter: str | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         if not conversations:
             return []
+        if seeds is not None and len(seeds) != len(conversations):
+            raise ValueError("one seed per conversation")
         prompts = [self.encode(c) for c in conversations]
-        job = self._submit(prompts, params, adapter, stream=False, block=True)
+        job = self._submit(prompts, params, adapter, stream=False, block=True, seeds=seeds)
         return self._wait(job, params)
 
     def stream(
@@ -329,6 +333,7 @@ class LocalModel:
         *,
         stream: bool,
         block: bool,
+        seeds: Sequence[int] | None = None,
     ) -> _Job:
         if self._closed:
             raise ModelError("the model is shut down")
@@ -341,6 +346,7 @@ class LocalModel:
             adapter=adapter,
             deadline=time.perf_counter() + params.timeout_s,
             sinks=[queue.Queue() if stream else None for _ in prompts],
+            seeds=None if seeds is None else list(seeds),
         )
         if adapter is not None:
             self._in_use[adapter] = self._in_use.get(adapter, 0) + 1
@@ -538,7 +544,7 @@ class LocalModel:
                 top_p=job.params.top_p,
                 repetition_penalty=job.params.repetition_penalty or 1.0,
                 # Rows of one job get distinct seeds, so a seeded batch does not repeat itself.
-                seed=_row_seed(job.params.seed, idx),
+                seed=job.seeds[idx] if job.seeds else _row_seed(job.params.seed, idx),
                 streamed=job.sinks[idx] is not None,
             )
             for job, idx in rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Generator, Sequence
@@ -158,11 +159,20 @@ class OpenAIModel:
         conversations: Sequence[Sequence[ChatMessage]],
         params: GenerationParams,
         adapter: str | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         if not conversations:
             return []
+        per_row = (
+            [dataclasses.replace(params, seed=seed) for seed in seeds]
+            if seeds is not None
+            else [params] * len(conversations)
+        )
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(conversations))) as pool:
-            futures = [pool.submit(self.generate, c, params, adapter) for c in conversations]
+            futures = [
+                pool.submit(self.generate, c, p, adapter)
+                for c, p in zip(conversations, per_row, strict=True)
+            ]
             return [f.result() for f in futures]
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:

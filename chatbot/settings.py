@@ -162,6 +162,8 @@ class LearnerSettings:
     epochs: int = 2
     warmup_ratio: float = 0.1
     max_seq_len: int = 1024
+    # > 0: pack each micro-batch into rows of this many tokens (fills a GPU; off on CPU).
+    pack_tokens: int = 0
     # Per-turn examples are short: batches of 8, 2 epochs, warm-up 10% (capped at 100),
     # cosine decay; each iteration retrains from the base on the cumulative selection.
     train_batch_size: int = 8

@@ -101,7 +101,11 @@ class ChatModel(Protocol):
         conversations: Sequence[Sequence[ChatMessage]],
         params: GenerationParams,
         adapter: str | None = None,
-    ) -> list[Completion]: ...
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """One completion per conversation; ``seeds`` (one per conversation) override
+        ``params.seed``, so a conversation samples the same wherever it sits in a batch."""
+        ...
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int: ...
 

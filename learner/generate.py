@@ -14,10 +14,12 @@ skips finished dialogues and continues part-way ones from their last stored turn
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -115,8 +117,9 @@ class GenerationConfig:
         default_factory=lambda: GenerationParams(max_new_tokens=64, temperature=0.8)
     )
     adapter: str | None = None
-    # Sampling seed (None: unseeded). The local backend seeds every row alike, so a seed
-    # makes identical prompts (the greetings of one chunk) come out identical.
+    # Sampling seed (None: unseeded). Each row's seed is derived from this seed, the user,
+    # which copy of the user it is, and the dialogue's state, so a dialogue comes out the
+    # same whichever other dialogues share its batch (or its GPU).
     seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +145,9 @@ class _Failed(Exception):
 class _Live:
     persona: PersonaLike
     record: DialogueRecord
+    replica: int = 0  # which copy of this user in the run (evaluation seeds)
+    # Generation calls so far per dialogue state (history length): part of the row seeds.
+    calls: Counter[int] = field(default_factory=Counter)
 
     @property
     def active(self) -> bool:
@@ -181,7 +187,6 @@ class CorpusGenerator:
         self.progress = progress or (lambda _kind, _n: None)
         self.system_prompt = load_prompt("upc_system")
         self.greeting_prompt = load_prompt("upc_greeting")
-        self._step = 0
 
     @property
     def prompt_versions(self) -> dict[str, str]:
@@ -209,6 +214,7 @@ class CorpusGenerator:
         started = time.perf_counter()
         lives: list[_Live] = []
         skipped = 0
+        copies: Counter[str] = Counter()
         for position, persona in enumerate(personas):
             record = DialogueRecord(
                 id=uuid.uuid4().hex,
@@ -221,7 +227,8 @@ class CorpusGenerator:
                 record = self.store.begin_dialogue(run_id, position, record)
             if record.status != "running":
                 skipped += 1
-            lives.append(_Live(persona, record))
+            lives.append(_Live(persona, record, replica=copies[persona.id]))
+            copies[persona.id] += 1
         todo = [live for live in lives if live.active]
         size = max(1, self.config.batch_size)
         for start in range(0, len(todo), size):
@@ -415,28 +422,45 @@ class CorpusGenerator:
             *(ChatMessage(role, content) for role, content in history),  # type: ignore[arg-type]
         ]
 
-    def _params(self, base: GenerationParams) -> GenerationParams:
+    def _row_seeds(self, lives: list[_Live]) -> list[int | None]:
+        """One sampling seed per row, from the run seed and the dialogue's own state."""
         if self.config.seed is None:
-            return base
-        self._step += 1
-        values = base.to_dict()
-        values["seed"] = self.config.seed * 1_000_003 + self._step
-        return GenerationParams(**values)
+            return [None] * len(lives)
+        slots: Counter[int] = Counter()
+        out: list[int | None] = []
+        for live in lives:
+            phase = len(live.history())
+            key = (
+                f"{self.config.seed}|{live.persona.id}|{live.replica}|{phase}|"
+                f"{live.calls[phase]}|{slots[id(live)]}"
+            )
+            slots[id(live)] += 1
+            out.append(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest()) >> 2)
+        for live in {id(x): x for x in lives}.values():
+            live.calls[len(live.history())] += 1
+        return out
 
     def _generate(
         self, role: str, lives: list[_Live], convs: list[list[ChatMessage]]
     ) -> list[tuple[_Live, Completion]]:
         """One batched call; on repeated failure, retry items alone, failing only those."""
         model = self.chatbot if role == "chatbot" else self.user_model
-        base = self.config.chatbot_params if role == "chatbot" else self.config.user_params
+        params = self.config.chatbot_params if role == "chatbot" else self.config.user_params
         adapter = self.config.adapter if role == "chatbot" else None
         if not lives:
             return []
 
-        def call(items: list[list[ChatMessage]]) -> list[Completion]:
-            return model.generate_batch(items, self._params(base), adapter=adapter)
+        def call(items: list[tuple[list[ChatMessage], int | None]]) -> list[Completion]:
+            seeds = [seed for _, seed in items]
+            return model.generate_batch(
+                [conv for conv, _ in items],
+                params,
+                adapter=adapter,
+                seeds=None if None in seeds else seeds,  # type: ignore[arg-type]
+            )
 
-        results = self._with_retries(role, lives, convs, call)
+        items = list(zip(convs, self._row_seeds(lives), strict=True))
+        results = self._with_retries(role, lives, items, call)
         out = []
         for live, completion in results:
             live.record.tokens.add(role, completion.prompt_tokens + completion.completion_tokens)

@@ -15,7 +15,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LoopResult", "StepHook", "bucket_batches", "heldout_loss", "lr_at", "run_sft"]
+__all__ = [
+    "LoopResult",
+    "StepHook",
+    "bucket_batches",
+    "heldout_loss",
+    "lr_at",
+    "pack_rows",
+    "run_sft",
+]
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -83,20 +91,76 @@ def _collate(examples: Sequence[Any], pad_id: int, device: str) -> dict[str, Any
     }
 
 
-def _loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-    """Summed token loss over labelled positions, and how many there were."""
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices packed into rows of at most ``capacity`` tokens (first fit, longest first)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[slot].append(i)
+            room[slot] -= lengths[i]
+    return rows
+
+
+def _collate_packed(
+    examples: Sequence[Any], capacity: int, pad_id: int, device: str
+) -> dict[str, Any]:
+    """Examples packed into rows; each attends only to itself (a block-diagonal causal
+    mask), positions restart per example, and the loss stays on its reply tokens."""
     import torch
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1, :].float()
-    target = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        target.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+    rows = pack_rows([len(ex.input_ids) for ex in examples], capacity)
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, i in enumerate(row):
+            ex = examples[i]
+            n = len(ex.input_ids)
+            ids[r, at : at + n] = torch.tensor(ex.input_ids)
+            labels[r, at : at + n] = torch.tensor(ex.labels)
+            labels[r, at] = IGNORE_INDEX  # never predicted from the previous example
+            positions[r, at : at + n] = torch.arange(n)
+            segment[r, at : at + n] = k
+            at += n
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    # Padding rows attend to themselves only, so no softmax row is empty.
+    same |= torch.eye(width, dtype=torch.bool)[None]
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": (same & causal[None])[:, None].to(device),
+        "position_ids": positions.to(device),
+        "labels": labels.to(device),
+    }
+
+
+def _loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Summed token loss over labelled positions, and how many there were.
+
+    The output head runs on the labelled positions only: replies are a small share of
+    each example, and the full-vocabulary logits of every position dominate the memory."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
     )
-    return loss, int((target != IGNORE_INDEX).sum())
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE_INDEX
+    hidden = out.last_hidden_state[:, :-1][keep]
+    logits = base.get_output_embeddings()(hidden).float()
+    loss = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
+    return loss, keep.sum()
 
 
 def heldout_loss(
@@ -115,7 +179,7 @@ def heldout_loss(
         for idx in bucket_batches(lengths, batch_size):
             loss, n = _loss_sum(model, _collate([examples[i] for i in idx], pad_id, device))
             total += float(loss)
-            count += n
+            count += int(n)
     if was_training:
         model.train()
     return total / count if count else None
@@ -136,10 +200,14 @@ def run_sft(
     max_grad_norm: float,
     weight_decay: float,
     seed: int,
+    pack_tokens: int = 0,
     on_step: StepHook | None = None,
     progress_bar: bool = False,
 ) -> LoopResult:
-    """Train the trainable (LoRA) parameters for ``total_steps`` optimizer steps."""
+    """Train the trainable (LoRA) parameters for ``total_steps`` optimizer steps.
+
+    With ``pack_tokens`` > 0 a micro-batch's examples are packed into rows of at most that
+    many tokens (block-diagonal attention), so few, full rows replace many padded ones."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,18 +236,22 @@ def run_sft(
         labelled = sum(
             sum(1 for x in examples[i].labels[1:] if x != IGNORE_INDEX) for b in micro for i in b
         )
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for idx in micro:
-            batch = _collate([examples[i] for i in idx], pad_id, device)
+            chosen = [examples[i] for i in idx]
+            if pack_tokens > 0:
+                batch = _collate_packed(chosen, max(pack_tokens, max(lengths)), pad_id, device)
+            else:
+                batch = _collate(chosen, pad_id, device)
             loss, _n = _loss_sum(model, batch)
             # Every labelled token of the step weighs the same, whatever its micro-batch.
             (loss / max(1, labelled)).backward()
-            step_loss += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
+            step_loss += loss.detach()
+            tokens += sum(len(ex.input_ids) for ex in chosen)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        mean = step_loss / max(1, labelled)
+        mean = float(step_loss) / max(1, labelled)
         history.append({"stage": "sft", "step": step + 1, "loss": mean})
         if on_step is not None:
             on_step(step + 1, total_steps, mean)

@@ -81,6 +81,8 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_warmup_steps: int = 100
     max_seq_len: int = 1024
+    # > 0: a micro-batch's examples are packed into rows of this many tokens.
+    pack_tokens: int = 0
     seed: int = 42
     device: str = "auto"
     load_in_4bit: bool = True  # CUDA only
@@ -107,6 +109,7 @@ class TrainConfig:
             "warmup_ratio": learner.warmup_ratio,
             "max_warmup_steps": learner.max_warmup_steps,
             "max_seq_len": learner.max_seq_len,
+            "pack_tokens": learner.pack_tokens,
             "dpo": learner.dpo,
             "dpo_learning_rate": learner.dpo_learning_rate,
             "dpo_beta": learner.dpo_beta,
@@ -675,6 +678,7 @@ def train_adapter(
             max_grad_norm=config.max_grad_norm,
             weight_decay=config.weight_decay,
             seed=config.seed,
+            pack_tokens=config.pack_tokens,
             on_step=_status_hook(status, run_id),
             progress_bar=progress_bar,
         )

@@ -81,9 +81,9 @@ class CountingModel:
         self.model_id = inner.model_id
         self.batches: list[int] = []
 
-    def generate_batch(self, conversations, params, adapter=None):
+    def generate_batch(self, conversations, params, adapter=None, seeds=None):
         self.batches.append(len(conversations))
-        return self.inner.generate_batch(conversations, params, adapter=adapter)
+        return self.inner.generate_batch(conversations, params, adapter=adapter, seeds=seeds)
 
 
 class CrashAfter:
@@ -371,3 +371,35 @@ def test_cli_generate_resume_and_select(tiny_model_dir: Path, tmp_path: Path, ca
     args = parser.parse_args(["learn", "select", "--iteration", "1"])
     assert args.func(args, settings) == 0
     assert (settings.runs_dir / "iter-001" / "selection.json").exists()
+
+
+def test_a_dialogue_is_the_same_whichever_users_share_its_batch(local) -> None:
+    """Row seeds come from the run seed and the dialogue itself, so splitting the users
+    (across chunks here, across GPUs in a data-parallel run) gives the same corpus."""
+    critic = LogitCritic.from_local_model(local)
+    config = _config(best_of_n=2, max_regenerations=1)
+
+    def texts(dialogues):
+        return {
+            d.persona_id: (
+                d.greeting,
+                d.user_intro,
+                [(t.final_reply, t.user_answer, [a.reply for a in t.attempts]) for t in d.turns],
+            )
+            for d in dialogues
+        }
+
+    together = CorpusGenerator(local, local, critic, config).run(PERSONAS).dialogues
+    apart = [
+        d
+        for part in ([PERSONAS[1]], [PERSONAS[2], PERSONAS[0]])
+        for d in CorpusGenerator(local, local, critic, config).run(part).dialogues
+    ]
+    assert texts(together) == texts(apart)
+    assert all(d.status == "done" and d.turns for d in together)
+    # Two copies of one user (evaluation seeds) are different samples.
+    twice = CorpusGenerator(local, local, critic, config).run([PERSONAS[0]] * 2).dialogues
+    assert texts([twice[0]]) == texts([together[0]])
+    assert twice[0].greeting != twice[1].greeting or twice[0].turns[0].final_reply != (
+        twice[1].turns[0].final_reply
+    )
