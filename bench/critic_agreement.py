@@ -13,8 +13,8 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from chatbot.embeddings import Embedder
-from chatbot.settings import load_settings
+from core.embeddings import Embedder
+from core.settings import load_settings
 from learner.critic import build_critic_kind
 from learner.eval_critic import build_named_critic, critic_agreement
 from learner.records import CriticInput, Score

@@ -26,8 +26,8 @@ from bench._record import record
 
 
 def _stored_generation_s(settings) -> float | None:
+    from storage.corpus_models import RunRow
     from storage.db import Database
-    from storage.learner_models import RunRow
 
     db = Database.from_settings(settings)
     try:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from chatbot.settings import load_settings
+    from core.settings import load_settings
     from learner.iterate import build_driver
 
     data_dir = Path(args.workdir or tempfile.mkdtemp(prefix="upc-iter-bench-")) / "upc-data"

@@ -11,8 +11,8 @@ import gradio as gr
 from chatbot.accounts import AccountError, UserRecord
 from chatbot.chat import MessageRecord, NotFoundError
 from chatbot.services import Services, session_secret
-from chatbot.settings import Settings
-from chatbot.validation import InputError
+from core.settings import Settings
+from core.validation import InputError
 
 __all__ = ["create_app", "current_user"]
 

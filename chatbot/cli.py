@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
 
-from chatbot.settings import Settings, SettingsError, load_settings, masked_dict
+from chatbot import memory_cli
+from core.settings import Settings, SettingsError, load_settings, masked_dict
+from learner import adapters_cli, eval_cli, export_cli, jobs_cli
+from learner import cli as learner_cli
+from learner.iterate_cli import register_iterate
+from personas import cli as personas_cli
 
 __all__ = ["main"]
-
-# (module, function) pairs that add sub-command groups; missing modules are skipped.
-_GROUPS = [
-    ("personas.cli", "register"),
-    ("learner.cli", "register"),
-    ("learner.adapters_cli", "register"),
-    ("chatbot.memory_cli", "register"),
-    ("learner.jobs_cli", "register"),
-    ("learner.export_cli", "register"),
-    ("learner.eval_cli", "register"),
-]
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -50,8 +42,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _worker(_args: argparse.Namespace, settings: Settings) -> int:
+    from chatbot.services import build_worker_memory
+    from learner.worker import run_worker
+    from storage import Database
+
+    db = Database.from_settings(settings)
+    return run_worker(settings, db=db, memory=build_worker_memory(settings, db))
+
+
 def _materialize(_args: argparse.Namespace, settings: Settings) -> int:
-    from chatbot.runtime import ensure_embedded_model
+    from core.runtime import ensure_embedded_model
 
     path = ensure_embedded_model(settings.models_dir)
     print(f"embedded model ready at {path}")
@@ -93,6 +94,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.set_defaults(func=_serve)
 
+    sub.add_parser("worker", help="run the learning scheduler until SIGTERM").set_defaults(
+        func=_worker
+    )
     sub.add_parser("materialize", help="convert the embedded model once").set_defaults(
         func=_materialize
     )
@@ -107,19 +111,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--admin", action="store_true")
     add.set_defaults(func=_users_add)
 
-    for module_name, function in _GROUPS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        register: Callable = getattr(module, function)
-        group = register(sub)
-        if module_name == "learner.cli" and group is not None:
-            from learner.iterate_cli import register_iterate
-
-            register_iterate(group)
+    personas_cli.register(sub)
+    register_iterate(learner_cli.register(sub))
+    for module in (adapters_cli, memory_cli, jobs_cli, export_cli, eval_cli):
+        module.register(sub)
     return parser
 
 

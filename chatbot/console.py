@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib
 import json
 import logging
 import shutil
@@ -28,7 +27,11 @@ from sqlalchemy import case, func, select
 
 from chatbot.accounts import UserRecord
 from chatbot.adapters import ABSplit, load_ab_split, save_ab_split
-from chatbot.types import BASE_ADAPTER, ChatMessage, GenerationParams
+from core.types import BASE_ADAPTER, ChatMessage, GenerationParams
+from learner import store as learner_store
+from learner import train as learner_train
+from personas import catalog as persona_catalog
+from storage import corpus_models, job_models
 from storage.models import Conversation, Feedback, Message, User
 
 __all__ = [
@@ -145,14 +148,6 @@ def require_admin(
     return user
 
 
-def _module(name: str) -> Any:
-    """An optional part of the learner, or None while it is not there."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
 # ------------------------------------------------------------------ data
 class ConsoleData:
     """Everything the console reads and changes, on top of `Services`."""
@@ -260,7 +255,7 @@ class ConsoleData:
     def critic(self) -> Any:
         with self._critic_lock:
             if self._critic is None:
-                from chatbot.embeddings import Embedder
+                from core.embeddings import Embedder
                 from learner.critic import CachedCritic, EmbeddingCritic
 
                 embedder = getattr(self.services.memory, "embedder", None) or Embedder()
@@ -308,7 +303,7 @@ class ConsoleData:
         self, prompt: str, background: str, adapter_a: str, adapter_b: str
     ) -> list[dict[str, Any]]:
         """One user message to two adapters; returns per side the reply and its scores."""
-        from chatbot.prompting import load_prompt
+        from core.prompting import load_prompt
         from learner.records import CriticInput
 
         text = (prompt or "").strip()
@@ -328,7 +323,7 @@ class ConsoleData:
         return out
 
     def dialogue_choices(self, limit: int = 50) -> list[tuple[str, str]]:
-        models = _module("storage.learner_models")
+        models = corpus_models
         if models is None:
             return []
         with self.services.db.session() as s:
@@ -342,11 +337,11 @@ class ConsoleData:
 
     def compare_replay(self, dialogue_id: str, adapter_a: str, adapter_b: str) -> list[dict]:
         """Replay a stored persona dialogue's user side; each adapter answers every turn."""
-        from chatbot.prompting import load_prompt
+        from core.prompting import load_prompt
         from learner.records import CriticInput
 
-        store_mod = _module("learner.store")
-        models = _module("storage.learner_models")
+        store_mod = learner_store
+        models = corpus_models
         if store_mod is None or models is None:
             raise gr.Error(_NA)
         with self.services.db.session() as s:
@@ -373,7 +368,7 @@ class ConsoleData:
         return out
 
     def _persona_background(self, persona_id: str) -> str:
-        catalog_mod = _module("personas.catalog")
+        catalog_mod = persona_catalog
         if catalog_mod is None:
             return ""
         try:
@@ -476,8 +471,8 @@ class ConsoleData:
 
     # -------------------------------------------------------------- learner
     def _jobs_tables(self) -> Any:
-        """`storage.learning_models` (the scheduler's tables), or None while missing."""
-        return _module("storage.learning_models")
+        """`storage.job_models` (the scheduler's tables)."""
+        return job_models
 
     def job_names(self) -> list[str]:
         names = list(_JOBS)
@@ -511,7 +506,7 @@ class ConsoleData:
                     progress = float(running[0].fraction or 0.0)
         else:
             lines.append(f"⚠️ {_NA}: no job scheduler in this installation.")
-        train = _module("learner.train")
+        train = learner_train
         if train is not None:
             latest = train.TrainingStatusStore(self.services.db).latest()
             if latest is not None:
@@ -633,7 +628,7 @@ class ConsoleData:
     def iteration_rows(self) -> list[dict[str, Any]]:
         """Per iteration: easy and regeneration rates, validation rel/int/val."""
         rows: dict[int, dict[str, Any]] = {}
-        models = _module("storage.learner_models")
+        models = corpus_models
         if models is not None:
             with self.services.db.session() as s:
                 for run in s.scalars(select(models.RunRow).order_by(models.RunRow.iteration)):
@@ -671,7 +666,7 @@ class ConsoleData:
         return [rows[k] for k in sorted(rows)]
 
     def score_values(self) -> dict[str, list[float]]:
-        models = _module("storage.learner_models")
+        models = corpus_models
         out: dict[str, list[float]] = {d: [] for d in _DIMS}
         if models is None:
             return out
@@ -1482,8 +1477,6 @@ def build_console(services: Any, user_of: Callable[..., UserRecord], browser_id:
         progress=gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress tracker
     ):  # type: ignore[no-untyped-def]
         admin(request, bid)
-        if _module("learner.export") is None:
-            raise gr.Error("The export library is not available.")
         filters = export_filters(
             source, since, until, users, adapter, min_score, max_score, feedback
         )

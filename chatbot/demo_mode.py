@@ -30,7 +30,7 @@ from typing import Any
 import gradio as gr
 
 from chatbot.accounts import UserRecord
-from chatbot.settings import Settings
+from core.settings import Settings
 from storage.models import User
 
 __all__ = [

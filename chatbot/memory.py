@@ -31,8 +31,8 @@ import numpy as np
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, undefer
 
-from chatbot.embeddings import Embedder
-from chatbot.memory_extract import (
+from core.embeddings import Embedder
+from core.memory_extract import (
     SINGLE_VALUED_KEYS,
     ExtractedFact,
     FactExtractor,
@@ -40,22 +40,21 @@ from chatbot.memory_extract import (
     RulesExtractor,
     normalise_key,
 )
-from chatbot.prompting import load_prompt
-from storage.memory_models import MEMORY_CATEGORIES, MemoryFactRow
+from core.prompting import load_prompt
+from storage.memory_models import DEFAULT_COLLECTION, MEMORY_CATEGORIES, MemoryFactRow
 from storage.models import User, utcnow
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from chatbot.settings import Settings
-    from chatbot.types import ChatModel
+    from core.settings import Settings
+    from core.types import ChatModel
     from storage.db import Database
 
 __all__ = ["DEFAULT_COLLECTION", "MemoryFact", "MemoryScopeError", "MemoryService"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COLLECTION = "upc_user_memory"
 _MAX_MESSAGE_CHARS = 4000
 _BATCH = 1000
 # Profile order: who they are first, then what they do and care about.
@@ -752,7 +751,7 @@ class MemoryService:
         if not facts:
             return ""
         lines = "\n".join(_quote(f.statement) for f in facts)
-        return load_prompt("memory_context").fill(facts=lines).strip()
+        return load_prompt("memory_context", "chatbot").fill(facts=lines).strip()
 
     # ------------------------------------------------------------------ maintenance
 

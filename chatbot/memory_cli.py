@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from chatbot.memory import MemoryService
-    from chatbot.settings import Settings
+    from core.settings import Settings
 
 __all__ = ["register"]
 
@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _service(settings: Settings) -> MemoryService:
-    from chatbot.embeddings import Embedder
     from chatbot.memory import MemoryService
+    from core.embeddings import Embedder
     from storage import Database
 
     return MemoryService.from_settings(settings, Database.from_settings(settings), Embedder())

@@ -12,13 +12,13 @@ from typing import Any
 from chatbot.accounts import Accounts
 from chatbot.adapters import AdapterManager, load_ab_split
 from chatbot.chat import ChatService
-from chatbot.embeddings import Embedder
-from chatbot.runtime import ModelPool
-from chatbot.settings import Settings
-from chatbot.types import ChatModel, GenerationParams
+from core.embeddings import Embedder
+from core.runtime import ModelPool
+from core.settings import Settings
+from core.types import ChatModel, GenerationParams
 from storage import Database
 
-__all__ = ["Services", "build_services", "session_secret"]
+__all__ = ["Services", "build_services", "build_worker_memory", "session_secret"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,20 @@ def _build_memory(
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return MemoryService.from_settings(settings, db, embedder, llm=llm, count_tokens=count_tokens)
+
+
+def build_worker_memory(settings: Settings, db: Database) -> Any:
+    """The memory service a `upc worker` gives the critic for user profiles, or None when
+    memory is off or cannot start (the critic then falls back to the dialogue)."""
+    if not settings.memory.enabled:
+        return None
+    from chatbot.memory import MemoryService
+
+    try:
+        return MemoryService.from_settings(settings, db, Embedder())
+    except Exception as exc:  # profiles are optional
+        log.warning("memory service unavailable in the worker (%s); critic uses dialogues", exc)
+        return None
 
 
 def _build_registry(settings: Settings, db: Database) -> Any:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from chatbot.types import BASE_ADAPTER
+from core.types import BASE_ADAPTER
 
 __all__ = ["SUBCOMMANDS", "generation_config", "learn_subparsers", "register"]
 
@@ -70,7 +70,7 @@ def register(subparsers: Any) -> Any:
 
 
 def generation_config(settings: Any, **overrides: Any):  # type: ignore[no-untyped-def]
-    from chatbot.types import GenerationParams
+    from core.types import GenerationParams
     from learner.generate import GenerationConfig
 
     gen = settings.generation
@@ -140,7 +140,7 @@ def format_stats(stats: dict[str, Any]) -> str:
 def _generate(args: argparse.Namespace, settings: Any) -> int:
     from tqdm import tqdm
 
-    from chatbot.runtime import ModelPool
+    from core.runtime import ModelPool
     from learner.critic import build_critic
     from learner.curriculum import compute_stats, personas_for_iteration
     from learner.generate import CorpusGenerator
@@ -260,7 +260,7 @@ def _select(args: argparse.Namespace, settings: Any) -> int:
 def _sanity(args: argparse.Namespace, settings: Any) -> int:
     import dataclasses
 
-    from chatbot.runtime import ModelPool
+    from core.runtime import ModelPool
     from learner.critic import build_critic
     from learner.sanity import (
         evaluate_adversarial,

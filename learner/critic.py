@@ -28,9 +28,9 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from chatbot.embeddings import Embedder
-from chatbot.prompting import load_prompt
-from chatbot.types import ChatMessage, ChatModel, GenerationParams
+from core.embeddings import Embedder
+from core.prompting import load_prompt
+from core.types import ChatMessage, ChatModel, GenerationParams
 from learner.critic_parse import parse_judgement
 from learner.records import DIMENSIONS, CriticInput, Score
 from learner.rubric_critic import RubricCritic

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chatbot.prompting import load_prompt
+from core.prompting import load_prompt
 from learner.records import (
     DIMENSIONS,
     Attempt,

@@ -24,8 +24,8 @@ from sqlalchemy import delete, select
 
 from learner.logged import LOGGED_PREFIX, load_salt, user_hash
 from storage.db import Database
-from storage.learning_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
-from storage.memory_models import MemoryFactRow
+from storage.logged_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
+from storage.memory_models import DEFAULT_COLLECTION, MemoryFactRow
 from storage.models import Conversation, Feedback, Message, User
 
 __all__ = ["ErasureReport", "erase_user", "find_user_id"]
@@ -66,8 +66,6 @@ def _purge_memory(db: Database, user_id: str, memory: Any, chroma_dir: Path | No
     if chroma_dir is not None and chroma_dir.is_dir():
         import chromadb
         from chromadb.config import Settings as ChromaSettings
-
-        from chatbot.memory import DEFAULT_COLLECTION
 
         client = chromadb.PersistentClient(
             path=str(chroma_dir), settings=ChromaSettings(anonymized_telemetry=False)

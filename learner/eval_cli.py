@@ -176,7 +176,7 @@ def _config(args: argparse.Namespace, settings: Any) -> Any:
 
 def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespace) -> Any:
     """(spec, model) pairs, the local model (or None) and the OpenAI clients to close."""
-    from chatbot.openai_model import OpenAIModel
+    from core.openai_model import OpenAIModel
     from learner.registry import AdapterRegistry
     from storage.db import Database
 
@@ -213,8 +213,8 @@ def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespac
 def _eval(args: argparse.Namespace, settings: Any) -> int:
     from tqdm import tqdm
 
-    from chatbot.embeddings import Embedder
-    from chatbot.runtime import ModelPool
+    from core.embeddings import Embedder
+    from core.runtime import ModelPool
     from learner.eval_report import to_markdown, write_outputs
     from learner.evaluate import evaluate_systems, parse_systems
     from learner.registry import AdapterError

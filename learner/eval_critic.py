@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from chatbot.embeddings import Embedder
+from core.embeddings import Embedder
 from learner.critic import Critic, build_critic_kind
 from learner.records import DIMENSIONS, CriticInput, Score
 

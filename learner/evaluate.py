@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from chatbot.prompting import load_prompt
-from chatbot.types import BASE_ADAPTER, ChatModel, GenerationParams
+from core.prompting import load_prompt
+from core.types import BASE_ADAPTER, ChatModel, GenerationParams
 from learner.checks import (
     TRAIT_REVEAL_SIMILARITY,
     CheckRegression,
@@ -589,7 +589,7 @@ def evaluate_systems(
     notify = progress or (lambda _kind, _n: None)
     extractor = None
     if cfg.use_memory:
-        from chatbot.memory_extract import RulesExtractor
+        from core.memory_extract import RulesExtractor
 
         extractor = RulesExtractor(embedder)
     started = time.perf_counter()

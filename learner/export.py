@@ -38,8 +38,8 @@ from sqlalchemy import and_, func, inspect, or_, select
 from sqlalchemy.engine import Connection
 
 from learner.pii import PiiScrubber, ScrubCounts, UserTerms, build_user_terms
+from storage.corpus_models import DialogueRow, RunRow, TurnRow
 from storage.db import Database
-from storage.learner_models import DialogueRow, RunRow, TurnRow
 from storage.memory_models import MemoryFactRow
 from storage.models import Conversation, Feedback, Message, User
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chatbot.types import BASE_ADAPTER
+from core.types import BASE_ADAPTER
 from learner.checks import CheckRegression, CriticFreeChecks, regressions
 from learner.generate import run_dialogues
 from learner.records import DIMENSIONS, DialogueRecord

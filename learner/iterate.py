@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from chatbot.types import BASE_ADAPTER
+from core.types import BASE_ADAPTER
 from learner.curriculum import cumulative_training_files, iteration_dir
 from learner.registry import AdapterManifest, AdapterRegistry, _atomic_write, code_version
 
@@ -396,11 +396,11 @@ def _learn_cli(settings: Any, argv: list[str]) -> None:
 
 
 def _resolve_base(settings: Any) -> tuple[str | Path, str]:
-    from chatbot.settings import EMBEDDED_MODEL
+    from core.settings import EMBEDDED_MODEL
 
     model = settings.chatbot.model
     if model == EMBEDDED_MODEL:
-        from chatbot.runtime import ensure_embedded_model
+        from core.runtime import ensure_embedded_model
 
         return ensure_embedded_model(settings.models_dir), model
     return model, model
@@ -410,8 +410,8 @@ def _gate_resources(settings: Any) -> dict[str, Any]:
     """The gate's parts: the chatbot, the simulated user, the gate critic (by default the
     evaluation critic, which training never sees), the validation users and the
     critic-free checks."""
-    from chatbot.embeddings import Embedder
-    from chatbot.runtime import build_model
+    from core.embeddings import Embedder
+    from core.runtime import build_model
     from learner.checks import critic_free_checks
     from learner.eval_critic import build_named_critic, gate_critic_kind
     from personas.catalog import PersonaCatalog
@@ -441,7 +441,7 @@ def _gate_resources(settings: Any) -> dict[str, Any]:
 def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True) -> IterationDriver:
     """The driver with the product's parts: `upc learn generate/select`, the embedded or
     configured chatbot, the configured critic and the validation users for the gate."""
-    from chatbot.prompting import load_prompt
+    from core.prompting import load_prompt
     from learner.cli import generation_config
     from learner.gate import run_gate
     from learner.generate import run_dialogues

@@ -1,8 +1,8 @@
-"""`upc jobs list|status|history|pause|resume|reschedule|run|guard-eval`, `upc worker`,
-`upc erase USER`.
+"""`upc jobs list|status|history|pause|resume|reschedule|run|guard-eval`, `upc erase USER`.
 
 The CLI writes the operator's wishes into `job_controls`; the active scheduler (in the app
-or a `upc worker`) applies them within `scheduler_poll_seconds`.
+or a `upc worker`, wired in `chatbot.cli` because it uses the memory service) applies them
+within `scheduler_poll_seconds`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ def register(subparsers: Any) -> None:
     group.add_argument("--cron", help='crontab expression, e.g. "0 3 * * *"')
     sub.add_parser("guard-eval", help="precision/recall of the poisoning guard on its sample")
     parser.set_defaults(func=_jobs)
-
-    worker = subparsers.add_parser("worker", help="run the learning scheduler until SIGTERM")
-    worker.set_defaults(func=_worker)
 
     erase = subparsers.add_parser(
         "erase", help="right to erasure: delete a user and everything learned from them"
@@ -127,12 +124,6 @@ def _guard_eval() -> int:
         )
     )
     return 0
-
-
-def _worker(_args: argparse.Namespace, settings: Any) -> int:
-    from learner.worker import run_worker
-
-    return run_worker(settings)
 
 
 def _erase(args: argparse.Namespace, settings: Any) -> int:

@@ -33,14 +33,14 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from chatbot.prompting import load_prompt
-from chatbot.types import ChatMessage, ChatModel, GenerationParams
+from core.prompting import load_prompt
+from core.types import ChatMessage, ChatModel, GenerationParams
 from learner.critic import Critic
 from learner.generate import is_apology, regeneration_request
 from learner.guard import check_text, user_excluded
 from learner.records import CriticInput, Score
 from storage.db import Database
-from storage.learning_models import GuardExclusionRow, LoggedTurnRow
+from storage.logged_models import GuardExclusionRow, LoggedTurnRow
 from storage.models import Conversation, Message, User, utcnow
 
 __all__ = [

@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from chatbot.types import BASE_ADAPTER
+from core.types import BASE_ADAPTER
 from storage.adapter_models import AdapterActivation, AdapterRow
 from storage.db import Database
 from storage.models import utcnow

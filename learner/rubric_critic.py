@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from chatbot.embeddings import Embedder
+from core.embeddings import Embedder
 from learner.records import DIMENSIONS, CriticInput, Score
 from learner.reply_checks import (
     ReplyFlags,

@@ -40,7 +40,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database
-from storage.learning_models import (
+from storage.job_models import (
     JobControlRow,
     JobProgressRow,
     JobRunRow,

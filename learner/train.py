@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 
-from chatbot.local_model import worth_quantizing
+from core.local_model import worth_quantizing
 from learner.sft_loop import StepHook, heldout_loss, run_sft
 from storage.adapter_models import TrainingRun
 from storage.db import Database
@@ -604,7 +604,7 @@ def train_adapter(
     from transformers import AutoTokenizer
 
     if system_prompt is None:
-        from chatbot.prompting import load_prompt
+        from core.prompting import load_prompt
 
         system_prompt = str(load_prompt("upc_system"))
     run_id = run_id or uuid.uuid4().hex

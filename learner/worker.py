@@ -47,7 +47,7 @@ class JobResources:
 
     settings: Any
     db: Any = None
-    models: Any = None  # chatbot.runtime.ModelPool
+    models: Any = None  # core.runtime.ModelPool
     memory: Any = None
     chatbot: Any = None
     critic: Any = None
@@ -61,7 +61,7 @@ class JobResources:
 
     def model_pool(self) -> Any:
         if self.models is None:
-            from chatbot.runtime import ModelPool
+            from core.runtime import ModelPool
 
             self.models = ModelPool(self.settings)
         return self.models
@@ -114,7 +114,7 @@ def _read_kind(run_dir: Path) -> str | None:
 
 def _driver(res: JobResources, kind: str, ctx: JobContext) -> Any:
     """The iteration driver with this job's steps; reports each stage as progress."""
-    from chatbot.prompting import load_prompt
+    from core.prompting import load_prompt
     from learner.iterate import STAGES, build_driver
     from learner.logged import build_logged_training_set, mix_into_training_set
 
@@ -261,16 +261,23 @@ def start_embedded_scheduler(
 
 
 def run_worker(
-    settings: Any, *, unit_s: float = 60.0, stop_event: threading.Event | None = None
+    settings: Any,
+    *,
+    db: Any = None,
+    memory: Any = None,
+    unit_s: float = 60.0,
+    stop_event: threading.Event | None = None,
 ) -> int:
-    """`upc worker`: run the scheduler until SIGTERM or SIGINT."""
+    """`upc worker`: run the scheduler until SIGTERM or SIGINT.
+
+    ``memory`` (the app layer's memory service, or None) gives the critic user profiles;
+    without it the critic falls back to the dialogue.
+    """
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda _signum, _frame: stop.set())
-    res = JobResources(settings)
-    memory_service = _memory_for_worker(settings, res)
-    res.memory = memory_service
+    res = JobResources(settings, db=db, memory=memory)
     scheduler = _scheduler(settings, res, unit_s).start()
     log.info("learning worker %s started", scheduler.holder)
     try:
@@ -283,17 +290,3 @@ def run_worker(
             res.models.close()
         log.info("learning worker %s stopped", scheduler.holder)
     return 0
-
-
-def _memory_for_worker(settings: Any, res: JobResources) -> Any:
-    """The memory service for profiles, or None when memory is off or cannot start."""
-    if not settings.memory.enabled:
-        return None
-    try:
-        from chatbot.embeddings import Embedder
-        from chatbot.memory import MemoryService
-
-        return MemoryService.from_settings(settings, res.database(), Embedder())
-    except Exception as exc:  # profiles are optional: the critic falls back to the dialogue
-        log.warning("memory service unavailable in the worker (%s); critic uses dialogues", exc)
-        return None

@@ -126,7 +126,7 @@ def _stats(args: argparse.Namespace, settings: Any) -> int:
     stats = persona_stats(personas)
     diversity = None
     if not args.no_diversity:
-        from chatbot.embeddings import Embedder
+        from core.embeddings import Embedder
         from personas.diversity import diversity_report
 
         diversity = diversity_report(personas, Embedder())
@@ -207,8 +207,8 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _generate(args: argparse.Namespace, settings: Any) -> int:
-    from chatbot.embeddings import Embedder
-    from chatbot.runtime import build_model
+    from core.embeddings import Embedder
+    from core.runtime import build_model
     from personas.catalog import PersonaCatalog, shipped_meta
     from personas.generator import GeneratorConfig, PersonaGenerator
     from personas.importer import save_set, validate_set_name

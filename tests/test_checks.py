@@ -32,7 +32,7 @@ OK = Score(rel=3, int=3, val=3)
 
 @pytest.fixture(scope="module")
 def embedder():
-    from chatbot.embeddings import Embedder
+    from core.embeddings import Embedder
 
     return Embedder()
 

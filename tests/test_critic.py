@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from learner.critic import (
     CachedCritic,
     EmbeddingCritic,
@@ -34,7 +34,7 @@ def tiny(tiny_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def embedder():
-    from chatbot.embeddings import Embedder
+    from core.embeddings import Embedder
 
     return Embedder()
 
@@ -190,7 +190,7 @@ def test_common_prefix_leaves_every_row_a_token() -> None:
 
 
 def test_logit_critic_through_local_model(tiny) -> None:
-    from chatbot.local_model import LocalModel
+    from core.local_model import LocalModel
 
     model, tok = tiny
     local = LocalModel("tiny", model=model, tokenizer=tok, device="cpu", model_id="tiny")
@@ -207,7 +207,7 @@ def test_logit_critic_through_local_model(tiny) -> None:
 
 def test_text_judge_marks_garbage_unscored_after_reasks(tiny) -> None:
     """A random tiny model never answers in the format: 1 ask + 3 re-asks, then unscored."""
-    from chatbot.local_model import LocalModel
+    from core.local_model import LocalModel
 
     model, tok = tiny
     local = LocalModel("tiny", model=model, tokenizer=tok, device="cpu", model_id="tiny")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.prompting import load_prompt
-from chatbot.settings import Settings, load_settings
+from core.prompting import load_prompt
+from core.settings import Settings, load_settings
 from learner.cli import register
 from learner.curriculum import (
     compute_stats,

@@ -8,8 +8,8 @@ import json
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from chatbot.embeddings import Embedder
 from chatbot.memory import MemoryService
+from core.embeddings import Embedder
 from learner.critic import LogitCritic
 from learner.curriculum import load_training_set
 from learner.erasure import erase_user, find_user_id

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from learner.export import (
     SALT_ENV,
     ExportCancelled,
@@ -24,7 +24,7 @@ from learner.export import (
 )
 from learner.pii import PiiScrubber, ScrubCounts, build_user_terms
 from storage import Database
-from storage.learner_models import DialogueRow, RunRow, TurnRow
+from storage.corpus_models import DialogueRow, RunRow, TurnRow
 from storage.memory_models import MemoryFactRow
 from storage.models import Conversation, Feedback, Message, User
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.settings import load_settings
-from chatbot.types import GenerationParams
+from core.settings import load_settings
+from core.types import GenerationParams
 from learner.critic import LogitCritic, TextJudgeCritic
 from learner.curriculum import compute_stats
 from learner.generate import (
@@ -44,7 +44,7 @@ PERSONAS = [
 @pytest.fixture(scope="module")
 def local(tiny_model_dir: Path) -> Iterator:
     """A LocalModel over a tiny randomly initialised Llama with the SmolLM2 tokenizer."""
-    from chatbot.local_model import LocalModel
+    from core.local_model import LocalModel
 
     lm = LocalModel(tiny_model_dir, device="cpu", model_id="tiny-llama")
     yield lm
@@ -251,7 +251,7 @@ class _Server:
 
 
 def _openai(base_url: str):
-    from chatbot.openai_model import OpenAIModel
+    from core.openai_model import OpenAIModel
 
     return OpenAIModel(base_url, "judge", max_retries=0, concurrency=4)
 
@@ -323,7 +323,7 @@ def test_against_running_app_openai_endpoint(request, local) -> None:
         app = request.getfixturevalue("running_app")
     except pytest.FixtureLookupError:
         pytest.skip("the running_app fixture is not defined yet")
-    from chatbot.openai_model import OpenAIModel
+    from core.openai_model import OpenAIModel
 
     remote = OpenAIModel(f"{app.base_url}/v1", "upc", api_key=app.api_key, max_retries=1)
     critic = TextJudgeCritic(remote, max_reasks=1, max_new_tokens=40)

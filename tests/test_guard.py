@@ -8,7 +8,7 @@ from learner.critic import LogitCritic
 from learner.guard import check_text, evaluate_sample, load_sample, user_excluded
 from learner.logged import LoggedConfig, LoggedLearner, build_logged_training_set, load_salt
 from storage.db import Database
-from storage.learning_models import GuardExclusionRow, LoggedTurnRow
+from storage.logged_models import GuardExclusionRow, LoggedTurnRow
 from storage.models import User
 from tests.test_logged import DIALOGUE, seed_conversation, tiny_local  # noqa: F401
 

@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 
 from learner.registry import AdapterRegistry
 from learner.scheduler import JobRecords
+from storage.corpus_models import DialogueRow
 from storage.db import Database
-from storage.learner_models import DialogueRow
 from tests.test_logged import seed_conversation
 from tests.test_scheduler import _env, _settings, _start_worker, _stop, _wait
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from learner.iterate import build_driver
 from learner.registry import AdapterRegistry
 from storage import Database

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from chatbot.local_model import LocalModel
+from core.local_model import LocalModel
 from learner.critic import LogitCritic
 from learner.curriculum import load_training_set
 from learner.logged import (
@@ -24,7 +24,7 @@ from learner.logged import (
 )
 from learner.records import Score
 from storage.db import Database
-from storage.learning_models import LoggedTurnRow
+from storage.logged_models import LoggedTurnRow
 from storage.models import Conversation, Message, User, utcnow
 
 DIALOGUE = [

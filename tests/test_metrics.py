@@ -32,7 +32,7 @@ from personas.records import Traits
 
 @pytest.fixture(scope="module")
 def embedder():
-    from chatbot.embeddings import Embedder
+    from core.embeddings import Embedder
 
     return Embedder()
 

@@ -12,7 +12,7 @@ from importlib import resources
 
 import pytest
 
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from personas import cli
 from personas.catalog import CatalogError, PersonaCatalog, load_shipped, shipped_meta
 from personas.composer import (

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chatbot.embeddings import Embedder
-from chatbot.settings import load_settings
+from core.embeddings import Embedder
+from core.settings import load_settings
 from learner.critic import (
     CRITIC_BUILDERS,
     CachedCritic,

@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy import func, select
 
 from chatbot.chat import ChatService
-from chatbot.settings import load_settings
-from chatbot.types import GenerationParams
+from core.settings import load_settings
+from core.types import GenerationParams
 from learner.scheduler import JobRecords, JobSpec, LearningScheduler
 from learner.worker import JobResources, build_job_specs, start_embedded_scheduler
 from storage.db import Database
-from storage.learning_models import LoggedTurnRow
+from storage.logged_models import LoggedTurnRow
 from tests.conftest import REPO, free_port
 from tests.test_logged import DIALOGUE, seed_conversation, tiny_local  # noqa: F401
 
@@ -64,7 +64,7 @@ def _wait(predicate, timeout: float = 60.0, step: float = 0.2):
 
 WORKER = (
     "import logging,sys; logging.basicConfig(level=logging.INFO);"
-    "from chatbot.settings import load_settings; from learner.worker import run_worker;"
+    "from core.settings import load_settings; from learner.worker import run_worker;"
     "sys.exit(run_worker(load_settings(), unit_s=float(sys.argv[1])))"
 )
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.settings import SettingsError, load_settings, masked_dict
+from core.settings import SettingsError, load_settings, masked_dict
 
 
 def test_defaults_are_the_embedded_model_and_local_port():

@@ -11,8 +11,8 @@ export UPC_LEARNER__BATCH_SIZE=500 UPC_LEARNER__GATE_USERS=100 UPC_LEARNER__TRAI
 export UPC_CHATBOT__LOAD_IN_4BIT=false UPC_LIMITS__MAX_BATCH_SIZE=1024 UPC_GENERATION__TIMEOUT_S=900
 python3 -c "
 from pathlib import Path
-from chatbot.runtime import ensure_embedded_model
-from chatbot.settings import load_settings
+from core.runtime import ensure_embedded_model
+from core.settings import load_settings
 print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))" 2>&1 | tail -1
 left=$(( budget - ($(date +%s) - start) ))
 timeout $left python3 -m chatbot.cli learn iterate --iterations 3 --users 500 2>&1 \

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from chatbot.types import (
+from core.types import (
     BASE_ADAPTER,
     ChatMessage,
     Completion,

@@ -19,9 +19,9 @@ from typing import Protocol
 
 import numpy as np
 
-from chatbot.embeddings import Embedder
-from chatbot.prompting import load_prompt
-from chatbot.types import ChatMessage, ChatModel, GenerationParams, ModelError
+from core.embeddings import Embedder
+from core.prompting import load_prompt
+from core.types import ChatMessage, ChatModel, GenerationParams, ModelError
 from storage.memory_models import MEMORY_CATEGORIES
 
 __all__ = [
