@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import sys
 
 from chatbot import memory_cli
+from chatbot.accounts import AccountError, Accounts
+from chatbot.server import launch
+from chatbot.services import build_services, build_worker_memory
+from core.runtime import ensure_embedded_model
 from core.settings import Settings, SettingsError, load_settings, masked_dict
 from learner import adapters_cli, eval_cli, export_cli, jobs_cli
 from learner import cli as learner_cli
 from learner.iterate_cli import register_iterate
+from learner.worker import run_worker, start_embedded_scheduler
 from personas import cli as personas_cli
+from storage import Database
+from storage.db import DataDirError
 
 __all__ = ["main"]
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from chatbot.server import launch
-    from chatbot.services import build_services
-
     if args.host:
         settings.server.host = args.host
     if args.port:
@@ -29,8 +34,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     scheduler = None
     try:
         if settings.learner.scheduler_enabled:
-            from learner.worker import start_embedded_scheduler
-
             # Only one scheduler is active across processes (a lease in the database);
             # a second app or `upc worker` stands by.
             scheduler = start_embedded_scheduler(settings, services)
@@ -43,17 +46,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(_args: argparse.Namespace, settings: Settings) -> int:
-    from chatbot.services import build_worker_memory
-    from learner.worker import run_worker
-    from storage import Database
-
     db = Database.from_settings(settings)
     return run_worker(settings, db=db, memory=build_worker_memory(settings, db))
 
 
 def _materialize(_args: argparse.Namespace, settings: Settings) -> int:
-    from core.runtime import ensure_embedded_model
-
     path = ensure_embedded_model(settings.models_dir)
     print(f"embedded model ready at {path}")
     return 0
@@ -65,11 +62,6 @@ def _settings(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _users_add(args: argparse.Namespace, settings: Settings) -> int:
-    import getpass
-
-    from chatbot.accounts import AccountError, Accounts
-    from storage import Database
-
     password = args.password or getpass.getpass(f"password for {args.name}: ")
     accounts = Accounts(Database.from_settings(settings), admin_names=settings.admin_user_names)
     try:
@@ -131,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settings error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(getattr(logging, settings.log_level.upper(), logging.INFO))
-    from storage.db import DataDirError
 
     try:
         return int(args.func(args, settings) or 0)

@@ -12,10 +12,12 @@ from typing import Any
 from chatbot.accounts import Accounts
 from chatbot.adapters import AdapterManager, load_ab_split
 from chatbot.chat import ChatService
+from chatbot.memory import MemoryService
 from core.embeddings import Embedder
 from core.runtime import ModelPool
 from core.settings import Settings
 from core.types import ChatModel, GenerationParams
+from learner.registry import AdapterRegistry
 from storage import Database
 
 __all__ = ["Services", "build_services", "build_worker_memory", "session_secret"]
@@ -73,7 +75,6 @@ def _build_memory(
 ) -> Any:
     if not settings.memory.enabled:
         return None
-    from chatbot.memory import MemoryService
 
     # A remote (capable) chat model extracts facts; the embedded 135M model uses the rules.
     llm = chatbot_model if settings.chatbot.backend == "openai" else None
@@ -92,7 +93,6 @@ def build_worker_memory(settings: Settings, db: Database) -> Any:
     memory is off or cannot start (the critic then falls back to the dialogue)."""
     if not settings.memory.enabled:
         return None
-    from chatbot.memory import MemoryService
 
     try:
         return MemoryService.from_settings(settings, db, Embedder())
@@ -101,11 +101,7 @@ def build_worker_memory(settings: Settings, db: Database) -> Any:
         return None
 
 
-def _build_registry(settings: Settings, db: Database) -> Any:
-    try:
-        from learner.registry import AdapterRegistry
-    except ImportError:
-        return None
+def _build_registry(settings: Settings, db: Database) -> AdapterRegistry:
     return AdapterRegistry(settings.adapters_dir, db)
 
 

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from learner.registry import AdapterError, AdapterRegistry
+from storage.db import Database
 
 __all__ = ["register"]
 
@@ -32,8 +33,6 @@ def register(subparsers: Any) -> None:
 
 
 def _registry(settings: Any) -> AdapterRegistry:
-    from storage.db import Database
-
     return AdapterRegistry(settings.adapters_dir, Database.from_settings(settings))
 
 

@@ -12,6 +12,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core.embeddings import Embedder
+from core.openai_model import OpenAIModel
+from core.runtime import ModelPool
+from learner.cli import generation_config
+from learner.eval_critic import build_named_critic
+from learner.eval_report import to_markdown, write_outputs
+from learner.evaluate import EvalConfig, evaluate_systems, parse_systems
+from learner.registry import AdapterError, AdapterRegistry
+from learner.side_by_side import unblind, write_side_by_side
+from personas.catalog import PersonaCatalog
+from personas.importer import PersonaImportError, parse_personas
+from storage.db import Database
+
 __all__ = ["EVAL_CRITICS", "TRAIN_CRITICS", "register", "select_personas"]
 
 TRAIN_CRITICS = ("rubric", "embedding", "llm")
@@ -119,8 +132,6 @@ def select_personas(personas: list[Any], users: int, seed: int) -> list[Any]:
 
 def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], str]:
     if args.personas:
-        from personas.importer import parse_personas
-
         parsed = parse_personas(args.personas, "eval", default_split=args.split)
         if parsed.merged_duplicates:
             print(
@@ -131,8 +142,6 @@ def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
         pool = [p for p in parsed.personas if p.split == args.split]
         source = f"{args.personas}, split {args.split}"
     else:
-        from personas.catalog import PersonaCatalog
-
         catalog = PersonaCatalog.load(settings)
         pool = catalog.all(split=args.split, set_name=args.set_name)
         source = f"{args.set_name or 'all sets'}, split {args.split}"
@@ -142,16 +151,11 @@ def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
 
 
 def _critic(settings: Any, kind: str, pool: Any, embedder: Any) -> Any:
-    from learner.eval_critic import build_named_critic
-
     model = pool.get(settings.critic) if kind == "llm" else None
     return build_named_critic(kind, settings, model, embedder)
 
 
 def _config(args: argparse.Namespace, settings: Any) -> Any:
-    from learner.cli import generation_config
-    from learner.evaluate import EvalConfig
-
     if args.users < 1:
         raise ValueError("--users must be 1 or more")
     gen = generation_config(settings)
@@ -176,9 +180,6 @@ def _config(args: argparse.Namespace, settings: Any) -> Any:
 
 def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespace) -> Any:
     """(spec, model) pairs, the local model (or None) and the OpenAI clients to close."""
-    from core.openai_model import OpenAIModel
-    from learner.registry import AdapterRegistry
-    from storage.db import Database
 
     local = None
     if any(s.kind != "openai" for s in specs) or not args.no_perplexity:
@@ -212,13 +213,6 @@ def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespac
 
 def _eval(args: argparse.Namespace, settings: Any) -> int:
     from tqdm import tqdm
-
-    from core.embeddings import Embedder
-    from core.runtime import ModelPool
-    from learner.eval_report import to_markdown, write_outputs
-    from learner.evaluate import evaluate_systems, parse_systems
-    from learner.registry import AdapterError
-    from personas.importer import PersonaImportError
 
     try:
         specs = parse_systems(args.systems)
@@ -295,8 +289,6 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _side_by_side(args: argparse.Namespace, _settings: Any) -> int:
-    from learner.side_by_side import write_side_by_side
-
     try:
         page, key, count = write_side_by_side(
             args.a,
@@ -317,8 +309,6 @@ def _side_by_side(args: argparse.Namespace, _settings: Any) -> int:
 
 
 def _unblind(args: argparse.Namespace, _settings: Any) -> int:
-    from learner.side_by_side import unblind
-
     try:
         key = json.loads(Path(args.key).read_text(encoding="utf-8"))
         for path in args.answers:

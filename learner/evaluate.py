@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from core.memory_extract import RulesExtractor
 from core.prompting import load_prompt
 from core.types import BASE_ADAPTER, ChatModel, GenerationParams
 from learner.checks import (
@@ -589,8 +590,6 @@ def evaluate_systems(
     notify = progress or (lambda _kind, _n: None)
     extractor = None
     if cfg.use_memory:
-        from core.memory_extract import RulesExtractor
-
         extractor = RulesExtractor(embedder)
     started = time.perf_counter()
     results: list[SystemResult] = []

@@ -8,6 +8,16 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from learner.export import (
+    FORMATS,
+    ExportError,
+    ExportFilters,
+    ExportOptions,
+    ExportProgress,
+    export,
+)
+from storage import Database
+
 __all__ = ["register"]
 
 
@@ -25,8 +35,6 @@ def _date(value: str) -> datetime:
 
 
 def _formats(value: str) -> tuple[str, ...]:
-    from learner.export import FORMATS
-
     items = tuple(v.strip() for v in value.split(",") if v.strip())
     bad = [v for v in items if v not in FORMATS]
     if bad or not items:
@@ -74,9 +82,6 @@ def register(subparsers: Any) -> Any:
 
 def _export(args: argparse.Namespace, settings: Any) -> int:
     from tqdm import tqdm
-
-    from learner.export import ExportError, ExportFilters, ExportOptions, ExportProgress, export
-    from storage import Database
 
     filters = ExportFilters(
         since=args.since,

@@ -12,6 +12,12 @@ import json
 import sys
 from typing import Any
 
+from learner.erasure import erase_user, find_user_id
+from learner.guard import evaluate_sample, load_sample
+from learner.registry import AdapterRegistry
+from learner.scheduler import JobRecords
+from storage.db import Database
+
 __all__ = ["register"]
 
 JOB_NAMES = ("curriculum", "critique", "retrain")
@@ -49,9 +55,6 @@ def _fmt_time(value: Any) -> str:
 
 
 def _jobs(args: argparse.Namespace, settings: Any) -> int:
-    from learner.scheduler import JobRecords
-    from storage.db import Database
-
     if args.jobs_command == "guard-eval":
         return _guard_eval()
     records = JobRecords(Database.from_settings(settings))
@@ -106,8 +109,6 @@ def _jobs(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _guard_eval() -> int:
-    from learner.guard import evaluate_sample, load_sample
-
     metrics = evaluate_sample(load_sample())
     print(
         json.dumps(
@@ -127,10 +128,6 @@ def _guard_eval() -> int:
 
 
 def _erase(args: argparse.Namespace, settings: Any) -> int:
-    from learner.erasure import erase_user, find_user_id
-    from learner.registry import AdapterRegistry
-    from storage.db import Database
-
     db = Database.from_settings(settings)
     user_id = find_user_id(db, args.user)
     if user_id is None:
