@@ -34,9 +34,9 @@ class Services:
     chatbot_model: ChatModel
     chat: ChatService
     adapters: AdapterManager
+    registry: AdapterRegistry
     embedder: Embedder | None = None
-    memory: Any = None
-    registry: Any = None
+    memory: MemoryService | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -72,10 +72,9 @@ def generation_params(settings: Settings) -> GenerationParams:
 
 def _build_memory(
     settings: Settings, db: Database, chatbot_model: ChatModel, embedder: Embedder
-) -> Any:
+) -> MemoryService | None:
     if not settings.memory.enabled:
         return None
-
     # A remote (capable) chat model extracts facts; the embedded 135M model uses the rules.
     llm = chatbot_model if settings.chatbot.backend == "openai" else None
     count_tokens = None
@@ -88,12 +87,11 @@ def _build_memory(
     return MemoryService.from_settings(settings, db, embedder, llm=llm, count_tokens=count_tokens)
 
 
-def build_worker_memory(settings: Settings, db: Database) -> Any:
+def build_worker_memory(settings: Settings, db: Database) -> MemoryService | None:
     """The memory service a `upc worker` gives the critic for user profiles, or None when
     memory is off or cannot start (the critic then falls back to the dialogue)."""
     if not settings.memory.enabled:
         return None
-
     try:
         return MemoryService.from_settings(settings, db, Embedder())
     except Exception as exc:  # profiles are optional
@@ -101,21 +99,17 @@ def build_worker_memory(settings: Settings, db: Database) -> Any:
         return None
 
 
-def _build_registry(settings: Settings, db: Database) -> AdapterRegistry:
-    return AdapterRegistry(settings.adapters_dir, db)
-
-
 def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None) -> Services:
     db = Database.from_settings(settings)
     accounts = Accounts(db, admin_names=settings.admin_user_names)
     models = ModelPool(settings)
     model = chatbot_model or models.get(settings.chatbot)
-    registry = _build_registry(settings, db)
+    registry = AdapterRegistry(settings.adapters_dir, db)
     adapters = AdapterManager(
         model,
-        source=registry.active_id if registry is not None else None,
-        resolve=registry.verified_path if registry is not None else None,
-        ab_source=(lambda: load_ab_split(settings.adapters_dir)) if registry is not None else None,
+        source=registry.active_id,
+        resolve=registry.verified_path,
+        ab_source=lambda: load_ab_split(settings.adapters_dir),
     )
     embedder = Embedder()
     memory = _build_memory(settings, db, model, embedder)

@@ -15,7 +15,9 @@ from typing import Any
 from core.embeddings import Embedder
 from core.openai_model import OpenAIModel
 from core.runtime import ModelPool
+from core.settings import Settings
 from learner.cli import generation_config
+from learner.critic import Critic
 from learner.eval_critic import build_named_critic
 from learner.eval_report import to_markdown, write_outputs
 from learner.evaluate import EvalConfig, evaluate_systems, parse_systems
@@ -130,7 +132,7 @@ def select_personas(personas: list[Any], users: int, seed: int) -> list[Any]:
     return [p for i, p in enumerate(personas) if i in chosen]
 
 
-def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], str]:
+def _load_personas(args: argparse.Namespace, settings: Settings) -> tuple[list[Any], str]:
     if args.personas:
         parsed = parse_personas(args.personas, "eval", default_split=args.split)
         if parsed.merged_duplicates:
@@ -150,12 +152,12 @@ def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
     return select_personas(pool, args.users, args.seed), source
 
 
-def _critic(settings: Any, kind: str, pool: Any, embedder: Any) -> Any:
+def _critic(settings: Settings, kind: str, pool: ModelPool, embedder: Embedder) -> Critic:
     model = pool.get(settings.critic) if kind == "llm" else None
     return build_named_critic(kind, settings, model, embedder)
 
 
-def _config(args: argparse.Namespace, settings: Any) -> Any:
+def _config(args: argparse.Namespace, settings: Settings) -> EvalConfig:
     if args.users < 1:
         raise ValueError("--users must be 1 or more")
     gen = generation_config(settings)
@@ -178,7 +180,7 @@ def _config(args: argparse.Namespace, settings: Any) -> Any:
     )
 
 
-def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespace) -> Any:
+def _systems(specs: list[Any], pool: Any, settings: Settings, args: argparse.Namespace) -> Any:
     """(spec, model) pairs, the local model (or None) and the OpenAI clients to close."""
 
     local = None
@@ -211,7 +213,7 @@ def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespac
     return systems, local, openai_models
 
 
-def _eval(args: argparse.Namespace, settings: Any) -> int:
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     try:
@@ -288,7 +290,7 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _side_by_side(args: argparse.Namespace, _settings: Any) -> int:
+def _side_by_side(args: argparse.Namespace, _settings: Settings) -> int:
     try:
         page, key, count = write_side_by_side(
             args.a,
@@ -308,7 +310,7 @@ def _side_by_side(args: argparse.Namespace, _settings: Any) -> int:
     return 0
 
 
-def _unblind(args: argparse.Namespace, _settings: Any) -> int:
+def _unblind(args: argparse.Namespace, _settings: Settings) -> int:
     try:
         key = json.loads(Path(args.key).read_text(encoding="utf-8"))
         for path in args.answers:

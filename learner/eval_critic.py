@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from core.embeddings import Embedder
+from core.settings import Settings
+from core.types import ChatModel
 from learner.critic import Critic, build_critic_kind
 from learner.records import DIMENSIONS, CriticInput, Score
 
@@ -508,16 +510,23 @@ def critic_agreement(
     )
 
 
-def _build_spc(settings: Any, model: Any, embedder: Any) -> PersonaChatCritic:
+def _build_spc(
+    settings: Settings, model: ChatModel | None, embedder: Embedder | None
+) -> PersonaChatCritic:
     return PersonaChatCritic(embedder if embedder is not None else Embedder())
 
 
-def build_named_critic(kind: str, settings: Any, model: Any = None, embedder: Any = None) -> Critic:
+def build_named_critic(
+    kind: str,
+    settings: Settings,
+    model: ChatModel | None = None,
+    embedder: Embedder | None = None,
+) -> Critic:
     """Any critic by name: the training critics of ``learner.critic`` plus ``spc``."""
     return build_critic_kind(kind, settings, model, embedder, extra_builders={"spc": _build_spc})
 
 
-def gate_critic_kind(settings: Any) -> str:
+def gate_critic_kind(settings: Settings) -> str:
     """The gate's critic: ``learner.gate_critic``, where ``eval`` means the evaluation one."""
     kind = settings.learner.gate_critic
     return settings.learner.eval_critic if kind == "eval" else kind

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from core.embeddings import Embedder
 from core.memory_extract import RulesExtractor
 from core.prompting import load_prompt
 from core.types import BASE_ADAPTER, ChatModel, GenerationParams
@@ -413,7 +414,11 @@ def _rate(flags: Sequence[float], cfg: EvalConfig, salt: int) -> MeanCI:
 
 
 def _independent(
-    result: SystemResult, run: SystemRun, cfg: EvalConfig, embedder: Any, extractor: Any
+    result: SystemResult,
+    run: SystemRun,
+    cfg: EvalConfig,
+    embedder: Embedder | None,
+    extractor: RulesExtractor | None,
 ) -> None:
     """The critic-independent metrics of the earlier protocol (per reply / per dialogue)."""
     sims: list[float] = []
@@ -510,8 +515,8 @@ def _measure(
     train_id: str,
     eval_id: str,
     cfg: EvalConfig,
-    embedder: Any,
-    extractor: Any,
+    embedder: Embedder | None,
+    extractor: RulesExtractor | None,
     base_runner: ModelRunner | None,
 ) -> SystemResult:
     records = run.records
@@ -563,7 +568,7 @@ def evaluate_systems(
     user_model: ChatModel,
     train_critic: Critic,
     eval_critic: Critic,
-    embedder: Any = None,
+    embedder: Embedder | None = None,
     base_runner: ModelRunner | None = None,
     base_model_id: str | None = None,
     config: EvalConfig | None = None,

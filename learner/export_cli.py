@@ -8,6 +8,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from core.settings import Settings
 from learner.export import (
     FORMATS,
     ExportError,
@@ -80,7 +81,7 @@ def register(subparsers: Any) -> Any:
     return p
 
 
-def _export(args: argparse.Namespace, settings: Any) -> int:
+def _export(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     filters = ExportFilters(

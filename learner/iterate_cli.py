@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from core.settings import Settings
 from learner.iterate import build_driver, format_stage_times, format_table
 
 __all__ = ["register_iterate"]
@@ -21,7 +22,7 @@ def register_iterate(learn_subparsers: Any) -> None:
     parser.set_defaults(func=_iterate_handler)
 
 
-def _iterate_handler(args: argparse.Namespace, settings: Any) -> int:
+def _iterate_handler(args: argparse.Namespace, settings: Settings) -> int:
     driver = build_driver(settings, gate=not args.no_gate)
     states = driver.run(
         args.iterations,

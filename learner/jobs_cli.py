@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from core.settings import Settings
 from learner.erasure import erase_user, find_user_id
 from learner.guard import evaluate_sample, load_sample
 from learner.registry import AdapterRegistry
@@ -54,7 +55,7 @@ def _fmt_time(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
 
 
-def _jobs(args: argparse.Namespace, settings: Any) -> int:
+def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     if args.jobs_command == "guard-eval":
         return _guard_eval()
     records = JobRecords(Database.from_settings(settings))
@@ -127,7 +128,7 @@ def _guard_eval() -> int:
     return 0
 
 
-def _erase(args: argparse.Namespace, settings: Any) -> int:
+def _erase(args: argparse.Namespace, settings: Settings) -> int:
     db = Database.from_settings(settings)
     user_id = find_user_id(db, args.user)
     if user_id is None:

@@ -34,6 +34,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.prompting import load_prompt
+from core.settings import Settings
 from core.types import ChatMessage, ChatModel, GenerationParams
 from learner.critic import Critic
 from learner.generate import is_apology, regeneration_request
@@ -98,7 +99,7 @@ class LoggedConfig:
     adapter: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> LoggedConfig:
+    def from_settings(cls, settings: Settings) -> LoggedConfig:
         learner = settings.learner
         return cls(
             idle_minutes=learner.idle_minutes,

@@ -11,6 +11,7 @@ from typing import Any
 
 from core.embeddings import Embedder
 from core.runtime import build_model
+from core.settings import Settings
 from personas.catalog import SHIPPED_FILE, CatalogError, PersonaCatalog, personas_dir, shipped_meta
 from personas.composer import DEFAULT_SEED, build_isco800, dumps_jsonl, meta_json
 from personas.diversity import diversity_report
@@ -83,7 +84,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _build(args: argparse.Namespace, settings: Any) -> int:
+def _build(args: argparse.Namespace, settings: Settings) -> int:
     seed = DEFAULT_SEED if args.seed is None else args.seed
     out = args.out or personas_dir(settings) / "builds" / f"isco800-seed{seed}.jsonl"
     start = time.perf_counter()
@@ -102,7 +103,7 @@ def _build(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _import(args: argparse.Namespace, settings: Any) -> int:
+def _import(args: argparse.Namespace, settings: Settings) -> int:
     try:
         result = import_file(
             args.file, settings.data_dir, args.name, default_split=args.split, replace=args.replace
@@ -117,11 +118,11 @@ def _import(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _load_catalog(settings: Any, set_name: str | None = None) -> Any:
+def _load_catalog(settings: Settings, set_name: str | None = None) -> PersonaCatalog:
     return PersonaCatalog.load(settings, sets=[set_name] if set_name else None)
 
 
-def _stats(args: argparse.Namespace, settings: Any) -> int:
+def _stats(args: argparse.Namespace, settings: Settings) -> int:
     try:
         catalog = _load_catalog(settings, args.set_name)
     except CatalogError as exc:
@@ -176,7 +177,7 @@ def _stats(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, settings: Any) -> int:
+def _show(args: argparse.Namespace, settings: Settings) -> int:
     catalog = _load_catalog(settings)
     try:
         persona = catalog.get(args.id)
@@ -208,7 +209,7 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, settings: Any) -> int:
+def _generate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         validate_set_name(args.set_name)
     except ValueError as exc:
@@ -270,7 +271,7 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
     return 0 if len(report.personas) == args.n else 1
 
 
-def _delete(args: argparse.Namespace, settings: Any) -> int:
+def _delete(args: argparse.Namespace, settings: Settings) -> int:
     try:
         existed = delete_set(settings.data_dir, args.name)
     except ValueError as exc:
