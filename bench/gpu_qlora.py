@@ -96,7 +96,7 @@ def main() -> int:
         base_reply.completion_tokens / (time.perf_counter() - t0), 1
     )
 
-    config = TrainConfig.from_settings(settings.learner, epochs=args.epochs)
+    config = TrainConfig.from_settings(settings.learner.train, epochs=args.epochs)
     torch.cuda.reset_peak_memory_stats()
     trained = train_adapter(
         model_dir, sft, args.data / "trained", config, progress_bar=True, iteration=1

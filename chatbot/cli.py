@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     services = build_services(settings)
     scheduler = None
     try:
-        if settings.learner.scheduler_enabled:
+        if settings.learner.schedule.scheduler_enabled:
             # Only one scheduler is active across processes (a lease in the database);
             # a second app or `upc worker` stands by.
             scheduler = start_embedded_scheduler(settings, services)

@@ -74,7 +74,7 @@ def generation_config(settings: Any, **overrides: Any):  # type: ignore[no-untyp
     from learner.generate import GenerationConfig
 
     gen = settings.generation
-    learner = settings.learner
+    learner = settings.learner.generate
     values: dict[str, Any] = {
         "turns": learner.turns,
         "max_regenerations": learner.max_regenerations,
@@ -178,7 +178,9 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
             registry = AdapterRegistry(settings.adapters_dir, store.db)
             chatbot.load_adapter(args.adapter, registry.verified_path(args.adapter))
         user_model = pool.get(settings.user_sim)
-        critic_model = pool.get(settings.critic) if settings.learner.critic == "llm" else None
+        critic_model = (
+            pool.get(settings.critic) if settings.learner.critics.critic == "llm" else None
+        )
         critic = build_critic(settings, model=critic_model)
         bars: dict[str, Any] = {}
         total_turns = len(personas) * max(config.turns - 1, 0)
@@ -209,7 +211,9 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
         for bar in bars.values():
             bar.close()
         dialogues = store.dialogues(run.id)
-        stats = compute_stats(dialogues, iteration, settings.learner.alpha, settings.learner.beta)
+        stats = compute_stats(
+            dialogues, iteration, settings.learner.select.alpha, settings.learner.select.beta
+        )
         store.finish_run(run.id, stats.to_dict(), stats.tokens)
     finally:
         pool.close()
@@ -231,12 +235,12 @@ def _select(args: argparse.Namespace, settings: Any) -> int:
             store,
             settings.runs_dir,
             args.iteration,
-            alpha=args.alpha if args.alpha is not None else settings.learner.alpha,
-            beta=args.beta if args.beta is not None else settings.learner.beta,
-            accept_threshold=settings.learner.accept_threshold,
-            pair_min_gap=settings.learner.pair_min_gap,
-            holdout_ratio=settings.learner.holdout_ratio,
-            skip_flagged=settings.learner.skip_flagged_targets,
+            alpha=args.alpha if args.alpha is not None else settings.learner.select.alpha,
+            beta=args.beta if args.beta is not None else settings.learner.select.beta,
+            accept_threshold=settings.learner.generate.accept_threshold,
+            pair_min_gap=settings.learner.select.pair_min_gap,
+            holdout_ratio=settings.learner.select.holdout_ratio,
+            skip_flagged=settings.learner.select.skip_flagged_targets,
         )
     except ValueError as exc:
         print(f"error: {exc}")
@@ -272,9 +276,12 @@ def _sanity(args: argparse.Namespace, settings: Any) -> int:
     if args.every < 1:
         print("--every must be 1 or more")
         return 2
-    kind = args.critic or settings.learner.critic
+    kind = args.critic or settings.learner.critics.critic
     settings = dataclasses.replace(
-        settings, learner=dataclasses.replace(settings.learner, critic=kind)
+        settings,
+        learner=dataclasses.replace(
+            settings.learner, critics=dataclasses.replace(settings.learner.critics, critic=kind)
+        ),
     )
     pool = ModelPool(settings)
     try:

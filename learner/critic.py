@@ -609,5 +609,5 @@ def build_critic_kind(
 
 
 def build_critic(settings: Any, model: ChatModel | None = None, embedder: Any = None) -> Critic:
-    """The training critic chosen by ``settings.learner.critic`` (default ``rubric``), cached."""
-    return build_critic_kind(settings.learner.critic, settings, model, embedder)
+    """The training critic chosen by ``settings.learner.critics.critic`` (default ``rubric``), cached."""
+    return build_critic_kind(settings.learner.critics.critic, settings, model, embedder)

@@ -64,13 +64,13 @@ def register(subparsers: Any) -> Any:
         "--train-critic",
         choices=TRAIN_CRITICS,
         default=None,
-        help="the critic training optimises (default: settings.learner.critic)",
+        help="the critic training optimises (default: settings.learner.critics.critic)",
     )
     p.add_argument(
         "--eval-critic",
         choices=EVAL_CRITICS,
         default=None,
-        help="the independent critic (default: settings.learner.eval_critic, spc: fitted on "
+        help="the independent critic (default: settings.learner.critics.eval_critic, spc: fitted on "
         "Synthetic-Persona-Chat)",
     )
     p.add_argument(
@@ -78,7 +78,7 @@ def register(subparsers: Any) -> Any:
         type=float,
         default=None,
         help="relative worsening of a critic-free check counted as a regression "
-        "(default: settings.learner.gate_tolerance)",
+        "(default: settings.learner.gate.gate_tolerance)",
     )
     p.add_argument("--out", help="output dir (default: <data>/runs/eval-<time>)")
     p.add_argument("--seed", type=int, default=0)
@@ -163,7 +163,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> EvalConfig:
     gen = generation_config(settings)
     tolerance = args.tolerance
     if tolerance is None:
-        tolerance = settings.learner.gate_tolerance
+        tolerance = settings.learner.gate.gate_tolerance
     return EvalConfig(
         turns=args.turns,
         seed=args.seed,
@@ -236,10 +236,10 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         user_model = pool.get(settings.user_sim)
         embedder = Embedder()
         train_critic = _critic(
-            settings, args.train_critic or settings.learner.critic, pool, embedder
+            settings, args.train_critic or settings.learner.critics.critic, pool, embedder
         )
         eval_critic = _critic(
-            settings, args.eval_critic or settings.learner.eval_critic, pool, embedder
+            settings, args.eval_critic or settings.learner.critics.eval_critic, pool, embedder
         )
         runner = None
         if not args.no_perplexity and hasattr(local, "run_exclusive"):

@@ -527,6 +527,6 @@ def build_named_critic(
 
 
 def gate_critic_kind(settings: Settings) -> str:
-    """The gate's critic: ``learner.gate_critic``, where ``eval`` means the evaluation one."""
-    kind = settings.learner.gate_critic
-    return settings.learner.eval_critic if kind == "eval" else kind
+    """The gate's critic: ``learner.gate.gate_critic``, where ``eval`` means the evaluation one."""
+    kind = settings.learner.gate.gate_critic
+    return settings.learner.critics.eval_critic if kind == "eval" else kind

@@ -423,7 +423,7 @@ def _gate_resources(settings: Any) -> dict[str, Any]:
     judge = build_model(settings.critic, settings) if kind == "llm" else None
     embedder = Embedder()
     critic = build_named_critic(kind, settings, judge, embedder)
-    personas = PersonaCatalog.load().all(split="validation")[: settings.learner.gate_users]
+    personas = PersonaCatalog.load().all(split="validation")[: settings.learner.gate.gate_users]
     by_id = {p.id: p for p in personas}
 
     def checks(dialogues: Any) -> Any:
@@ -478,11 +478,11 @@ def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True)
         decision = run_gate(
             registry,
             candidate_id,
-            margin=settings.learner.gate_margin,
-            seed=settings.learner.gate_seed,
-            n_seeds=settings.learner.gate_seeds,
-            tolerance=settings.learner.gate_tolerance,
-            turns=settings.learner.turns,
+            margin=settings.learner.gate.gate_margin,
+            seed=settings.learner.gate.gate_seed,
+            n_seeds=settings.learner.gate.gate_seeds,
+            tolerance=settings.learner.gate.gate_tolerance,
+            turns=settings.learner.generate.turns,
             iteration=k,
             promote=False,
             runner=functools.partial(
@@ -500,9 +500,9 @@ def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True)
         steps=IterationSteps(generate=generate, select=select, gate=gate_step),
         base_model=base_model,
         base_model_id=base_model_id,
-        train_config=TrainConfig.from_settings(settings.learner),
+        train_config=TrainConfig.from_settings(settings.learner.train),
         status=TrainingStatusStore(db),
         system_prompt=str(load_prompt("upc_system")),
         progress_bar=progress_bar,
-        retrain_from=settings.learner.retrain_from,
+        retrain_from=settings.learner.train.retrain_from,
     )

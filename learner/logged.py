@@ -100,14 +100,14 @@ class LoggedConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoggedConfig:
-        learner = settings.learner
+        logged, generate = settings.learner.logged, settings.learner.generate
         return cls(
-            idle_minutes=learner.idle_minutes,
-            max_conversations=learner.logged_max_conversations,
-            accept_threshold=learner.accept_threshold,
-            max_regenerations=learner.max_regenerations,
-            guard_user_threshold=learner.guard_user_threshold,
-            guard_min_user_turns=learner.guard_min_user_turns,
+            idle_minutes=logged.idle_minutes,
+            max_conversations=logged.logged_max_conversations,
+            accept_threshold=generate.accept_threshold,
+            max_regenerations=generate.max_regenerations,
+            guard_user_threshold=logged.guard_user_threshold,
+            guard_min_user_turns=logged.guard_min_user_turns,
             chatbot_params=GenerationParams(
                 max_new_tokens=settings.generation.max_new_tokens, temperature=0.7
             ),

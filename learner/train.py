@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 
+from core.learner_settings.train import TrainSettings
 from core.local_model import worth_quantizing
 from learner.sft_loop import StepHook, heldout_loss, run_sft
 from storage.adapter_models import TrainingRun
@@ -91,8 +92,8 @@ class TrainConfig:
     dpo_epochs: int = 1
 
     @classmethod
-    def from_settings(cls, learner: Any, **overrides: Any) -> TrainConfig:
-        """Build from `settings.learner` (a `LearnerSettings`), then apply overrides."""
+    def from_settings(cls, learner: TrainSettings, **overrides: Any) -> TrainConfig:
+        """Build from `settings.learner.train`, then apply overrides."""
         values = {
             "lora_rank": learner.lora_rank,
             "lora_alpha": learner.lora_alpha,

@@ -76,7 +76,7 @@ class JobResources:
             from learner.critic import build_critic
 
             model = None
-            if self.settings.learner.critic == "llm":
+            if self.settings.learner.critics.critic == "llm":
                 model = self.model_pool().get(self.settings.critic)
             self.critic = build_critic(self.settings, model=model)
         return self.critic
@@ -122,7 +122,7 @@ def _driver(res: JobResources, kind: str, ctx: JobContext) -> Any:
     driver = build_driver(settings, progress_bar=False)
     system_prompt = str(load_prompt("upc_system"))
     db = res.database()
-    ratio = settings.learner.real_data_ratio
+    ratio = settings.learner.logged.real_data_ratio
     steps = driver.steps
 
     def generate(k: int, users: int | None) -> Mapping[str, Any]:
@@ -163,7 +163,7 @@ def _run_iteration(res: JobResources, kind: str, ctx: JobContext) -> dict[str, A
     run_dir.mkdir(parents=True, exist_ok=True)
     if existing is None:
         (run_dir / KIND_FILE).write_text(actual, encoding="utf-8")
-    users = res.settings.learner.curriculum_users or None
+    users = res.settings.learner.schedule.curriculum_users or None
     state = driver.run_iteration(k, users=users)
     ctx.progress("done", len(STAGES), len(STAGES), f"iteration {k}")
     return {
@@ -195,7 +195,7 @@ def retrain_job(res: JobResources) -> Callable[[JobContext], Mapping[str, Any]]:
         from learner.logged import pending_count
 
         pending = pending_count(res.database())
-        needed = res.settings.learner.retrain_min_examples
+        needed = res.settings.learner.schedule.retrain_min_examples
         # An interrupted logged iteration has already claimed its examples: finish it.
         if pending < needed and _unfinished_kind(res) != "logged":
             return {"_status": "skipped", "pending_examples": pending, "needed": needed}
@@ -207,7 +207,7 @@ def retrain_job(res: JobResources) -> Callable[[JobContext], Mapping[str, Any]]:
 def build_job_specs(res: JobResources, *, unit_s: float = 60.0) -> list[JobSpec]:
     """The three jobs with their settings' schedules (`unit_s` seconds per minute; tests
     shrink it)."""
-    learner = res.settings.learner
+    learner = res.settings.learner.schedule
     return [
         JobSpec(
             "curriculum",
@@ -236,7 +236,7 @@ def build_job_specs(res: JobResources, *, unit_s: float = 60.0) -> list[JobSpec]
 
 
 def _scheduler(settings: Any, res: JobResources, unit_s: float) -> LearningScheduler:
-    learner = settings.learner
+    learner = settings.learner.schedule
     return LearningScheduler(
         res.database(),
         build_job_specs(res, unit_s=unit_s),
