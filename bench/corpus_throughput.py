@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from core.local_model import LocalModel, pick_device_and_dtype
+    from core.devices import pick_device_and_dtype
+    from core.local_model import LocalModel
 
     if args.model_dir:
         model_dir = args.model_dir

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from core.decoding import PrefixCache, Sampler, left_pad
+from core.devices import cpu_has_native_bf16, pick_device_and_dtype, worth_quantizing
 from core.types import (
     BASE_ADAPTER,
     ChatMessage,
@@ -48,26 +50,6 @@ class AdapterLoadError(ModelError):
     """An adapter directory was refused (unsafe format, missing files, wrong base)."""
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype != "auto":
-        return device, getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return device, torch.bfloat16
-    # Decoding is memory-bound, so bf16 helps where the CPU has native bf16 instructions
-    # (bench/chat_latency.py: 19.9 vs 14.3 tokens/s here); elsewhere bf16 is far slower.
-    return device, torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
 @dataclass
 class _Job:
     prompts: list[list[int]]
@@ -88,30 +70,33 @@ class _Exclusive:
 
 
 _STOP = object()
-_MIN_REUSE = 8  # shorter shared prefixes are not worth a cache lookup
 
 
-SMALL_BASE_BYTES = 2 * 2**30  # below this, 4-bit NF4 buys nothing but slowness
+@dataclass
+class _Rows:
+    """Per-row state of one decoded batch; a row is one prompt of one job."""
 
+    jobs: list[tuple[_Job, int]]
+    prompts: list[list[int]]
+    generated: list[list[int]]
+    emitted: list[str]  # text already sent to the row's stream
+    done: list[bool]
+    reasons: list[str]
+    first_token_at: list[float | None]
 
-def worth_quantizing(model_path: str | Path) -> bool:
-    """Whether 4-bit loading pays off: not for a local base under 2 GiB of weights.
-
-    An HF id that is not a local directory is assumed large (the cautious choice for CUDA).
-    """
-    path = Path(model_path)
-    if not path.is_dir():
-        return True
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return size == 0 or size >= SMALL_BASE_BYTES
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    limit = min(len(a), len(b))
-    i = 0
-    while i < limit and a[i] == b[i]:
-        i += 1
-    return i
+    @classmethod
+    def of(cls, batch: list[_Job]) -> _Rows:
+        jobs = [(job, i) for job in batch for i in range(len(job.prompts))]
+        n = len(jobs)
+        return cls(
+            jobs=jobs,
+            prompts=[job.prompts[i] for job, i in jobs],
+            generated=[[] for _ in range(n)],
+            emitted=[""] * n,
+            done=[False] * n,
+            reasons=["length"] * n,
+            first_token_at=[None] * n,
+        )
 
 
 class LocalModel:
@@ -170,10 +155,7 @@ class LocalModel:
         self._adapters: dict[str, str] = {}
         self._retiring: set[str] = set()
         self._in_use: dict[str, int] = {}
-        # Recent single-request KV caches, keyed by insertion; the worker thread owns them.
-        self.prefix_cache_size = prefix_cache_size
-        self._prefixes: OrderedDict[int, tuple[list[int], Any, str | None]] = OrderedDict()
-        self._prefix_counter = 0
+        self._prefixes = PrefixCache(prefix_cache_size)
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -381,8 +363,7 @@ class LocalModel:
         for adapter_id in list(self._retiring):
             if self._in_use.get(adapter_id, 0) > 0:
                 continue
-            for key in [k for k, v in self._prefixes.items() if v[2] == adapter_id]:
-                del self._prefixes[key]
+            self._prefixes.drop_adapter(adapter_id)
             if adapter_id in self._adapters and hasattr(self.model, "delete_adapter"):
                 self.model.delete_adapter(adapter_id)
                 del self._adapters[adapter_id]
@@ -476,41 +457,6 @@ class LocalModel:
                 ]
             )
 
-    def _cached_prefix(self, prompts: list[list[int]], adapter: str | None) -> tuple[Any, int]:
-        """A KV cache holding the longest cached prefix of a single prompt, and its length.
-
-        Chat turns extend the previous turn's prompt and reply, so the next request from the
-        same conversation usually re-uses almost all of its prompt's keys and values.
-        """
-        from transformers import DynamicCache
-
-        if len(prompts) != 1 or not self._prefixes:
-            return DynamicCache(), 0
-        prompt = prompts[0]
-        best_key, best_len = None, 0
-        for key, (tokens, _cache, owner) in self._prefixes.items():
-            if owner != adapter:
-                continue
-            length = _common_prefix(tokens, prompt)
-            if length > best_len:
-                best_key, best_len = key, length
-        usable = min(best_len, len(prompt) - 1)
-        if best_key is None or usable < _MIN_REUSE:
-            return DynamicCache(), 0
-        _tokens, cache, _owner = self._prefixes.pop(best_key)
-        excess = cache.get_seq_length() - usable
-        if excess > 0:
-            cache.crop(-excess)
-        return cache, usable
-
-    def _store_prefix(self, tokens: list[int], cache: Any, adapter: str | None) -> None:
-        if self.prefix_cache_size <= 0 or len(tokens) < _MIN_REUSE:
-            return
-        self._prefix_counter += 1
-        self._prefixes[self._prefix_counter] = (tokens, cache, adapter)
-        while len(self._prefixes) > self.prefix_cache_size:
-            self._prefixes.popitem(last=False)
-
     def _adapter_context(self, adapter: str | None) -> Any:
         from contextlib import nullcontext
 
@@ -523,35 +469,16 @@ class LocalModel:
         return nullcontext()
 
     def _decode(self, batch: list[_Job]) -> None:
-        rows: list[tuple[_Job, int]] = [(job, i) for job in batch for i in range(len(job.prompts))]
-        prompts = [job.prompts[i] for job, i in rows]
-        n = len(rows)
+        rows = _Rows.of(batch)
+        prompts, n = rows.prompts, len(rows.jobs)
         started = time.perf_counter()
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[r, width - len(p) :] = 1
-        input_ids = input_ids.to(self.device)
-        attention = attention.to(self.device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        params = [job.params for job, _ in rows]
+        input_ids, attention, positions = left_pad(prompts, pad_id, self.device)
+        params = [job.params for job, _ in rows.jobs]
         max_new = max(p.max_new_tokens for p in params)
         # Rows of one job get distinct seeds, so a seeded batch does not repeat itself.
-        generators = [
-            _make_generator(None if job.params.seed is None else job.params.seed + idx)
-            for job, idx in rows
-        ]
-        penalty = torch.tensor([p.repetition_penalty or 1.0 for p in params], device=self.device)
-        temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], device=self.device)
-        generated: list[list[int]] = [[] for _ in range(n)]
-        emitted_text = [""] * n
-        done = [False] * n
-        reasons = ["length"] * n
-        first_token_at: list[float | None] = [None] * n
+        seeds = [None if j.params.seed is None else j.params.seed + i for j, i in rows.jobs]
+        sample = Sampler.for_rows(params, seeds, self.device)
         vocab = self.model.get_output_embeddings().weight.shape[0]
         # The repetition penalty covers generated tokens only: penalising the prompt would
         # also penalise the end-of-turn token and keep replies running to the cap.
@@ -559,7 +486,7 @@ class LocalModel:
         stop_index = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=self.device)
 
         adapter = batch[0].adapter
-        cache, reused = self._cached_prefix(prompts, adapter)
+        cache, reused = self._prefixes.take(prompts, adapter)
         if reused:
             # Only the part of the prompt after the cached prefix needs a forward pass.
             input_ids = input_ids[:, reused:]
@@ -577,48 +504,22 @@ class LocalModel:
             logits = out.logits[:, -1, :].float()
             position = positions[:, -1:]
             for step in range(max_new):
-                too_short = [r for r in range(n) if len(generated[r]) < params[r].min_new_tokens]
+                too_short = [
+                    r for r in range(n) if len(rows.generated[r]) < params[r].min_new_tokens
+                ]
                 if too_short:
                     rows_index = torch.tensor(too_short, device=self.device)
                     logits[rows_index[:, None], stop_index[None, :]] = float("-inf")
-                next_ids = _sample_batch(
-                    logits, seen, penalty, temperature, top_p, generators
-                ).cpu()
+                next_ids = sample(logits, seen).cpu()
                 for r in range(n):
-                    if done[r]:
+                    if rows.done[r]:
                         next_ids[r] = pad_id
-                now = time.perf_counter()
-                kept: list[int] = []
-                for r in range(n):
-                    if done[r]:
-                        continue
-                    job, idx = rows[r]
-                    token = int(next_ids[r])
-                    if first_token_at[r] is None:
-                        first_token_at[r] = now - job.submitted_at
-                    if job.cancelled.is_set():
-                        done[r], reasons[r] = True, "stop"
-                        continue
-                    if token in self._stop_ids:
-                        done[r], reasons[r] = True, "stop"
-                        continue
-                    generated[r].append(token)
-                    kept.append(r)
-                    sink = job.sinks[idx]
-                    if sink is not None:
-                        text = self.tokenizer.decode(generated[r], skip_special_tokens=True)
-                        if not text.endswith("\ufffd") and len(text) > len(emitted_text[r]):
-                            sink.put(text[len(emitted_text[r]) :])
-                            emitted_text[r] = text
-                    if len(generated[r]) >= params[r].max_new_tokens:
-                        done[r], reasons[r] = True, "length"
-                    elif now > job.deadline:
-                        done[r], reasons[r] = True, "timeout"
+                kept = self._accept(rows, next_ids, time.perf_counter())
                 if kept:
                     # One scatter for the step instead of one device write per row.
                     rows_kept = torch.tensor(kept, device=self.device)
                     seen[rows_kept, next_ids.to(self.device)[rows_kept]] = True
-                if all(done) or step == max_new - 1:
+                if all(rows.done) or step == max_new - 1:
                     break
                 attention = torch.cat(
                     [attention, torch.ones((n, 1), dtype=attention.dtype, device=self.device)],
@@ -637,75 +538,63 @@ class LocalModel:
                 logits = out.logits[:, -1, :].float()
         elapsed = time.perf_counter() - started
         if fed is not None:
-            self._store_prefix(fed[: cache.get_seq_length()], cache, adapter)
-        results: dict[int, list[Completion]] = {id(job): [] for job in batch}
-        for r, (job, idx) in enumerate(rows):
-            text = self.tokenizer.decode(generated[r], skip_special_tokens=True).strip()
+            self._prefixes.store(fed[: cache.get_seq_length()], cache, adapter)
+        extra = {"batch_size": n, "decode_s": elapsed, "cached_prompt_tokens": reused}
+        self._deliver(batch, rows, extra)
+
+    def _accept(self, rows: _Rows, next_ids: torch.Tensor, now: float) -> list[int]:
+        """Take one sampled token per live row; returns the rows whose token was kept."""
+        kept: list[int] = []
+        for r, (job, idx) in enumerate(rows.jobs):
+            if rows.done[r]:
+                continue
+            token = int(next_ids[r])
+            if rows.first_token_at[r] is None:
+                rows.first_token_at[r] = now - job.submitted_at
+            if job.cancelled.is_set() or token in self._stop_ids:
+                rows.done[r], rows.reasons[r] = True, "stop"
+                continue
+            rows.generated[r].append(token)
+            kept.append(r)
             sink = job.sinks[idx]
             if sink is not None:
-                full = self.tokenizer.decode(generated[r], skip_special_tokens=True)
-                if len(full) > len(emitted_text[r]):
-                    sink.put(full[len(emitted_text[r]) :])
+                text = self.tokenizer.decode(rows.generated[r], skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(rows.emitted[r]):
+                    sink.put(text[len(rows.emitted[r]) :])
+                    rows.emitted[r] = text
+            if len(rows.generated[r]) >= job.params.max_new_tokens:
+                rows.done[r], rows.reasons[r] = True, "length"
+            elif now > job.deadline:
+                rows.done[r], rows.reasons[r] = True, "timeout"
+        return kept
+
+    def _deliver(self, batch: list[_Job], rows: _Rows, extra: dict[str, Any]) -> None:
+        """Flush each stream's last text, then resolve every job with its completions."""
+        results: dict[int, list[Completion]] = {id(job): [] for job in batch}
+        for r, (job, idx) in enumerate(rows.jobs):
+            generated = rows.generated[r]
+            text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+            sink = job.sinks[idx]
+            if sink is not None:
+                full = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if len(full) > len(rows.emitted[r]):
+                    sink.put(full[len(rows.emitted[r]) :])
                 sink.put(_STOP)
             results[id(job)].append(
                 Completion(
                     text=text,
                     model_id=self.model_id,
                     adapter_id=job.adapter or BASE_ADAPTER,
-                    prompt_tokens=len(prompts[r]),
-                    completion_tokens=len(generated[r]),
+                    prompt_tokens=len(rows.prompts[r]),
+                    completion_tokens=len(generated),
                     latency_s=time.perf_counter() - job.submitted_at,
-                    first_token_s=first_token_at[r],
-                    finish_reason=reasons[r],  # type: ignore[arg-type]
-                    extra={"batch_size": n, "decode_s": elapsed, "cached_prompt_tokens": reused},
+                    first_token_s=rows.first_token_at[r],
+                    finish_reason=rows.reasons[r],  # type: ignore[arg-type]
+                    extra=dict(extra),
                 )
             )
         for job in batch:
             job.future.set_result(results[id(job)])
-
-
-def _make_generator(seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    return generator
-
-
-_NUCLEUS_CANDIDATES = 512  # top-p is applied within the 512 likeliest tokens
-
-
-def _sample_batch(
-    logits: torch.Tensor,
-    seen: torch.Tensor,
-    penalty: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    generators: list[torch.Generator | None],
-) -> torch.Tensor:
-    """One next token per row: repetition penalty, then greedy or temperature + top-p.
-
-    Vectorised over the batch; only the final draw is per row (each row may have its own
-    seeded generator).
-    """
-    pen = penalty[:, None]
-    penalised = torch.where(logits > 0, logits / pen, logits * pen)
-    logits = torch.where(seen, penalised, logits)
-    choice = torch.argmax(logits, dim=-1)
-    sampled = (temperature > 0).nonzero().flatten().tolist()
-    if not sampled:
-        return choice
-    k = min(_NUCLEUS_CANDIDATES, logits.shape[-1])
-    top_logits, top_ids = torch.topk(logits, k, dim=-1)
-    probs = torch.softmax(top_logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    cumulative = probs.cumsum(dim=-1)
-    keep = (cumulative - probs) < top_p[:, None]
-    keep[:, 0] = True
-    probs = (probs * keep).cpu()
-    for r in sampled:
-        pick = torch.multinomial(probs[r], 1, generator=generators[r])
-        choice[r] = top_ids[r, int(pick)]
-    return choice
 
 
 def _check_adapter_dir(path: Path) -> None:
