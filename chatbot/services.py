@@ -60,14 +60,7 @@ def session_secret(settings: Settings) -> str:
 
 
 def generation_params(settings: Settings) -> GenerationParams:
-    g = settings.generation
-    return GenerationParams(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        repetition_penalty=g.repetition_penalty,
-        timeout_s=g.timeout_s,
-    )
+    return settings.generation.params()
 
 
 def _build_memory(

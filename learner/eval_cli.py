@@ -17,8 +17,7 @@ from core.openai_model import OpenAIModel
 from core.runtime import ModelPool
 from core.settings import Settings
 from learner.cli import generation_config
-from learner.critic import Critic
-from learner.eval_critic import build_named_critic
+from learner.critic import build_critic, critic_kind
 from learner.eval_report import to_markdown, write_outputs
 from learner.evaluate import EvalConfig, evaluate_systems, parse_systems
 from learner.registry import AdapterError, AdapterRegistry
@@ -152,11 +151,6 @@ def _load_personas(args: argparse.Namespace, settings: Settings) -> tuple[list[A
     return select_personas(pool, args.users, args.seed), source
 
 
-def _critic(settings: Settings, kind: str, pool: ModelPool, embedder: Embedder) -> Critic:
-    model = pool.get(settings.critic) if kind == "llm" else None
-    return build_named_critic(kind, settings, model, embedder)
-
-
 def _config(args: argparse.Namespace, settings: Settings) -> EvalConfig:
     if args.users < 1:
         raise ValueError("--users must be 1 or more")
@@ -235,11 +229,14 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         systems, local, openai_models = _systems(specs, pool, settings, args)
         user_model = pool.get(settings.user_sim)
         embedder = Embedder()
-        train_critic = _critic(
-            settings, args.train_critic or settings.learner.critics.critic, pool, embedder
+        train_critic = build_critic(
+            settings, kind=args.train_critic or critic_kind(settings), pool=pool, embedder=embedder
         )
-        eval_critic = _critic(
-            settings, args.eval_critic or settings.learner.critics.eval_critic, pool, embedder
+        eval_critic = build_critic(
+            settings,
+            kind=args.eval_critic or critic_kind(settings, "eval"),
+            pool=pool,
+            embedder=embedder,
         )
         runner = None
         if not args.no_perplexity and hasattr(local, "run_exclusive"):

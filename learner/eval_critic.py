@@ -27,9 +27,6 @@ from typing import Any
 import numpy as np
 
 from core.embeddings import Embedder
-from core.settings import Settings
-from core.types import ChatModel
-from learner.critic import Critic, build_critic_kind
 from learner.records import DIMENSIONS, CriticInput, Score
 
 __all__ = [
@@ -41,10 +38,8 @@ __all__ = [
     "Head",
     "PersonaChatCritic",
     "RankerWeights",
-    "build_named_critic",
     "critic_agreement",
     "extract_features",
-    "gate_critic_kind",
     "load_weights",
 ]
 
@@ -508,25 +503,3 @@ def critic_agreement(
         pair_agreement=share,
         pairs=pairs,
     )
-
-
-def _build_spc(
-    settings: Settings, model: ChatModel | None, embedder: Embedder | None
-) -> PersonaChatCritic:
-    return PersonaChatCritic(embedder if embedder is not None else Embedder())
-
-
-def build_named_critic(
-    kind: str,
-    settings: Settings,
-    model: ChatModel | None = None,
-    embedder: Embedder | None = None,
-) -> Critic:
-    """Any critic by name: the training critics of ``learner.critic`` plus ``spc``."""
-    return build_critic_kind(kind, settings, model, embedder, extra_builders={"spc": _build_spc})
-
-
-def gate_critic_kind(settings: Settings) -> str:
-    """The gate's critic: ``learner.gate.gate_critic``, where ``eval`` means the evaluation one."""
-    kind = settings.learner.gate.gate_critic
-    return settings.learner.critics.eval_critic if kind == "eval" else kind

@@ -413,16 +413,16 @@ def _gate_resources(settings: Any) -> dict[str, Any]:
     from core.embeddings import Embedder
     from core.runtime import build_model
     from learner.checks import critic_free_checks
-    from learner.eval_critic import build_named_critic, gate_critic_kind
+    from learner.critic import build_critic, critic_kind
     from personas.catalog import PersonaCatalog
 
     chatbot = build_model(settings.chatbot, settings)
     same = dataclasses.asdict(settings.user_sim) == dataclasses.asdict(settings.chatbot)
     user_model = chatbot if same else build_model(settings.user_sim, settings)
-    kind = gate_critic_kind(settings)
+    kind = critic_kind(settings, "gate")
     judge = build_model(settings.critic, settings) if kind == "llm" else None
     embedder = Embedder()
-    critic = build_named_critic(kind, settings, judge, embedder)
+    critic = build_critic(settings, judge, embedder, kind=kind)
     personas = PersonaCatalog.load().all(split="validation")[: settings.learner.gate.gate_users]
     by_id = {p.id: p for p in personas}
 
