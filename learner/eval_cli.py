@@ -18,8 +18,9 @@ from core.runtime import ModelPool
 from core.settings import Settings
 from learner.cli import generation_config
 from learner.critic import build_critic, critic_kind
+from learner.eval_records import EvalConfig, parse_systems
 from learner.eval_report import to_markdown, write_outputs
-from learner.evaluate import EvalConfig, evaluate_systems, parse_systems
+from learner.evaluate import evaluate_systems
 from learner.registry import AdapterError, AdapterRegistry
 from learner.side_by_side import unblind, write_side_by_side
 from personas.catalog import PersonaCatalog
