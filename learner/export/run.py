@@ -11,9 +11,10 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from learner.export.records import (
     ExportResult,
     iso,
 )
-from learner.export.writers import open_writers, zip_dir
+from learner.export.writers import Writer, open_writers, zip_dir
 from learner.pii import PiiScrubber, ScrubCounts, UserTerms
 from storage.db import Database
 
@@ -107,6 +108,32 @@ def export(
     return result
 
 
+@dataclass
+class _Tally:
+    """What the export has visited and written so far."""
+
+    total: int = 0  # estimated messages to visit
+    visited: int = 0
+    conversations: int = 0
+    messages: int = 0
+    real: int = 0
+    synthetic: int = 0
+    skipped_empty: int = 0
+    progress: Callable[[ExportProgress], None] | None = None
+
+    def report(self, phase: str) -> None:
+        if self.progress is not None:
+            self.progress(ExportProgress(phase, self.conversations, self.messages, self.total))
+
+    def written(self, record: ExportRecord) -> None:
+        self.conversations += 1
+        self.messages += len(record.messages)
+        if record.meta.source == "real":
+            self.real += 1
+        else:
+            self.synthetic += 1
+
+
 def _run(
     reader: DialogueReader,
     options: ExportOptions,
@@ -116,45 +143,26 @@ def _run(
     cancel: Callable[[], bool] | None,
 ) -> ExportResult:
     files, writers = open_writers(formats, out_dir)
-
-    def report(phase: str) -> None:
-        if progress is not None:
-            progress(ExportProgress(phase, conversations, messages, total))
-
-    conversations = messages = real = synthetic = skipped_empty = 0
-    total = 0
+    tally = _Tally(progress=progress)
+    report = tally.report
     report("counting")
-    total, skipped_opted_out = reader.count()
+    tally.total, skipped_opted_out = reader.count()
     scrubber = PiiScrubber()
     counts = ScrubCounts()
-    sources: list[Iterator[tuple[ExportRecord, UserTerms | None]]] = []
-    if reader.want_real:
-        sources.append(reader.iter_real())
-    if reader.want_synthetic:
-        sources.append(reader.iter_synthetic())
-    visited = 0
     try:
-        for source in sources:
-            for record, terms in source:
-                visited += 1
-                if record.meta.n_bot_turns == 0:
-                    skipped_empty += 1
-                elif _selected(record, reader.filters):
-                    if options.scrub:
-                        _scrub_record(record, scrubber, counts, terms)
-                    data = record.to_json()
-                    for writer in writers:
-                        writer.write(record, data)
-                    conversations += 1
-                    messages += len(record.messages)
-                    if record.meta.source == "real":
-                        real += 1
-                    else:
-                        synthetic += 1
-                if visited % reader.chunk == 0:
-                    if cancel is not None and cancel():
-                        raise ExportCancelled("export cancelled")
-                    report("writing")
+        for record, terms in chain.from_iterable(_sources(reader)):
+            tally.visited += 1
+            if record.meta.n_bot_turns == 0:
+                tally.skipped_empty += 1
+            elif _selected(record, reader.filters):
+                if options.scrub:
+                    _scrub_record(record, scrubber, counts, terms)
+                _write(record, writers)
+                tally.written(record)
+            if tally.visited % reader.chunk == 0:
+                if cancel is not None and cancel():
+                    raise ExportCancelled("export cancelled")
+                report("writing")
     finally:
         for writer in writers:
             writer.close()
@@ -168,17 +176,33 @@ def _run(
         export_id=out_dir.name,
         directory=out_dir,
         files=files,
-        conversations=conversations,
-        messages=messages,
-        real=real,
-        synthetic=synthetic,
+        conversations=tally.conversations,
+        messages=tally.messages,
+        real=tally.real,
+        synthetic=tally.synthetic,
         skipped_opted_out=skipped_opted_out,
-        skipped_empty=skipped_empty,
+        skipped_empty=tally.skipped_empty,
         scrubbed=counts,
         scrub_enabled=options.scrub,
         salt_source="",
         duration_s=0.0,
     )
+
+
+def _sources(reader: DialogueReader) -> list[Iterator[tuple[ExportRecord, UserTerms | None]]]:
+    """Real conversations first, then synthetic dialogues, as the filters ask."""
+    sources = []
+    if reader.want_real:
+        sources.append(reader.iter_real())
+    if reader.want_synthetic:
+        sources.append(reader.iter_synthetic())
+    return sources
+
+
+def _write(record: ExportRecord, writers: Sequence[Writer]) -> None:
+    data = record.to_json()  # once for every format
+    for writer in writers:
+        writer.write(record, data)
 
 
 def _manifest(
