@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
 
 from core.settings import Settings
 from learner.export import (
+    FEEDBACK_CHOICES,
     FORMATS,
+    SOURCES,
     ExportError,
     ExportFilters,
     ExportOptions,
@@ -29,8 +30,6 @@ def _date(value: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO date: {value!r}") from exc
     # The database stores naive UTC times.
     if parsed.tzinfo is not None:
-        from datetime import UTC
-
         parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     return parsed
 
@@ -43,7 +42,7 @@ def _formats(value: str) -> tuple[str, ...]:
     return items
 
 
-def register(subparsers: Any) -> Any:
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export",
         help="export dialogues for research (PII scrubbed by default)",
@@ -53,7 +52,7 @@ def register(subparsers: Any) -> Any:
         "--format",
         dest="formats",
         type=_formats,
-        default=("jsonl", "sharegpt", "parquet", "hf"),
+        default=FORMATS,
         help="comma list of jsonl,sharegpt,parquet,hf (default: all)",
     )
     p.add_argument("--since", type=_date, help="conversations created at/after (UTC)")
@@ -65,10 +64,10 @@ def register(subparsers: Any) -> Any:
     p.add_argument(
         "--source",
         action="append",
-        choices=("real", "synthetic", "regenerated"),
+        choices=SOURCES,
         help="repeatable; a union (default: real and synthetic)",
     )
-    p.add_argument("--feedback", choices=("any", "liked", "disliked", "none"), default="any")
+    p.add_argument("--feedback", choices=FEEDBACK_CHOICES, default="any")
     p.add_argument(
         "--include-opted-out", action="store_true", help="include users excluded from training"
     )
