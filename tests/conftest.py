@@ -28,6 +28,7 @@ def embedded_model_dir(tmp_path_factory) -> Path:
 
     `UPC_TEST_MODELS_DIR` may point at a directory to reuse between runs.
     """
+    # Not at the top: the offline environment above must be set before the model stack loads.
     from core.runtime import ensure_embedded_model
 
     root = os.environ.get("UPC_TEST_MODELS_DIR")

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from learner.registry import AdapterRegistry
 from learner.scheduler import JobRecords
+from storage.adapter_models import TrainingRun
 from storage.corpus_models import DialogueRow
 from storage.db import Database
 from tests.test_logged import seed_conversation
@@ -54,8 +55,6 @@ def _stage(records: JobRecords, job: str) -> str | None:
 
 
 def _training_step(db: Database) -> int:
-    from storage.adapter_models import TrainingRun
-
     with db.session() as s:
         steps = s.scalars(select(TrainingRun.step).where(TrainingRun.status == "running")).all()
     return max(steps, default=0)

@@ -8,6 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from core.openai_model import OpenAIModel
+from core.runtime import build_model
+from core.settings import load_settings
 from core.types import ChatMessage, GenerationParams, ModelBusyError, ModelError
 
 MSGS = [ChatMessage("user", "hi")]
@@ -92,9 +94,6 @@ def test_garbage_and_dead_endpoints_fail_clearly(server_factory):
 
 
 def test_api_key_comes_from_the_environment_only(monkeypatch, tmp_path):
-    from core.runtime import build_model
-    from core.settings import load_settings
-
     monkeypatch.setenv("MY_PROVIDER_KEY", "sk-test-from-env-000000000000")
     settings = load_settings(
         env={
