@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from core.embeddings import Embedder
 from learner.records import DIMENSIONS, CriticInput, Score
 
 __all__ = ["EmbeddingCritic", "score_from_expected"]
@@ -72,7 +72,7 @@ class EmbeddingCritic:
     REPEAT_RANGE = (0.70, 0.95)
     NOVEL_WORDS_FULL = 10
 
-    def __init__(self, embedder: Any):
+    def __init__(self, embedder: Embedder):
         self.embedder = embedder
         self.model_id = f"embedding:{embedder.model_id}"
         self.prompt_version = "embedding-v1"

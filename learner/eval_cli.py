@@ -16,9 +16,10 @@ from core.embeddings import Embedder
 from core.openai_model import OpenAIModel
 from core.runtime import ModelPool
 from core.settings import Settings
+from core.types import ChatModel
 from learner.cli import generation_config
 from learner.critic import build_critic, critic_kind
-from learner.eval_records import EvalConfig, parse_systems
+from learner.eval_records import EvalConfig, SystemSpec, parse_systems
 from learner.eval_report import to_markdown, write_outputs
 from learner.evaluate import evaluate_systems
 from learner.registry import AdapterError, AdapterRegistry
@@ -175,13 +176,15 @@ def _config(args: argparse.Namespace, settings: Settings) -> EvalConfig:
     )
 
 
-def _systems(specs: list[Any], pool: Any, settings: Settings, args: argparse.Namespace) -> Any:
+def _systems(
+    specs: list[SystemSpec], pool: ModelPool, settings: Settings, args: argparse.Namespace
+) -> tuple[list[tuple[SystemSpec, ChatModel]], ChatModel | None, list[OpenAIModel]]:
     """(spec, model) pairs, the local model (or None) and the OpenAI clients to close."""
-
     local = None
     if any(s.kind != "openai" for s in specs) or not args.no_perplexity:
         local = pool.get(settings.chatbot)
-    systems, openai_models = [], []
+    systems: list[tuple[SystemSpec, ChatModel]] = []
+    openai_models: list[OpenAIModel] = []
     registry = None
     for spec in specs:
         if spec.kind == "openai":
