@@ -36,7 +36,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         if settings.learner.schedule.scheduler_enabled:
             # Only one scheduler is active across processes (a lease in the database);
             # a second app or `upc worker` stands by.
-            scheduler = start_embedded_scheduler(settings, services)
+            scheduler = start_embedded_scheduler(
+                settings,
+                db=services.db,
+                models=services.models,
+                chatbot=services.chatbot_model,
+                memory=services.memory,
+            )
         launch(settings, services)
     finally:
         if scheduler is not None:

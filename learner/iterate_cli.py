@@ -6,7 +6,9 @@ import argparse
 from typing import Any
 
 from core.settings import Settings
+from learner.cli import CorpusBars
 from learner.iterate import build_driver, format_stage_times, format_table
+from learner.stages import LoopParts
 
 __all__ = ["register_iterate"]
 
@@ -23,12 +25,18 @@ def register_iterate(learn_subparsers: Any) -> None:
 
 
 def _iterate_handler(args: argparse.Namespace, settings: Settings) -> int:
-    driver = build_driver(settings, gate=not args.no_gate)
-    states = driver.run(
-        args.iterations,
-        users=args.users,
-        on_iteration=lambda s: print(format_table([s]).splitlines()[-1], flush=True),
-    )
+    parts = LoopParts.from_settings(settings)
+    try:
+        driver = build_driver(
+            settings, parts, gate=not args.no_gate, progress=CorpusBars(), progress_bar=True
+        )
+        states = driver.run(
+            args.iterations,
+            users=args.users,
+            on_iteration=lambda s: print(format_table([s]).splitlines()[-1], flush=True),
+        )
+    finally:
+        parts.close()
     print()
     print(format_table(states))
     print()

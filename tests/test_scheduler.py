@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select
 
 from chatbot.chat import ChatService
+from core.runtime import ModelPool
 from core.settings import load_settings
 from core.types import GenerationParams
 from learner.scheduler import JobRecords, JobSpec, LearningScheduler
@@ -90,8 +90,11 @@ def test_fast_interval_controls_and_persistence(data_dir, tiny_model_dir, tiny_l
     settings = _settings(_env(data_dir, tiny_model_dir))
     db = Database.from_settings(settings)
     seed_conversation(db, "nurse")
-    services = SimpleNamespace(db=db, chatbot_model=tiny_local, memory=None, models=None)
-    scheduler = start_embedded_scheduler(settings, services, unit_s=1.0)
+    # The app's parts: the jobs use its pool and serving model, never a pool of their own.
+    pool = ModelPool(settings)
+    scheduler = start_embedded_scheduler(
+        settings, db=db, models=pool, chatbot=tiny_local, unit_s=1.0
+    )
     records = JobRecords(db)
     try:
         _wait(lambda: len([r for r in records.runs("critique") if r.status == "success"]) >= 2)
@@ -113,6 +116,7 @@ def test_fast_interval_controls_and_persistence(data_dir, tiny_model_dir, tiny_l
         records.set_schedule("retrain", seconds=3600)
     finally:
         scheduler.shutdown()
+        pool.close()
     # A fresh scheduler keeps the pause and the operator's schedule (persisted).
     again = LearningScheduler(
         db, build_job_specs(JobResources(settings, db=db), unit_s=1.0), lease_ttl_s=3, poll_s=0.3
