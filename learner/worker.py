@@ -35,8 +35,9 @@ from learner import stages
 from learner.critic import Critic
 from learner.curriculum import iteration_dir
 from learner.iterate import STAGES, IterationDriver, build_driver, next_iteration
+from learner.job_records import JobContext, JobSpec
 from learner.logged import LoggedConfig, LoggedLearner, load_salt, pending_count
-from learner.scheduler import JobContext, JobSpec, LearningScheduler
+from learner.scheduler import LearningScheduler
 from learner.stages import GenerationStats, LoopParts, Selection
 from storage.db import Database
 

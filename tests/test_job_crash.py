@@ -13,8 +13,8 @@ import signal
 import pytest
 from sqlalchemy import func, select
 
+from learner.job_records import JobRecords
 from learner.registry import AdapterRegistry
-from learner.scheduler import JobRecords
 from storage.adapter_models import TrainingRun
 from storage.corpus_models import DialogueRow
 from storage.db import Database

@@ -16,7 +16,8 @@ from chatbot.chat import ChatService
 from core.runtime import ModelPool
 from core.settings import load_settings
 from core.types import GenerationParams
-from learner.scheduler import JobRecords, JobSpec, LearningScheduler
+from learner.job_records import JobRecords, JobSpec
+from learner.scheduler import LearningScheduler
 from learner.worker import JobResources, build_job_specs, start_embedded_scheduler
 from storage.db import Database
 from storage.logged_models import LoggedTurnRow
