@@ -145,15 +145,6 @@ class LearnerSettings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     logged: LoggedSettings = field(default_factory=LoggedSettings)
 
-    # The operator console reads these two flat names; it moves to `schedule`.
-    @property
-    def curriculum_interval_minutes(self) -> int:
-        return self.schedule.curriculum_interval_minutes
-
-    @property
-    def critique_interval_minutes(self) -> int:
-        return self.schedule.critique_interval_minutes
-
 
 @dataclass
 class Settings:

@@ -28,7 +28,7 @@ from learner.sanity import (
     load_adversarial_cases,
     load_sanity_cases,
 )
-from learner.stages import LoopParts, generation_config
+from learner.stages import LoopParts
 from learner.store import CorpusStore
 from storage.db import Database
 
@@ -153,7 +153,9 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     parts = LoopParts.from_settings(settings)
     try:
         iteration = _pick_iteration(parts.corpus, args.iteration)
-        config = generation_config(settings, turns=args.turns, adapter=args.adapter, seed=args.seed)
+        config = stages.generation_config(
+            settings, turns=args.turns, adapter=args.adapter, seed=args.seed
+        )
         result = stages.generate(
             parts.pool,
             parts.critic(),

@@ -17,13 +17,13 @@ from core.openai_model import OpenAIModel
 from core.runtime import ModelPool
 from core.settings import Settings
 from core.types import ChatModel
-from learner.cli import generation_config
 from learner.critic import build_critic, critic_kind
 from learner.eval_records import EvalConfig, SystemSpec, parse_systems
 from learner.eval_report import to_markdown, write_outputs
 from learner.evaluate import evaluate_systems
 from learner.registry import AdapterError, AdapterRegistry
 from learner.side_by_side import unblind, write_side_by_side
+from learner.stages import generation_config
 from personas.catalog import PersonaCatalog
 from personas.importer import PersonaImportError, parse_personas
 from storage.db import Database
