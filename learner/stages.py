@@ -40,7 +40,7 @@ from learner.curriculum import (
 )
 from learner.gate import GateDecision, ensure_adapter, run_gate
 from learner.generate import CorpusGenerator, GenerationConfig, run_dialogues
-from learner.logged import MixResult, build_logged_training_set, mix_into_training_set
+from learner.logged_export import MixResult, build_logged_training_set, mix_into_training_set
 from learner.records import DialogueRecord, IterationStats, PersonaLike
 from learner.registry import AdapterManifest, AdapterRegistry, code_version, hash_model_weights
 from learner.store import CorpusStore
