@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._record import record
-from chatbot.local_model import LocalModel
-from chatbot.prompting import load_prompt
-from chatbot.types import ChatMessage, GenerationParams
+from core.local_model import LocalModel
+from core.prompting import load_prompt
+from core.types import ChatMessage, GenerationParams
 
 HISTORY = [
     ("assistant", "Hi there! What has kept you busy this week?"),
@@ -88,8 +88,8 @@ def main() -> int:
     args = parser.parse_args()
     model_dir = args.model
     if model_dir is None:
-        from chatbot.runtime import ensure_embedded_model
-        from chatbot.settings import load_settings
+        from core.runtime import ensure_embedded_model
+        from core.settings import load_settings
 
         model_dir = ensure_embedded_model(load_settings().models_dir)
     model = LocalModel(

@@ -32,7 +32,7 @@ def _personas(n: int) -> list:
 
 
 def _run(model, personas, *, batch_size: int, turns: int, max_new: int, seed: int) -> dict:
-    from chatbot.types import GenerationParams
+    from core.types import GenerationParams
     from learner.critic import LogitCritic
     from learner.curriculum import compute_stats
     from learner.generate import CorpusGenerator, GenerationConfig
@@ -93,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from chatbot.local_model import LocalModel, pick_device_and_dtype
+    from core.devices import pick_device_and_dtype
+    from core.local_model import LocalModel
 
     if args.model_dir:
         model_dir = args.model_dir
     else:
-        from chatbot.runtime import ensure_embedded_model
-        from chatbot.settings import load_settings
+        from core.runtime import ensure_embedded_model
+        from core.settings import load_settings
 
         model_dir = str(ensure_embedded_model(load_settings().models_dir))
     prebuilt: dict = {}

@@ -13,10 +13,10 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from chatbot.embeddings import Embedder
-from chatbot.settings import load_settings
-from learner.critic import build_critic_kind
-from learner.eval_critic import build_named_critic, critic_agreement
+from core.embeddings import Embedder
+from core.settings import load_settings
+from learner.critic import build_critic
+from learner.eval_critic import critic_agreement
 from learner.records import CriticInput, Score
 from personas.catalog import PersonaCatalog
 
@@ -56,11 +56,11 @@ def main() -> int:
             history += [("assistant", turn["final_reply"]), ("user", turn["user_answer"])]
     embedder = Embedder()
     train = (
-        build_critic_kind("rubric", settings, None, embedder).score_batch(items)
+        build_critic(settings, kind="rubric", embedder=embedder).score_batch(items)
         if args.rescore
         else stored
     )
-    spc = build_named_critic("spc", settings, None, embedder).score_batch(items)
+    spc = build_critic(settings, kind="spc", embedder=embedder).score_batch(items)
     report = critic_agreement(train, spc, groups=groups)
     means = {
         "rubric": sum(s.mean() for s in train) / len(train),

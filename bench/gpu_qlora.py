@@ -46,11 +46,11 @@ def main() -> int:
     import torch
 
     from chatbot.adapters import AdapterManager
-    from chatbot.local_model import LocalModel
-    from chatbot.prompting import load_prompt
-    from chatbot.runtime import ensure_embedded_model
-    from chatbot.settings import load_settings
-    from chatbot.types import ChatMessage, GenerationParams
+    from core.local_model import LocalModel
+    from core.prompting import load_prompt
+    from core.runtime import ensure_embedded_model
+    from core.settings import load_settings
+    from core.types import ChatMessage, GenerationParams
     from learner.registry import AdapterManifest, AdapterRegistry
     from learner.train import TrainConfig, train_adapter
     from storage import Database
@@ -96,7 +96,7 @@ def main() -> int:
         base_reply.completion_tokens / (time.perf_counter() - t0), 1
     )
 
-    config = TrainConfig.from_settings(settings.learner, epochs=args.epochs)
+    config = TrainConfig.from_settings(settings.learner.train, epochs=args.epochs)
     torch.cuda.reset_peak_memory_stats()
     trained = train_adapter(
         model_dir, sft, args.data / "trained", config, progress_bar=True, iteration=1

@@ -26,8 +26,8 @@ from bench._record import record
 
 
 def _stored_generation_s(settings) -> float | None:
+    from storage.corpus_models import RunRow
     from storage.db import Database
-    from storage.learner_models import RunRow
 
     db = Database.from_settings(settings)
     try:
@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from chatbot.settings import load_settings
+    from core.settings import load_settings
+    from learner.cli import CorpusBars
     from learner.iterate import build_driver
+    from learner.stages import LoopParts
 
     data_dir = Path(args.workdir or tempfile.mkdtemp(prefix="upc-iter-bench-")) / "upc-data"
     env = {k: v for k, v in os.environ.items() if k.startswith("UPC_")}
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         stage_start[stage] = time.perf_counter()
         order.append(stage)
 
-    driver = build_driver(settings, gate=True, progress_bar=True)
+    parts = LoopParts.from_settings(settings)
+    driver = build_driver(settings, parts, gate=True, progress=CorpusBars(), progress_bar=True)
     driver.on_stage = on_stage
     state = driver.run_iteration(1, users=args.users)
     ended = time.perf_counter()
@@ -98,26 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "benchmark": "iteration_walltime",
         "users": args.users,
-        "turns": learner.turns,
-        "max_regenerations": learner.max_regenerations,
-        "critic": learner.critic,
-        "alpha": learner.alpha,
-        "beta": learner.beta,
-        "gate_users": learner.gate_users,
-        "lora_rank": learner.lora_rank,
+        "turns": learner.generate.turns,
+        "max_regenerations": learner.generate.max_regenerations,
+        "critic": learner.critics.critic,
+        "alpha": learner.select.alpha,
+        "beta": learner.select.beta,
+        "gate_users": learner.gate.gate_users,
+        "lora_rank": learner.train.lora_rank,
         "max_new_tokens": settings.generation.max_new_tokens,
         "wall_s": round(sum(v for v in stages.values() if v is not None), 1),
         "wall_min": round(sum(v for v in stages.values() if v is not None) / 60, 2),
         "resumed_after_generate": resumed,
         "stages_s": stages,
-        "easy_rate": state.select_stats.get("easy_rate"),
-        "regeneration_rate": state.select_stats.get("regeneration_rate"),
-        "trained_examples": state.train_metrics.get("examples"),
-        "train_tokens_per_s": state.train_metrics.get("tokens_per_s"),
+        **{k: state.row()[k] for k in ("easy_rate", "regeneration_rate")},
+        "trained_examples": state.training.metrics.get("examples") if state.training else None,
+        "train_tokens_per_s": (
+            state.training.metrics.get("tokens_per_s") if state.training else None
+        ),
         "adapter": state.adapter_id,
         "promoted": state.promoted,
         "gate": {
-            k: (state.gate or {}).get(k)
+            k: getattr(state.gate, k, None)
             for k in ("promote", "reason", "candidate_mean", "baseline_mean", "delta")
         },
         "note": state.note,

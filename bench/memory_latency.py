@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
-from chatbot.embeddings import Embedder
 from chatbot.memory import MemoryService
-from chatbot.memory_extract import ExtractedFact
+from core.embeddings import Embedder
+from core.memory_extract import ExtractedFact
 from storage import Database
 from storage.memory_models import MEMORY_CATEGORIES, MemoryFactRow
 from storage.models import User, new_id, utcnow

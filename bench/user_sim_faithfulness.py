@@ -163,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from chatbot.embeddings import Embedder
-    from chatbot.local_model import LocalModel
-    from chatbot.runtime import ensure_embedded_model
-    from chatbot.settings import load_settings
+    from core.embeddings import Embedder
+    from core.local_model import LocalModel
+    from core.runtime import ensure_embedded_model
+    from core.settings import load_settings
     from learner.critic import EmbeddingCritic
     from learner.generate import run_dialogues
     from learner.simulated_user import user_prompt_version

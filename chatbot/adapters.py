@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatbot.types import BASE_ADAPTER, ChatModel
+from core.types import BASE_ADAPTER, ChatModel
 
 __all__ = ["AB_FILE", "ABSplit", "AdapterManager", "load_ab_split", "save_ab_split"]
 

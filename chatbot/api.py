@@ -19,7 +19,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from chatbot.services import Services
-from chatbot.types import (
+from core.types import (
     BASE_ADAPTER,
     ChatMessage,
     GenerationParams,
@@ -27,7 +27,7 @@ from chatbot.types import (
     ModelError,
     ModelTimeoutError,
 )
-from chatbot.validation import InputError, clean_message
+from core.validation import InputError, clean_message
 
 __all__ = ["UPC_MODEL_NAME", "build_api_router"]
 

@@ -1,18 +1,33 @@
-"""The Gradio web app. `create_app()` builds it; `launch()` serves it with the /v1 API."""
+"""The Gradio web app. `create_app()` builds it; `launch()` (chatbot.server) serves it.
+
+The page is put together from one builder per panel (chat, settings, memory, personas,
+operator console) and one wiring function per group of handlers. Per-user state comes from
+the request and the browser's own state, never from module variables.
+
+Gradio reads the handlers' annotations (to pass `gr.Request`, `gr.LikeData`), so every name
+in them is imported at module level.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from chatbot.accounts import AccountError, UserRecord
-from chatbot.chat import MessageRecord, NotFoundError
+from chatbot.chat import ChatService, MessageRecord, NotFoundError, ReplyEvent
+from chatbot.console import build_console
+from chatbot.console.context import UserOf
+from chatbot.demo_mode import build_operator_signin, console_enabled
+from chatbot.memory import MemoryService
 from chatbot.services import Services, session_secret
-from chatbot.settings import Settings
-from chatbot.validation import InputError
+from core.settings import Settings
+from core.validation import InputError
+from personas.catalog import PersonaCatalog
+from personas.ui import build_personas_tab
 
 __all__ = ["create_app", "current_user"]
 
@@ -28,6 +43,11 @@ _LEARNING_NOTE = (
     "replies after the chat ends and better replies train the next version. Turn this off "
     "to keep your conversations out of training."
 )
+
+# The chat window's history, as Gradio's messages format.
+History = list[dict[str, str]]
+# Outputs of a streaming handler, one tuple per update.
+Updates = Iterator[tuple[Any, ...]]
 
 
 def current_user(
@@ -47,7 +67,7 @@ def current_user(
         raise gr.Error("Your browser session is missing; please reload the page.") from exc
 
 
-def _render(records: list[MessageRecord]) -> tuple[list[dict], list[str | None]]:
+def _render(records: list[MessageRecord]) -> tuple[History, list[str | None]]:
     history, ids = [], []
     for m in records:
         content = m.content or ""
@@ -58,276 +78,152 @@ def _render(records: list[MessageRecord]) -> tuple[list[dict], list[str | None]]
     return history, ids
 
 
+def _stream_into(events: Iterable[ReplyEvent], history: History) -> Iterator[tuple[History, str]]:
+    """Consume reply events, yielding (history, status) as the reply grows."""
+    history = [*history, {"role": "assistant", "content": ""}]
+    status = ""
+    for event in events:
+        if event.kind == "delta":
+            history[-1] = {"role": "assistant", "content": history[-1]["content"] + event.text}
+            yield history, status
+        elif event.kind == "error":
+            status = f"⚠️ {event.text} Your message is saved; try **Regenerate**."
+            yield history, status
+    yield history, status
+
+
+def _conversation_choices(chat: ChatService, user: UserRecord) -> list[tuple[str, str]]:
+    return [
+        (f"{c.title} · {c.updated_at:%b %d %H:%M}", c.id) for c in chat.list_conversations(user.id)
+    ]
+
+
+@dataclass(frozen=True)
+class _Page:
+    """What every handler is handed: the services, the caller lookup and the page's state."""
+
+    services: Services
+    user_of: UserOf
+    browser_id: gr.BrowserState
+    conversation_id: gr.State
+    message_ids: gr.State
+
+    @property
+    def chat(self) -> ChatService:
+        return self.services.chat
+
+    def choices(self, user: UserRecord) -> list[tuple[str, str]]:
+        return _conversation_choices(self.services.chat, user)
+
+
+@dataclass(frozen=True)
+class _ChatPanel:
+    new_button: gr.Button
+    conversations: gr.Radio
+    chatbot: gr.Chatbot
+    textbox: gr.Textbox
+    send_button: gr.Button
+    regenerate_button: gr.Button
+    status: gr.Markdown
+
+
+@dataclass(frozen=True)
+class _SettingsPanel:
+    learning_box: gr.Checkbox
+    memory_box: gr.Checkbox
+    status: gr.Markdown
+
+
 def create_app(settings: Settings, services: Services) -> gr.Blocks:
-    """Build the UI; `launch()` (chatbot.server) serves it. Per-user state comes from the
-    request and the browser's own state, never from module variables."""
-    chat = services.chat
-    anonymous = settings.auth.mode == "anonymous"
+    """Build the UI; `launch()` (chatbot.server) serves it."""
 
     def user_of(request: gr.Request, browser_id: str | None) -> UserRecord:
         return current_user(services, request, browser_id)
 
-    def conversation_choices(user: UserRecord) -> list[tuple[str, str]]:
-        return [
-            (f"{c.title} · {c.updated_at:%b %d %H:%M}", c.id)
-            for c in chat.list_conversations(user.id)
-        ]
-
-    def stream_into(events, history: list[dict]) -> Iterator[tuple[list[dict], str]]:
-        """Consume reply events, yielding (history, status) as the reply grows."""
-        history = [*history, {"role": "assistant", "content": ""}]
-        status = ""
-        for event in events:
-            if event.kind == "delta":
-                history[-1] = {"role": "assistant", "content": history[-1]["content"] + event.text}
-                yield history, status
-            elif event.kind == "error":
-                status = f"⚠️ {event.text} Your message is saved; try **Regenerate**."
-                yield history, status
-        yield history, status
-
     with gr.Blocks(title="UPC Chat", fill_height=True) as demo:
-        browser_id = gr.BrowserState(
-            "", storage_key="upc-browser-id", secret=session_secret(settings)
+        page = _Page(
+            services,
+            user_of,
+            browser_id=gr.BrowserState(
+                "", storage_key="upc-browser-id", secret=session_secret(settings)
+            ),
+            conversation_id=gr.State(""),
+            message_ids=gr.State([]),
         )
-        conversation_id = gr.State("")
-        message_ids = gr.State([])
         gr.Markdown("## UPC Chat\nA small model that gets to know you and keeps learning.")
         if settings.mode == "demo":
             gr.Markdown(_DEMO_NOTICE, elem_id="demo-notice")
-        with gr.Tab("Chat", id="chat"), gr.Row():
-            with gr.Column(scale=1, min_width=220):
-                new_button = gr.Button("+ New conversation", elem_id="new-conversation")
-                conversations = gr.Radio(
-                    label="Your conversations", choices=[], elem_id="conversations"
-                )
-            with gr.Column(scale=4):
-                chatbot = gr.Chatbot(
-                    label="UPC",
-                    elem_id="chatbot",
-                    height=480,
-                    feedback_options=_FEEDBACK,
-                    buttons=["copy"],
-                )
-                with gr.Row():
-                    textbox = gr.Textbox(
-                        placeholder="Type a message and press Enter",
-                        show_label=False,
-                        scale=6,
-                        max_lines=8,
-                        elem_id="message",
-                        # Enabled once the page knows its conversation (the greeting has
-                        # streamed): an earlier message would start a second conversation.
-                        interactive=False,
-                    )
-                    send_button = gr.Button(
-                        "Send", variant="primary", scale=1, elem_id="send", interactive=False
-                    )
-                with gr.Row():
-                    regenerate_button = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate")
-                status = gr.Markdown("", elem_id="status")
-        with gr.Tab("Settings", id="settings"):
-            gr.Markdown(_LEARNING_NOTE)
-            learning_box = gr.Checkbox(
-                label="Use my conversations to improve the model", value=True
-            )
-            memory_box = gr.Checkbox(
-                label="Remember facts about me across conversations", value=True
-            )
-            settings_status = gr.Markdown("")
-        memory_panel = None
+        chat_panel = _chat_tab()
+        settings_panel = _settings_tab()
+        wire_memory = None
         if services.memory is not None:
-            memory_panel = _memory_tab(services, user_of, browser_id)
+            wire_memory = _memory_tab(services.memory, user_of, page.browser_id)
         _personas_tab(services)
-        admin_tab = _admin_tab(services, user_of, browser_id)
+        admin_tab = _admin_tab(services, user_of, page.browser_id)
 
-        # ------------------------------------------------------------ handlers
-        def on_load(bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
-            if anonymous and not bid:
-                bid = services.accounts.new_browser_id()
-            user = user_of(request, bid)
-            choices = conversation_choices(user)
-            extra = [gr.update(value=user.learning_opt_in), gr.update(value=user.memory_enabled)]
-            if admin_tab is not None:
-                extra.append(gr.update(visible=user.is_admin))
-            ready = [gr.update(interactive=True)] * 2
-            waiting = [gr.update()] * 2
-            if choices:
-                cid = choices[0][1]
-                history, ids = _render(chat.messages(user.id, cid))
-                yield (
-                    bid,
-                    gr.update(choices=choices, value=cid),
-                    cid,
-                    history,
-                    ids,
-                    "",
-                    *ready,
-                    *extra,
-                )
-                return
-            cid = chat.create_conversation(user.id)
-            choices = conversation_choices(user)
-            for history, note in stream_into(chat.stream_greeting(user.id, cid), []):
-                yield (
-                    bid,
-                    gr.update(choices=choices, value=cid),
-                    cid,
-                    history,
-                    [],
-                    note,
-                    *waiting,
-                    *extra,
-                )
-            history, ids = _render(chat.messages(user.id, cid))
-            yield bid, gr.update(choices=choices, value=cid), cid, history, ids, "", *ready, *extra
-
-        load_outputs = [
-            browser_id,
-            conversations,
-            conversation_id,
-            chatbot,
-            message_ids,
-            status,
-            textbox,
-            send_button,
-            learning_box,
-            memory_box,
-        ]
-        if admin_tab is not None:
-            load_outputs.append(admin_tab)
-        demo.load(on_load, [browser_id], load_outputs, api_name="load")
-
-        def on_new(bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
-            user = user_of(request, bid)
-            cid = chat.create_conversation(user.id)
-            choices = conversation_choices(user)
-            for history, note in stream_into(chat.stream_greeting(user.id, cid), []):
-                yield gr.update(choices=choices, value=cid), cid, history, [], note
-            history, ids = _render(chat.messages(user.id, cid))
-            yield gr.update(choices=choices, value=cid), cid, history, ids, ""
-
-        new_button.click(
-            on_new,
-            [browser_id],
-            [conversations, conversation_id, chatbot, message_ids, status],
-            api_name="new_conversation",
-        )
-
-        def on_select(cid: str, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
-            user = user_of(request, bid)
-            if not cid:
-                return gr.update(), [], [], ""
-            try:
-                history, ids = _render(chat.messages(user.id, cid))
-            except NotFoundError as exc:
-                raise gr.Error("That conversation does not exist.") from exc
-            return cid, history, ids, ""
-
-        conversations.input(
-            on_select,
-            [conversations, browser_id],
-            [conversation_id, chatbot, message_ids, status],
-            api_name="open_conversation",
-        )
-
-        def on_send(text: str, cid: str, history: list[dict], bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
-            user = user_of(request, bid)
-            try:
-                if not cid:
-                    cid = chat.create_conversation(user.id)
-                events = chat.send(user.id, cid, text)
-            except (InputError, NotFoundError) as exc:
-                gr.Warning(str(exc))
-                yield gr.update(), cid, history, gr.update(), f"⚠️ {exc}", gr.update()
-                return
-            history = [*history, {"role": "user", "content": text.strip()}]
-            choices = gr.update(choices=conversation_choices(user), value=cid)
-            for grown, note in stream_into(events, history):
-                yield "", cid, grown, gr.update(), note, choices
-            final, ids = _render(chat.messages(user.id, cid))
-            yield "", cid, final, ids, note, choices
-
-        send_outputs = [textbox, conversation_id, chatbot, message_ids, status, conversations]
-        send_inputs = [textbox, conversation_id, chatbot, browser_id]
-        limit = settings.limits.queue_size
-        textbox.submit(on_send, send_inputs, send_outputs, concurrency_limit=limit, api_name="send")
-        send_button.click(
-            on_send, send_inputs, send_outputs, concurrency_limit=limit, api_visibility="private"
-        )
-
-        def on_regenerate(cid: str, history: list[dict], bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
-            user = user_of(request, bid)
-            try:
-                events = chat.regenerate(user.id, cid)
-            except (InputError, NotFoundError) as exc:
-                yield history, gr.update(), f"⚠️ {exc}"
-                return
-            base = history[:-1] if history and history[-1]["role"] == "assistant" else history
-            for grown, note in stream_into(events, base):
-                yield grown, gr.update(), note
-            final, ids = _render(chat.messages(user.id, cid))
-            yield final, ids, note
-
-        regenerate_button.click(
-            on_regenerate,
-            [conversation_id, chatbot, browser_id],
-            [chatbot, message_ids, status],
-            concurrency_limit=limit,
-            api_name="regenerate",
-        )
-
-        def on_like(data: gr.LikeData, ids: list, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
-            user = user_of(request, bid)
-            index = data.index if isinstance(data.index, int) else data.index[0]
-            if index >= len(ids) or ids[index] is None:
-                return "Only the bot's replies can be rated."
-            liked = data.liked
-            if liked is True or liked == "Like":
-                rating, reason = 1, None
-            elif liked is False or liked == "Dislike":
-                rating, reason = -1, None
-            elif isinstance(liked, str):
-                rating, reason = -1, liked
-            else:
-                return ""
-            try:
-                chat.rate(user.id, ids[index], rating, reason)
-            except (InputError, NotFoundError) as exc:
-                return f"⚠️ {exc}"
-            return "Thanks for the feedback."
-
-        chatbot.like(on_like, [message_ids, browser_id], [status], api_name="rate")
-
-        def on_prefs(learning: bool, memory_on: bool, bid: str, request: gr.Request) -> str:
-            user = user_of(request, bid)
-            services.accounts.set_preferences(
-                user.id, learning_opt_in=learning, memory_enabled=memory_on
-            )
-            return (
-                f"Saved: learning {'on' if learning else 'off'}, "
-                f"memory {'on' if memory_on else 'off'}."
-            )
-
-        learning_box.input(
-            on_prefs,
-            [learning_box, memory_box, browser_id],
-            [settings_status],
-            api_name="preferences",
-        )
-        memory_box.input(
-            on_prefs,
-            [learning_box, memory_box, browser_id],
-            [settings_status],
-            api_visibility="private",
-        )
-        if memory_panel is not None:
-            memory_panel(demo)
+        _wire_load(demo, page, chat_panel, settings_panel, admin_tab)
+        _wire_conversations(page, chat_panel)
+        _wire_replies(page, chat_panel, settings.limits.queue_size)
+        _wire_rating(page, chat_panel)
+        _wire_preferences(page, settings_panel)
+        if wire_memory is not None:
+            wire_memory(demo)
     return demo
 
 
-def _memory_tab(services: Services, user_of, browser_id) -> Any:  # type: ignore[no-untyped-def]
-    memory = services.memory
+# ---------------------------------------------------------------- panels
+
+
+def _chat_tab() -> _ChatPanel:
+    with gr.Tab("Chat", id="chat"), gr.Row():
+        with gr.Column(scale=1, min_width=220):
+            new_button = gr.Button("+ New conversation", elem_id="new-conversation")
+            conversations = gr.Radio(
+                label="Your conversations", choices=[], elem_id="conversations"
+            )
+        with gr.Column(scale=4):
+            chatbot = gr.Chatbot(
+                label="UPC",
+                elem_id="chatbot",
+                height=480,
+                feedback_options=_FEEDBACK,
+                buttons=["copy"],
+            )
+            with gr.Row():
+                textbox = gr.Textbox(
+                    placeholder="Type a message and press Enter",
+                    show_label=False,
+                    scale=6,
+                    max_lines=8,
+                    elem_id="message",
+                    # Enabled once the page knows its conversation (the greeting has
+                    # streamed): an earlier message would start a second conversation.
+                    interactive=False,
+                )
+                send_button = gr.Button(
+                    "Send", variant="primary", scale=1, elem_id="send", interactive=False
+                )
+            with gr.Row():
+                regenerate_button = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate")
+            status = gr.Markdown("", elem_id="status")
+    return _ChatPanel(
+        new_button, conversations, chatbot, textbox, send_button, regenerate_button, status
+    )
+
+
+def _settings_tab() -> _SettingsPanel:
+    with gr.Tab("Settings", id="settings"):
+        gr.Markdown(_LEARNING_NOTE)
+        learning_box = gr.Checkbox(label="Use my conversations to improve the model", value=True)
+        memory_box = gr.Checkbox(label="Remember facts about me across conversations", value=True)
+        status = gr.Markdown("")
+    return _SettingsPanel(learning_box, memory_box, status)
+
+
+def _memory_tab(
+    memory: MemoryService, user_of: UserOf, browser_id: gr.BrowserState
+) -> Callable[[gr.Blocks], None]:
+    """The memory panel; returns the function that wires it once the page is built."""
     with gr.Tab("What I remember about you", id="memory"):
         gr.Markdown(
             "Facts the bot learned about you, with when and where. Delete any of them, or "
@@ -357,15 +253,15 @@ def _memory_tab(services: Services, user_of, browser_id) -> Any:  # type: ignore
             for f in memory.list_facts(user.id)
         ]
 
-    def refresh(bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
+    def refresh(bid: str, request: gr.Request) -> tuple[list[list[str]], str]:
         return rows(user_of(request, bid)), ""
 
-    def delete(fid: str, bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
+    def delete(fid: str, bid: str, request: gr.Request) -> tuple[list[list[str]], str]:
         user = user_of(request, bid)
         ok = memory.delete_fact(user.id, fid.strip()) if fid.strip() else False
         return rows(user), ("Deleted." if ok else "No such fact.")
 
-    def forget(bid: str, request: gr.Request):  # type: ignore[no-untyped-def]
+    def forget(bid: str, request: gr.Request) -> tuple[list[list[str]], str]:
         user = user_of(request, bid)
         count = memory.forget_all(user.id)
         return rows(user), f"Forgot {count} fact(s)."
@@ -380,22 +276,13 @@ def _memory_tab(services: Services, user_of, browser_id) -> Any:  # type: ignore
 
 
 def _personas_tab(services: Services) -> None:
-    try:
-        from personas.catalog import PersonaCatalog
-        from personas.ui import build_personas_tab
-    except ImportError:
-        return
     catalog = PersonaCatalog.load(services.settings.data_dir)
     with gr.Tab("Personas", id="personas"):
         build_personas_tab(catalog)
 
 
-def _admin_tab(services: Services, user_of, browser_id) -> Any:  # type: ignore[no-untyped-def]
-    try:
-        from chatbot.console import build_console
-        from chatbot.demo_mode import build_operator_signin, console_enabled
-    except ImportError:
-        return None
+def _admin_tab(services: Services, user_of: UserOf, browser_id: gr.BrowserState) -> gr.Tab | None:
+    """The operator console (hidden until an admin loads the page), or None when off."""
     if not console_enabled(services.settings):
         return None  # anonymous mode without an admin secret: no console at all
     with gr.Tab("Operator console", id="console", visible=False) as tab:
@@ -404,3 +291,219 @@ def _admin_tab(services: Services, user_of, browser_id) -> Any:  # type: ignore[
         with gr.Tab("Operator sign-in", id="operator-signin"):
             build_operator_signin(services, user_of, browser_id, tab)
     return tab
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def _wire_load(
+    demo: gr.Blocks,
+    page: _Page,
+    panel: _ChatPanel,
+    prefs: _SettingsPanel,
+    admin_tab: gr.Tab | None,
+) -> None:
+    """Page load: the browser's id, its conversations, the newest one (or a greeting)."""
+    services, chat = page.services, page.chat
+    anonymous = services.settings.auth.mode == "anonymous"
+
+    def on_load(bid: str, request: gr.Request) -> Updates:
+        if anonymous and not bid:
+            bid = services.accounts.new_browser_id()
+        user = page.user_of(request, bid)
+        choices = page.choices(user)
+        extra = [gr.update(value=user.learning_opt_in), gr.update(value=user.memory_enabled)]
+        if admin_tab is not None:
+            extra.append(gr.update(visible=user.is_admin))
+        ready = [gr.update(interactive=True)] * 2
+        waiting = [gr.update()] * 2
+        if choices:
+            cid = choices[0][1]
+            history, ids = _render(chat.messages(user.id, cid))
+            yield (
+                bid,
+                gr.update(choices=choices, value=cid),
+                cid,
+                history,
+                ids,
+                "",
+                *ready,
+                *extra,
+            )
+            return
+        cid = chat.create_conversation(user.id)
+        choices = page.choices(user)
+        # A fresh update per yield: Gradio pops "value" out of the dict it is given.
+        for history, note in _stream_into(chat.stream_greeting(user.id, cid), []):
+            picked = gr.update(choices=choices, value=cid)
+            yield bid, picked, cid, history, [], note, *waiting, *extra
+        history, ids = _render(chat.messages(user.id, cid))
+        yield bid, gr.update(choices=choices, value=cid), cid, history, ids, "", *ready, *extra
+
+    outputs = [
+        page.browser_id,
+        panel.conversations,
+        page.conversation_id,
+        panel.chatbot,
+        page.message_ids,
+        panel.status,
+        panel.textbox,
+        panel.send_button,
+        prefs.learning_box,
+        prefs.memory_box,
+    ]
+    if admin_tab is not None:
+        outputs.append(admin_tab)
+    demo.load(on_load, [page.browser_id], outputs, api_name="load")
+
+
+def _wire_conversations(page: _Page, panel: _ChatPanel) -> None:
+    """A new conversation (the bot greets first) and opening one of the user's own."""
+    chat = page.chat
+
+    def on_new(bid: str, request: gr.Request) -> Updates:
+        user = page.user_of(request, bid)
+        cid = chat.create_conversation(user.id)
+        choices = page.choices(user)
+        for history, note in _stream_into(chat.stream_greeting(user.id, cid), []):
+            yield gr.update(choices=choices, value=cid), cid, history, [], note
+        history, ids = _render(chat.messages(user.id, cid))
+        yield gr.update(choices=choices, value=cid), cid, history, ids, ""
+
+    panel.new_button.click(
+        on_new,
+        [page.browser_id],
+        [panel.conversations, page.conversation_id, panel.chatbot, page.message_ids, panel.status],
+        api_name="new_conversation",
+    )
+
+    def on_select(cid: str, bid: str, request: gr.Request) -> tuple[Any, ...]:
+        user = page.user_of(request, bid)
+        if not cid:
+            return gr.update(), [], [], ""
+        try:
+            history, ids = _render(chat.messages(user.id, cid))
+        except NotFoundError as exc:
+            raise gr.Error("That conversation does not exist.") from exc
+        return cid, history, ids, ""
+
+    panel.conversations.input(
+        on_select,
+        [panel.conversations, page.browser_id],
+        [page.conversation_id, panel.chatbot, page.message_ids, panel.status],
+        api_name="open_conversation",
+    )
+
+
+def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
+    """Send and regenerate: the streamed replies, at most `limit` at a time."""
+    chat = page.chat
+
+    def on_send(text: str, cid: str, history: History, bid: str, request: gr.Request) -> Updates:
+        user = page.user_of(request, bid)
+        try:
+            if not cid:
+                cid = chat.create_conversation(user.id)
+            events = chat.send(user.id, cid, text)
+        except (InputError, NotFoundError) as exc:
+            gr.Warning(str(exc))
+            yield gr.update(), cid, history, gr.update(), f"⚠️ {exc}", gr.update()
+            return
+        history = [*history, {"role": "user", "content": text.strip()}]
+        choices = gr.update(choices=page.choices(user), value=cid)
+        note = ""
+        for grown, note in _stream_into(events, history):
+            yield "", cid, grown, gr.update(), note, choices
+        final, ids = _render(chat.messages(user.id, cid))
+        yield "", cid, final, ids, note, choices
+
+    send_inputs = [panel.textbox, page.conversation_id, panel.chatbot, page.browser_id]
+    send_outputs = [
+        panel.textbox,
+        page.conversation_id,
+        panel.chatbot,
+        page.message_ids,
+        panel.status,
+        panel.conversations,
+    ]
+    panel.textbox.submit(
+        on_send, send_inputs, send_outputs, concurrency_limit=limit, api_name="send"
+    )
+    panel.send_button.click(
+        on_send, send_inputs, send_outputs, concurrency_limit=limit, api_visibility="private"
+    )
+
+    def on_regenerate(cid: str, history: History, bid: str, request: gr.Request) -> Updates:
+        user = page.user_of(request, bid)
+        try:
+            events = chat.regenerate(user.id, cid)
+        except (InputError, NotFoundError) as exc:
+            yield history, gr.update(), f"⚠️ {exc}"
+            return
+        base = history[:-1] if history and history[-1]["role"] == "assistant" else history
+        note = ""
+        for grown, note in _stream_into(events, base):
+            yield grown, gr.update(), note
+        final, ids = _render(chat.messages(user.id, cid))
+        yield final, ids, note
+
+    panel.regenerate_button.click(
+        on_regenerate,
+        [page.conversation_id, panel.chatbot, page.browser_id],
+        [panel.chatbot, page.message_ids, panel.status],
+        concurrency_limit=limit,
+        api_name="regenerate",
+    )
+
+
+def _wire_rating(page: _Page, panel: _ChatPanel) -> None:
+    """Likes, dislikes and named feedback on the bot's replies."""
+    chat = page.chat
+
+    def on_like(data: gr.LikeData, ids: list[str | None], bid: str, request: gr.Request) -> str:
+        user = page.user_of(request, bid)
+        index = data.index if isinstance(data.index, int) else data.index[0]
+        if index >= len(ids) or ids[index] is None:
+            return "Only the bot's replies can be rated."
+        rating, reason = _rating(data.liked)
+        if rating == 0:
+            return ""
+        try:
+            chat.rate(user.id, ids[index], rating, reason)
+        except (InputError, NotFoundError) as exc:
+            return f"⚠️ {exc}"
+        return "Thanks for the feedback."
+
+    panel.chatbot.like(
+        on_like, [page.message_ids, page.browser_id], [panel.status], api_name="rate"
+    )
+
+
+def _rating(liked: object) -> tuple[int, str | None]:
+    """(rating, reason) of a like event; a named feedback option is a dislike with a reason.
+
+    0 means no rating (an unlike)."""
+    if liked is True or liked == "Like":
+        return 1, None
+    if liked is False or liked == "Dislike":
+        return -1, None
+    if isinstance(liked, str):
+        return -1, liked
+    return 0, None
+
+
+def _wire_preferences(page: _Page, prefs: _SettingsPanel) -> None:
+    """The two opt-outs: learning from the user's conversations, and memory."""
+
+    def on_prefs(learning: bool, memory_on: bool, bid: str, request: gr.Request) -> str:
+        user = page.user_of(request, bid)
+        page.services.accounts.set_preferences(
+            user.id, learning_opt_in=learning, memory_enabled=memory_on
+        )
+        return (
+            f"Saved: learning {'on' if learning else 'off'}, memory {'on' if memory_on else 'off'}."
+        )
+
+    inputs = [prefs.learning_box, prefs.memory_box, page.browser_id]
+    prefs.learning_box.input(on_prefs, inputs, [prefs.status], api_name="preferences")
+    prefs.memory_box.input(on_prefs, inputs, [prefs.status], api_visibility="private")

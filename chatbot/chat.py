@@ -19,8 +19,8 @@ from typing import Protocol
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from chatbot.prompting import load_prompt
-from chatbot.types import (
+from core.prompting import load_prompt
+from core.types import (
     BASE_ADAPTER,
     ChatMessage,
     ChatModel,
@@ -29,7 +29,7 @@ from chatbot.types import (
     ModelBusyError,
     ModelError,
 )
-from chatbot.validation import InputError, clean_message
+from core.validation import InputError, clean_message
 from storage import Database
 from storage.models import Conversation, Feedback, Message, User, utcnow
 

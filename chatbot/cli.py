@@ -3,32 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import getpass
 import json
 import logging
 import sys
-from collections.abc import Callable
 
-from chatbot.settings import Settings, SettingsError, load_settings, masked_dict
+from chatbot import memory_cli
+from chatbot.accounts import AccountError, Accounts
+from chatbot.server import launch
+from chatbot.services import build_services, build_worker_memory
+from core.runtime import ensure_embedded_model
+from core.settings import Settings, SettingsError, load_settings, masked_dict
+from learner import adapters_cli, eval_cli, export_cli, jobs_cli
+from learner import cli as learner_cli
+from learner.iterate_cli import register_iterate
+from learner.worker import run_worker, start_embedded_scheduler
+from personas import cli as personas_cli
+from storage import Database
+from storage.db import DataDirError
 
 __all__ = ["main"]
 
-# (module, function) pairs that add sub-command groups; missing modules are skipped.
-_GROUPS = [
-    ("personas.cli", "register"),
-    ("learner.cli", "register"),
-    ("learner.adapters_cli", "register"),
-    ("chatbot.memory_cli", "register"),
-    ("learner.jobs_cli", "register"),
-    ("learner.export_cli", "register"),
-    ("learner.eval_cli", "register"),
-]
-
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from chatbot.server import launch
-    from chatbot.services import build_services
-
     if args.host:
         settings.server.host = args.host
     if args.port:
@@ -36,12 +33,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     services = build_services(settings)
     scheduler = None
     try:
-        if settings.learner.scheduler_enabled:
-            from learner.worker import start_embedded_scheduler
-
+        if settings.learner.schedule.scheduler_enabled:
             # Only one scheduler is active across processes (a lease in the database);
             # a second app or `upc worker` stands by.
-            scheduler = start_embedded_scheduler(settings, services)
+            scheduler = start_embedded_scheduler(
+                settings,
+                db=services.db,
+                models=services.models,
+                chatbot=services.chatbot_model,
+                memory=services.memory,
+            )
         launch(settings, services)
     finally:
         if scheduler is not None:
@@ -50,9 +51,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _materialize(_args: argparse.Namespace, settings: Settings) -> int:
-    from chatbot.runtime import ensure_embedded_model
+def _worker(_args: argparse.Namespace, settings: Settings) -> int:
+    db = Database.from_settings(settings)
+    return run_worker(settings, db=db, memory=build_worker_memory(settings, db))
 
+
+def _materialize(_args: argparse.Namespace, settings: Settings) -> int:
     path = ensure_embedded_model(settings.models_dir)
     print(f"embedded model ready at {path}")
     return 0
@@ -64,11 +68,6 @@ def _settings(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _users_add(args: argparse.Namespace, settings: Settings) -> int:
-    import getpass
-
-    from chatbot.accounts import AccountError, Accounts
-    from storage import Database
-
     password = args.password or getpass.getpass(f"password for {args.name}: ")
     accounts = Accounts(Database.from_settings(settings), admin_names=settings.admin_user_names)
     try:
@@ -93,6 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.set_defaults(func=_serve)
 
+    sub.add_parser("worker", help="run the learning scheduler until SIGTERM").set_defaults(
+        func=_worker
+    )
     sub.add_parser("materialize", help="convert the embedded model once").set_defaults(
         func=_materialize
     )
@@ -107,19 +109,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--admin", action="store_true")
     add.set_defaults(func=_users_add)
 
-    for module_name, function in _GROUPS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        register: Callable = getattr(module, function)
-        group = register(sub)
-        if module_name == "learner.cli" and group is not None:
-            from learner.iterate_cli import register_iterate
-
-            register_iterate(group)
+    personas_cli.register(sub)
+    register_iterate(learner_cli.register(sub))
+    for module in (adapters_cli, memory_cli, jobs_cli, export_cli, eval_cli):
+        module.register(sub)
     return parser
 
 
@@ -136,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settings error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(getattr(logging, settings.log_level.upper(), logging.INFO))
-    from storage.db import DataDirError
 
     try:
         return int(args.func(args, settings) or 0)

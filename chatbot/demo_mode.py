@@ -30,7 +30,9 @@ from typing import Any
 import gradio as gr
 
 from chatbot.accounts import UserRecord
-from chatbot.settings import Settings
+from chatbot.services import Services
+from core.settings import Settings
+from storage.db import Database
 from storage.models import User
 
 __all__ = [
@@ -89,7 +91,7 @@ class SignInLimiter:
             self._recent(key, now).append(now)
 
 
-def grant_admin(db: Any, user_id: str) -> None:
+def grant_admin(db: Database, user_id: str) -> None:
     with db.session() as s:
         user = s.get(User, user_id)
         if user is None:
@@ -98,7 +100,7 @@ def grant_admin(db: Any, user_id: str) -> None:
 
 
 def build_operator_signin(
-    services: Any,
+    services: Services,
     user_of: Callable[..., UserRecord],
     browser_id: Any,
     console_tab: Any,

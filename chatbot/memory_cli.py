@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from chatbot.memory import MemoryService
-    from chatbot.settings import Settings
+from chatbot.memory import MemoryService
+from core.embeddings import Embedder
+from core.settings import Settings
+from storage import Database
+from storage.models import User
 
 __all__ = ["register"]
 
@@ -30,10 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _service(settings: Settings) -> MemoryService:
-    from chatbot.embeddings import Embedder
-    from chatbot.memory import MemoryService
-    from storage import Database
-
     return MemoryService.from_settings(settings, Database.from_settings(settings), Embedder())
 
 
@@ -56,8 +53,6 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import select
-
-    from storage.models import User
 
     service = _service(settings)
     try:

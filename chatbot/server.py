@@ -15,7 +15,7 @@ from chatbot.accounts import AccountError
 from chatbot.api import build_api_router
 from chatbot.app import create_app
 from chatbot.services import Services
-from chatbot.settings import Settings, masked_dict
+from core.settings import Settings, masked_dict
 
 __all__ = ["build_server", "launch"]
 

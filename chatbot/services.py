@@ -12,13 +12,15 @@ from typing import Any
 from chatbot.accounts import Accounts
 from chatbot.adapters import AdapterManager, load_ab_split
 from chatbot.chat import ChatService
-from chatbot.embeddings import Embedder
-from chatbot.runtime import ModelPool
-from chatbot.settings import Settings
-from chatbot.types import ChatModel, GenerationParams
+from chatbot.memory import MemoryService
+from core.embeddings import Embedder
+from core.runtime import ModelPool
+from core.settings import Settings
+from core.types import ChatModel, GenerationParams
+from learner.registry import AdapterRegistry
 from storage import Database
 
-__all__ = ["Services", "build_services", "session_secret"]
+__all__ = ["Services", "build_services", "build_worker_memory", "session_secret"]
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,9 @@ class Services:
     chatbot_model: ChatModel
     chat: ChatService
     adapters: AdapterManager
+    registry: AdapterRegistry
     embedder: Embedder | None = None
-    memory: Any = None
-    registry: Any = None
+    memory: MemoryService | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -58,23 +60,14 @@ def session_secret(settings: Settings) -> str:
 
 
 def generation_params(settings: Settings) -> GenerationParams:
-    g = settings.generation
-    return GenerationParams(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        repetition_penalty=g.repetition_penalty,
-        timeout_s=g.timeout_s,
-    )
+    return settings.generation.params()
 
 
 def _build_memory(
     settings: Settings, db: Database, chatbot_model: ChatModel, embedder: Embedder
-) -> Any:
+) -> MemoryService | None:
     if not settings.memory.enabled:
         return None
-    from chatbot.memory import MemoryService
-
     # A remote (capable) chat model extracts facts; the embedded 135M model uses the rules.
     llm = chatbot_model if settings.chatbot.backend == "openai" else None
     count_tokens = None
@@ -87,12 +80,16 @@ def _build_memory(
     return MemoryService.from_settings(settings, db, embedder, llm=llm, count_tokens=count_tokens)
 
 
-def _build_registry(settings: Settings, db: Database) -> Any:
-    try:
-        from learner.registry import AdapterRegistry
-    except ImportError:
+def build_worker_memory(settings: Settings, db: Database) -> MemoryService | None:
+    """The memory service a `upc worker` gives the critic for user profiles, or None when
+    memory is off or cannot start (the critic then falls back to the dialogue)."""
+    if not settings.memory.enabled:
         return None
-    return AdapterRegistry(settings.adapters_dir, db)
+    try:
+        return MemoryService.from_settings(settings, db, Embedder())
+    except Exception as exc:  # profiles are optional
+        log.warning("memory service unavailable in the worker (%s); critic uses dialogues", exc)
+        return None
 
 
 def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None) -> Services:
@@ -100,12 +97,12 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
     accounts = Accounts(db, admin_names=settings.admin_user_names)
     models = ModelPool(settings)
     model = chatbot_model or models.get(settings.chatbot)
-    registry = _build_registry(settings, db)
+    registry = AdapterRegistry(settings.adapters_dir, db)
     adapters = AdapterManager(
         model,
-        source=registry.active_id if registry is not None else None,
-        resolve=registry.verified_path if registry is not None else None,
-        ab_source=(lambda: load_ab_split(settings.adapters_dir)) if registry is not None else None,
+        source=registry.active_id,
+        resolve=registry.verified_path,
+        ab_source=lambda: load_ab_split(settings.adapters_dir),
     )
     embedder = Embedder()
     memory = _build_memory(settings, db, model, embedder)

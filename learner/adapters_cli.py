@@ -7,7 +7,9 @@ import json
 import sys
 from typing import Any
 
+from core.settings import Settings
 from learner.registry import AdapterError, AdapterRegistry
+from storage.db import Database
 
 __all__ = ["register"]
 
@@ -31,13 +33,11 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=_handler)
 
 
-def _registry(settings: Any) -> AdapterRegistry:
-    from storage.db import Database
-
+def _registry(settings: Settings) -> AdapterRegistry:
     return AdapterRegistry(settings.adapters_dir, Database.from_settings(settings))
 
 
-def _handler(args: argparse.Namespace, settings: Any) -> int:
+def _handler(args: argparse.Namespace, settings: Settings) -> int:
     registry = _registry(settings)
     try:
         return _COMMANDS[args.adapters_command](registry, args)

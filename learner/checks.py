@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from core.embeddings import Embedder
 from learner.metrics import PerplexityResult, ReplyContext, is_question
 from learner.records import DialogueRecord, PersonaLike
 from learner.reply_checks import ReplyFlags, check_reply, is_truncated, word_tokens
@@ -212,7 +213,7 @@ def _sentences(text: str) -> list[str]:
 def traits_revealed(
     records: Sequence[DialogueRecord],
     backgrounds: Sequence[str],
-    embedder: Any,
+    embedder: Embedder,
     *,
     threshold: float = TRAIT_REVEAL_SIMILARITY,
 ) -> list[tuple[int, int]]:
@@ -279,7 +280,7 @@ def critic_free_checks(
     records: Sequence[DialogueRecord],
     personas: Sequence[PersonaLike] | Mapping[str, PersonaLike],
     *,
-    embedder: Any = None,
+    embedder: Embedder | None = None,
     perplexity: PerplexityFn | None = None,
     system_prompt: str = "",
     threshold: float = TRAIT_REVEAL_SIMILARITY,

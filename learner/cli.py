@@ -1,19 +1,38 @@
-"""`upc learn ...`: corpus generation (Algorithm 1) and curriculum selection.
+"""`upc learn ...`: corpus generation (Algorithm 1), curriculum selection, critic sanity.
 
-Add a subcommand by writing ``_add_<name>(sub)`` and listing it in ``SUBCOMMANDS``.
+Thin: each command parses its arguments, calls the stage of `learner.stages` (or the
+sanity checks), shows progress and prints. Add a subcommand by writing ``_add_<name>(sub)``
+and listing it in ``SUBCOMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from chatbot.types import BASE_ADAPTER
+from tqdm import tqdm
 
-__all__ = ["SUBCOMMANDS", "generation_config", "learn_subparsers", "register"]
+from core.runtime import ModelPool
+from core.settings import Settings
+from learner import stages
+from learner.critic import build_critic, critic_kind
+from learner.records import IterationStats
+from learner.sanity import (
+    AdversarialReport,
+    evaluate_adversarial,
+    evaluate_critic,
+    load_adversarial_cases,
+    load_sanity_cases,
+)
+from learner.stages import LoopParts
+from learner.store import CorpusStore
+from storage.db import Database
+
+__all__ = ["SUBCOMMANDS", "CorpusBars", "format_stats", "learn_subparsers", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -69,38 +88,7 @@ def register(subparsers: Any) -> Any:
     return sub
 
 
-def generation_config(settings: Any, **overrides: Any):  # type: ignore[no-untyped-def]
-    from chatbot.types import GenerationParams
-    from learner.generate import GenerationConfig
-
-    gen = settings.generation
-    learner = settings.learner
-    values: dict[str, Any] = {
-        "turns": learner.turns,
-        "max_regenerations": learner.max_regenerations,
-        "accept_threshold": learner.accept_threshold,
-        "best_of_n": learner.best_of_n,
-        "batch_size": learner.batch_size,
-        "chatbot_params": GenerationParams(
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            repetition_penalty=gen.repetition_penalty,
-            timeout_s=gen.timeout_s,
-        ),
-        "user_params": GenerationParams(
-            max_new_tokens=64,
-            temperature=0.8,
-            top_p=gen.top_p,
-            repetition_penalty=gen.repetition_penalty,
-            timeout_s=gen.timeout_s,
-        ),
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return GenerationConfig(**values)
-
-
-def _pick_iteration(store: Any, requested: int | None) -> int:
+def _pick_iteration(store: CorpusStore, requested: int | None) -> int:
     if requested is not None:
         if requested < 1:
             raise ValueError("--iteration must be 1 or more")
@@ -113,174 +101,123 @@ def _pick_iteration(store: Any, requested: int | None) -> int:
     return (max(iterations) + 1) if iterations else 1
 
 
-def format_stats(stats: dict[str, Any]) -> str:
+def format_stats(stats: IterationStats) -> str:
+    """Algorithm 1's figures of an iteration, next to the paper's iteration 1."""
+
     def f(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
-    fm, lm, tok = stats["first_means"], stats["final_means"], stats["tokens"]
+    fm, lm, tok = stats.first_means, stats.final_means, stats.tokens
     lines = [
-        f"iteration {stats['iteration']}: {stats['done']} done, {stats['failed']} failed "
-        f"of {stats['dialogues']} dialogues; {stats['turns']} scored turns",
-        f"  regeneration rate      {stats['regeneration_rate']:.1%} "
+        f"iteration {stats.iteration}: {stats.done} done, {stats.failed} failed "
+        f"of {stats.dialogues} dialogues; {stats.turns} scored turns",
+        f"  regeneration rate      {stats.regeneration_rate:.1%} "
         f"(paper, iteration 1: {PAPER_ITER1['regeneration_rate']:.1%})",
-        f"  regenerations / reply  {stats['avg_regenerations']:.3f} "
+        f"  regenerations / reply  {stats.avg_regenerations:.3f} "
         f"(paper, iteration 1: {PAPER_ITER1['avg_regenerations']:.3f})",
-        f"  easy dialogues         {stats['easy']} ({stats['easy_rate']:.1%})",
-        f"  first attempt  rel {f(fm['rel'])}  int {f(fm['int'])}  val {f(fm['val'])}",
-        f"  final reply    rel {f(lm['rel'])}  int {f(lm['int'])}  val {f(lm['val'])}",
-        f"  unscored               {stats['unscored']}",
-        f"  tokens                 chatbot {tok['chatbot']}  user {tok['user']}  "
-        f"critic {tok['critic']}",
+        f"  easy dialogues         {stats.easy} ({stats.easy_rate:.1%})",
+        f"  first attempt  rel {f(fm.rel)}  int {f(fm.int)}  val {f(fm.val)}",
+        f"  final reply    rel {f(lm.rel)}  int {f(lm.int)}  val {f(lm.val)}",
+        f"  unscored               {stats.unscored}",
+        f"  tokens                 chatbot {tok.chatbot}  user {tok.user}  critic {tok.critic}",
     ]
-    if stats["failure_causes"]:
-        lines.append(f"  failures by role       {stats['failure_causes']}")
+    if stats.failure_causes:
+        lines.append(f"  failures by role       {stats.failure_causes}")
     return "\n".join(lines)
 
 
-def _generate(args: argparse.Namespace, settings: Any) -> int:
-    from tqdm import tqdm
+class CorpusBars:
+    """tqdm bars for the generate stage: dialogues, turns, regenerations."""
 
-    from chatbot.runtime import ModelPool
-    from learner.critic import build_critic
-    from learner.curriculum import compute_stats, personas_for_iteration
-    from learner.generate import CorpusGenerator
-    from learner.store import CorpusStore
-    from personas.catalog import PersonaCatalog
-    from storage.db import Database
+    def __init__(self) -> None:
+        self._bars: dict[str, tqdm] = {}
 
-    if args.users < 1:
-        print("--users must be 1 or more")
-        return 2
-    store = CorpusStore(Database.from_settings(settings))
-    iteration = _pick_iteration(store, args.iteration)
-    catalog = PersonaCatalog.load(settings)
-    existing = store.get_run(iteration)
-    if existing is not None:
-        ids = existing.config.get("persona_ids", [])
-        personas = [catalog.get(pid) for pid in ids]
-        print(f"resuming iteration {iteration} ({len(personas)} users)")
-    else:
-        pool_personas = catalog.all(split=args.split)
-        if not pool_personas:
-            print(f"no personas in split {args.split!r}")
-            return 2
-        personas = personas_for_iteration(
-            pool_personas, store, iteration, args.users, seed=args.seed or 0
-        )
-    config = generation_config(settings, turns=args.turns, adapter=args.adapter, seed=args.seed)
-    pool = ModelPool(settings)
-    try:
-        chatbot = pool.get(settings.chatbot)
-        if args.adapter and args.adapter != BASE_ADAPTER and hasattr(chatbot, "load_adapter"):
-            # Algorithm 2: the current fine-tuned chatbot generates the next corpus.
-            from learner.registry import AdapterRegistry
+    def start(self, dialogues: int, turns: int) -> None:
+        self._bars = {
+            "dialogue": tqdm(total=dialogues, desc="dialogues", position=0),
+            "turn": tqdm(total=turns, desc="turns", position=1),
+            "regeneration": tqdm(desc="regenerations", position=2),
+        }
 
-            registry = AdapterRegistry(settings.adapters_dir, store.db)
-            chatbot.load_adapter(args.adapter, registry.verified_path(args.adapter))
-        user_model = pool.get(settings.user_sim)
-        critic_model = pool.get(settings.critic) if settings.learner.critic == "llm" else None
-        critic = build_critic(settings, model=critic_model)
-        bars: dict[str, Any] = {}
-        total_turns = len(personas) * max(config.turns - 1, 0)
-        if not args.no_progress:
-            bars = {
-                "dialogue": tqdm(total=len(personas), desc="dialogues", position=0),
-                "turn": tqdm(total=len(personas) + total_turns, desc="turns", position=1),
-                "regeneration": tqdm(desc="regenerations", position=2),
-            }
+    def __call__(self, kind: str, n: int) -> None:
+        if kind in self._bars:
+            self._bars[kind].update(n)
 
-        def progress(kind: str, n: int) -> None:
-            if kind in bars:
-                bars[kind].update(n)
-
-        generator = CorpusGenerator(
-            chatbot, user_model, critic, config, store=store, progress=progress
-        )
-        run, _resumed = store.open_run(
-            iteration,
-            split=args.split,
-            config={**config.to_dict(), "persona_ids": [p.id for p in personas]},
-            models={
-                **generator.model_ids(),
-                "prompt_versions": generator.prompt_versions,
-            },
-        )
-        result = generator.run(personas, run.id)
-        for bar in bars.values():
+    def close(self) -> None:
+        for bar in self._bars.values():
             bar.close()
-        dialogues = store.dialogues(run.id)
-        stats = compute_stats(dialogues, iteration, settings.learner.alpha, settings.learner.beta)
-        store.finish_run(run.id, stats.to_dict(), stats.tokens)
-    finally:
-        pool.close()
-    print(format_stats(stats.to_dict()))
-    if result.skipped:
-        print(f"  resumed: {result.skipped} dialogues were already finished")
-    print(f"  elapsed                {result.elapsed_s:.1f}s")
-    return 0
+        self._bars = {}
 
 
-def _select(args: argparse.Namespace, settings: Any) -> int:
-    from learner.curriculum import select_iteration
-    from learner.store import CorpusStore
-    from storage.db import Database
-
-    store = CorpusStore(Database.from_settings(settings))
+def _generate(args: argparse.Namespace, settings: Settings) -> int:
+    parts = LoopParts.from_settings(settings)
     try:
-        result = select_iteration(
-            store,
-            settings.runs_dir,
-            args.iteration,
-            alpha=args.alpha if args.alpha is not None else settings.learner.alpha,
-            beta=args.beta if args.beta is not None else settings.learner.beta,
-            accept_threshold=settings.learner.accept_threshold,
-            pair_min_gap=settings.learner.pair_min_gap,
-            holdout_ratio=settings.learner.holdout_ratio,
-            skip_flagged=settings.learner.skip_flagged_targets,
-            max_opener_share=settings.learner.max_opener_share,
+        iteration = _pick_iteration(parts.corpus, args.iteration)
+        config = stages.generation_config(
+            settings, turns=args.turns, adapter=args.adapter, seed=args.seed
+        )
+        result = stages.generate(
+            parts.pool,
+            parts.critic(),
+            parts.corpus,
+            parts.registry,
+            parts.catalog,
+            iteration=iteration,
+            users=args.users,
+            config=config,
+            alpha=settings.learner.select.alpha,
+            beta=settings.learner.select.beta,
+            split=args.split,
+            progress=None if args.no_progress else CorpusBars(),
         )
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
-    print(format_stats(result.stats.to_dict()))
-    print(
-        json.dumps(
-            {
-                "output_dir": str(result.output_dir),
-                "sft": result.sft_count,
-                "pairs": result.pair_count,
-                "pending_users": len(result.pending_persona_ids),
-                "ids_sha256": result.ids_hash,
-            },
-            indent=2,
-        )
-    )
+    finally:
+        parts.close()
+    print(format_stats(result.stats))
+    if result.resumed:
+        print(f"  resumed: {result.resumed} dialogues were already finished")
+    print(f"  elapsed                {result.elapsed_s:.1f}s")
     return 0
 
 
-def _sanity(args: argparse.Namespace, settings: Any) -> int:
-    import dataclasses
-
-    from chatbot.runtime import ModelPool
-    from learner.critic import build_critic
-    from learner.sanity import (
-        evaluate_adversarial,
-        evaluate_critic,
-        load_adversarial_cases,
-        load_sanity_cases,
+def _select(args: argparse.Namespace, settings: Settings) -> int:
+    config = dataclasses.replace(
+        settings.learner.select,
+        **{k: v for k, v in (("alpha", args.alpha), ("beta", args.beta)) if v is not None},
     )
+    try:
+        selection = stages.select(
+            CorpusStore(Database.from_settings(settings)),
+            settings.runs_dir,
+            iteration=args.iteration,
+            config=config,
+            accept_threshold=settings.learner.generate.accept_threshold,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    assert selection.stats is not None  # a curriculum selection always has them
+    print(format_stats(selection.stats))
+    summary = {
+        "output_dir": str(selection.run_dir),
+        "sft": selection.sft_count,
+        "pairs": selection.pair_count,
+        "pending_users": len(selection.pending_persona_ids),
+        "ids_sha256": selection.ids_hash,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
 
+
+def _sanity(args: argparse.Namespace, settings: Settings) -> int:
     if args.every < 1:
         print("--every must be 1 or more")
         return 2
-    kind = args.critic or settings.learner.critic
-    settings = dataclasses.replace(
-        settings, learner=dataclasses.replace(settings.learner, critic=kind)
-    )
     pool = ModelPool(settings)
     try:
-        model = pool.get(settings.critic) if kind == "llm" else None
-        critic = build_critic(settings, model=model)
+        critic = build_critic(settings, kind=args.critic or critic_kind(settings), pool=pool)
         cases = load_sanity_cases()[:: args.every]
         report = evaluate_critic(critic, cases)
         adversarial = {
@@ -306,7 +243,7 @@ def _sanity(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _print_adversarial(reports: dict[str, Any]) -> None:
+def _print_adversarial(reports: dict[str, AdversarialReport]) -> None:
     """The adversarial table: good reply preferred over each gaming kind (mean of the three)."""
     kinds = list(next(iter(reports.values())).preference_by_kind)
     print("\nadversarial set: good reply preferred over a gaming reply (chance 0.5)")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from chatbot.embeddings import Embedder
+from core.embeddings import Embedder
 from learner.fit_eval_critic import DEFAULT_CACHE, DEFAULT_DATA, fit_eval_critic
 from learner.rubric_critic import calibrate_from_replies
 

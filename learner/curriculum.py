@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from chatbot.prompting import load_prompt
+from core.prompting import load_prompt
 from learner.records import (
     DIMENSIONS,
     Attempt,
@@ -37,9 +37,7 @@ from learner.records import (
     TurnRecord,
 )
 from learner.reply_checks import opener
-
-if TYPE_CHECKING:
-    from learner.store import CorpusStore
+from learner.store import CorpusStore, CurriculumState
 
 __all__ = [
     "SelectionResult",
@@ -247,8 +245,6 @@ def select_iteration(
     max_opener_share: float = 0.1,
 ) -> SelectionResult:
     """Write ``sft.jsonl``, ``heldout.jsonl``, ``pairs.jsonl`` and ``selection.json``."""
-    from learner.store import CurriculumState
-
     run = store.get_run(iteration)
     if run is None:
         raise ValueError(f"iteration {iteration} has no generation run; run `upc learn generate`")

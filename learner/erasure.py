@@ -18,19 +18,26 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, select
 
 from learner.logged import LOGGED_PREFIX, load_salt, user_hash
+from learner.registry import AdapterRegistry
 from storage.db import Database
-from storage.learning_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
-from storage.memory_models import MemoryFactRow
+from storage.logged_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
+from storage.memory_models import DEFAULT_COLLECTION, MemoryFactRow
 from storage.models import Conversation, Feedback, Message, User
 
-__all__ = ["ErasureReport", "erase_user", "find_user_id"]
+__all__ = ["ErasureReport", "MemoryPurger", "erase_user", "find_user_id"]
 
 log = logging.getLogger(__name__)
+
+
+class MemoryPurger(Protocol):
+    """The app's memory service, as far as erasure needs it (it lives in a higher layer)."""
+
+    def purge_user(self, user_id: str) -> int: ...
 
 
 @dataclass
@@ -58,16 +65,16 @@ def find_user_id(db: Database, name_or_id: str) -> str | None:
         return None if user is None else user.id
 
 
-def _purge_memory(db: Database, user_id: str, memory: Any, chroma_dir: Path | None) -> int:
-    if memory is not None and hasattr(memory, "purge_user"):
+def _purge_memory(
+    db: Database, user_id: str, memory: MemoryPurger | None, chroma_dir: Path | None
+) -> int:
+    if memory is not None:
         return int(memory.purge_user(user_id))
     with db.session() as s:
         count = s.execute(delete(MemoryFactRow).where(MemoryFactRow.user_id == user_id)).rowcount
     if chroma_dir is not None and chroma_dir.is_dir():
         import chromadb
         from chromadb.config import Settings as ChromaSettings
-
-        from chatbot.memory import DEFAULT_COLLECTION
 
         client = chromadb.PersistentClient(
             path=str(chroma_dir), settings=ChromaSettings(anonymized_telemetry=False)
@@ -130,7 +137,7 @@ def _fix_selection(path: Path, drop: set[str]) -> None:
     os.replace(tmp, path)
 
 
-def _flag_adapters(registry: Any, drop: set[str], reason: str) -> list[str]:
+def _flag_adapters(registry: AdapterRegistry, drop: set[str], reason: str) -> list[str]:
     flagged = []
     names = (
         {f.name for f in dataclasses.fields(type(registry.list()[0]))} if registry.list() else set()
@@ -156,8 +163,8 @@ def erase_user(
     *,
     data_dir: Path,
     runs_dir: Path,
-    registry: Any = None,
-    memory: Any = None,
+    registry: AdapterRegistry | None = None,
+    memory: MemoryPurger | None = None,
     chroma_dir: Path | None = None,
 ) -> ErasureReport:
     """Delete the user and everything derived from them; returns what was removed."""

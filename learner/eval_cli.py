@@ -12,6 +12,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core.embeddings import Embedder
+from core.openai_model import OpenAIModel
+from core.runtime import ModelPool
+from core.settings import Settings
+from core.types import ChatModel
+from learner.critic import build_critic, critic_kind
+from learner.eval_records import EvalConfig, SystemSpec, parse_systems
+from learner.eval_report import to_markdown, write_outputs
+from learner.evaluate import evaluate_systems
+from learner.registry import AdapterError, AdapterRegistry
+from learner.side_by_side import unblind, write_side_by_side
+from learner.stages import generation_config
+from personas.catalog import PersonaCatalog
+from personas.importer import PersonaImportError, parse_personas
+from storage.db import Database
+
 __all__ = ["EVAL_CRITICS", "TRAIN_CRITICS", "register", "select_personas"]
 
 TRAIN_CRITICS = ("rubric", "embedding", "llm")
@@ -49,13 +65,13 @@ def register(subparsers: Any) -> Any:
         "--train-critic",
         choices=TRAIN_CRITICS,
         default=None,
-        help="the critic training optimises (default: settings.learner.critic)",
+        help="the critic training optimises (default: settings.learner.critics.critic)",
     )
     p.add_argument(
         "--eval-critic",
         choices=EVAL_CRITICS,
         default=None,
-        help="the independent critic (default: settings.learner.eval_critic, spc: fitted on "
+        help="the independent critic (default: settings.learner.critics.eval_critic, spc: fitted on "
         "Synthetic-Persona-Chat)",
     )
     p.add_argument(
@@ -63,7 +79,7 @@ def register(subparsers: Any) -> Any:
         type=float,
         default=None,
         help="relative worsening of a critic-free check counted as a regression "
-        "(default: settings.learner.gate_tolerance)",
+        "(default: settings.learner.gate.gate_tolerance)",
     )
     p.add_argument("--out", help="output dir (default: <data>/runs/eval-<time>)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,10 +133,8 @@ def select_personas(personas: list[Any], users: int, seed: int) -> list[Any]:
     return [p for i, p in enumerate(personas) if i in chosen]
 
 
-def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], str]:
+def _load_personas(args: argparse.Namespace, settings: Settings) -> tuple[list[Any], str]:
     if args.personas:
-        from personas.importer import parse_personas
-
         parsed = parse_personas(args.personas, "eval", default_split=args.split)
         if parsed.merged_duplicates:
             print(
@@ -131,8 +145,6 @@ def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
         pool = [p for p in parsed.personas if p.split == args.split]
         source = f"{args.personas}, split {args.split}"
     else:
-        from personas.catalog import PersonaCatalog
-
         catalog = PersonaCatalog.load(settings)
         pool = catalog.all(split=args.split, set_name=args.set_name)
         source = f"{args.set_name or 'all sets'}, split {args.split}"
@@ -141,23 +153,13 @@ def _load_personas(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
     return select_personas(pool, args.users, args.seed), source
 
 
-def _critic(settings: Any, kind: str, pool: Any, embedder: Any) -> Any:
-    from learner.eval_critic import build_named_critic
-
-    model = pool.get(settings.critic) if kind == "llm" else None
-    return build_named_critic(kind, settings, model, embedder)
-
-
-def _config(args: argparse.Namespace, settings: Any) -> Any:
-    from learner.cli import generation_config
-    from learner.evaluate import EvalConfig
-
+def _config(args: argparse.Namespace, settings: Settings) -> EvalConfig:
     if args.users < 1:
         raise ValueError("--users must be 1 or more")
     gen = generation_config(settings)
     tolerance = args.tolerance
     if tolerance is None:
-        tolerance = settings.learner.gate_tolerance
+        tolerance = settings.learner.gate.gate_tolerance
     return EvalConfig(
         turns=args.turns,
         seed=args.seed,
@@ -174,16 +176,15 @@ def _config(args: argparse.Namespace, settings: Any) -> Any:
     )
 
 
-def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespace) -> Any:
+def _systems(
+    specs: list[SystemSpec], pool: ModelPool, settings: Settings, args: argparse.Namespace
+) -> tuple[list[tuple[SystemSpec, ChatModel]], ChatModel | None, list[OpenAIModel]]:
     """(spec, model) pairs, the local model (or None) and the OpenAI clients to close."""
-    from chatbot.openai_model import OpenAIModel
-    from learner.registry import AdapterRegistry
-    from storage.db import Database
-
     local = None
     if any(s.kind != "openai" for s in specs) or not args.no_perplexity:
         local = pool.get(settings.chatbot)
-    systems, openai_models = [], []
+    systems: list[tuple[SystemSpec, ChatModel]] = []
+    openai_models: list[OpenAIModel] = []
     registry = None
     for spec in specs:
         if spec.kind == "openai":
@@ -210,15 +211,8 @@ def _systems(specs: list[Any], pool: Any, settings: Any, args: argparse.Namespac
     return systems, local, openai_models
 
 
-def _eval(args: argparse.Namespace, settings: Any) -> int:
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
-
-    from chatbot.embeddings import Embedder
-    from chatbot.runtime import ModelPool
-    from learner.eval_report import to_markdown, write_outputs
-    from learner.evaluate import evaluate_systems, parse_systems
-    from learner.registry import AdapterError
-    from personas.importer import PersonaImportError
 
     try:
         specs = parse_systems(args.systems)
@@ -239,11 +233,14 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
         systems, local, openai_models = _systems(specs, pool, settings, args)
         user_model = pool.get(settings.user_sim)
         embedder = Embedder()
-        train_critic = _critic(
-            settings, args.train_critic or settings.learner.critic, pool, embedder
+        train_critic = build_critic(
+            settings, kind=args.train_critic or critic_kind(settings), pool=pool, embedder=embedder
         )
-        eval_critic = _critic(
-            settings, args.eval_critic or settings.learner.eval_critic, pool, embedder
+        eval_critic = build_critic(
+            settings,
+            kind=args.eval_critic or critic_kind(settings, "eval"),
+            pool=pool,
+            embedder=embedder,
         )
         runner = None
         if not args.no_perplexity and hasattr(local, "run_exclusive"):
@@ -294,9 +291,7 @@ def _eval(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _side_by_side(args: argparse.Namespace, _settings: Any) -> int:
-    from learner.side_by_side import write_side_by_side
-
+def _side_by_side(args: argparse.Namespace, _settings: Settings) -> int:
     try:
         page, key, count = write_side_by_side(
             args.a,
@@ -316,9 +311,7 @@ def _side_by_side(args: argparse.Namespace, _settings: Any) -> int:
     return 0
 
 
-def _unblind(args: argparse.Namespace, _settings: Any) -> int:
-    from learner.side_by_side import unblind
-
+def _unblind(args: argparse.Namespace, _settings: Settings) -> int:
     try:
         key = json.loads(Path(args.key).read_text(encoding="utf-8"))
         for path in args.answers:

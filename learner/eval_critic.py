@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from chatbot.embeddings import Embedder
-from learner.critic import Critic, build_critic_kind
+from core.embeddings import Embedder
 from learner.records import DIMENSIONS, CriticInput, Score
 
 __all__ = [
@@ -39,10 +38,8 @@ __all__ = [
     "Head",
     "PersonaChatCritic",
     "RankerWeights",
-    "build_named_critic",
     "critic_agreement",
     "extract_features",
-    "gate_critic_kind",
     "load_weights",
 ]
 
@@ -506,18 +503,3 @@ def critic_agreement(
         pair_agreement=share,
         pairs=pairs,
     )
-
-
-def _build_spc(settings: Any, model: Any, embedder: Any) -> PersonaChatCritic:
-    return PersonaChatCritic(embedder if embedder is not None else Embedder())
-
-
-def build_named_critic(kind: str, settings: Any, model: Any = None, embedder: Any = None) -> Critic:
-    """Any critic by name: the training critics of ``learner.critic`` plus ``spc``."""
-    return build_critic_kind(kind, settings, model, embedder, extra_builders={"spc": _build_spc})
-
-
-def gate_critic_kind(settings: Any) -> str:
-    """The gate's critic: ``learner.gate_critic``, where ``eval`` means the evaluation one."""
-    kind = settings.learner.gate_critic
-    return settings.learner.eval_critic if kind == "eval" else kind

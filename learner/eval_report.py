@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from learner.checks import CHECKS
-from learner.evaluate import METRIC_LABELS, SCORE_KEYS, CriticView, EvalReport
+from learner.eval_records import METRIC_LABELS, SCORE_KEYS, CriticView, EvalReport
 from learner.metrics import MeanCI
 from learner.stats import PairedCI
 

@@ -5,8 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+
+from core.settings import Settings
+from learner.export import (
+    FEEDBACK_CHOICES,
+    FORMATS,
+    SOURCES,
+    ExportError,
+    ExportFilters,
+    ExportOptions,
+    ExportProgress,
+    export,
+)
+from storage import Database
 
 __all__ = ["register"]
 
@@ -18,15 +30,11 @@ def _date(value: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO date: {value!r}") from exc
     # The database stores naive UTC times.
     if parsed.tzinfo is not None:
-        from datetime import UTC
-
         parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     return parsed
 
 
 def _formats(value: str) -> tuple[str, ...]:
-    from learner.export import FORMATS
-
     items = tuple(v.strip() for v in value.split(",") if v.strip())
     bad = [v for v in items if v not in FORMATS]
     if bad or not items:
@@ -34,7 +42,7 @@ def _formats(value: str) -> tuple[str, ...]:
     return items
 
 
-def register(subparsers: Any) -> Any:
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export",
         help="export dialogues for research (PII scrubbed by default)",
@@ -44,7 +52,7 @@ def register(subparsers: Any) -> Any:
         "--format",
         dest="formats",
         type=_formats,
-        default=("jsonl", "sharegpt", "parquet", "hf"),
+        default=FORMATS,
         help="comma list of jsonl,sharegpt,parquet,hf (default: all)",
     )
     p.add_argument("--since", type=_date, help="conversations created at/after (UTC)")
@@ -56,10 +64,10 @@ def register(subparsers: Any) -> Any:
     p.add_argument(
         "--source",
         action="append",
-        choices=("real", "synthetic", "regenerated"),
+        choices=SOURCES,
         help="repeatable; a union (default: real and synthetic)",
     )
-    p.add_argument("--feedback", choices=("any", "liked", "disliked", "none"), default="any")
+    p.add_argument("--feedback", choices=FEEDBACK_CHOICES, default="any")
     p.add_argument(
         "--include-opted-out", action="store_true", help="include users excluded from training"
     )
@@ -72,11 +80,8 @@ def register(subparsers: Any) -> Any:
     return p
 
 
-def _export(args: argparse.Namespace, settings: Any) -> int:
+def _export(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
-
-    from learner.export import ExportError, ExportFilters, ExportOptions, ExportProgress, export
-    from storage import Database
 
     filters = ExportFilters(
         since=args.since,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from chatbot.embeddings import Embedder
+from core.embeddings import Embedder
 from learner.eval_critic import (
     FEATURES,
     VERSION,

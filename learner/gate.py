@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chatbot.types import BASE_ADAPTER
+from core.types import BASE_ADAPTER, ChatModel
 from learner.checks import CheckRegression, CriticFreeChecks, regressions
+from learner.critic import Critic
 from learner.generate import run_dialogues
-from learner.records import DIMENSIONS, DialogueRecord
+from learner.records import DIMENSIONS, DialogueRecord, PersonaLike
 from learner.registry import AdapterError, AdapterRegistry
 from learner.stats import PairedCI, paired_bootstrap, per_user_means
 from storage.adapter_models import GateEvaluationRow
@@ -29,6 +30,7 @@ __all__ = [
     "GateDecision",
     "ScoreSet",
     "decide",
+    "ensure_adapter",
     "record_decision",
     "run_gate",
     "run_variant",
@@ -134,6 +136,22 @@ class GateDecision:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def unchecked(cls, candidate_id: str, baseline_id: str, reason: str) -> GateDecision:
+        """A promotion without evaluation (`upc learn iterate --no-gate`)."""
+        return cls(
+            promote=True,
+            candidate_id=candidate_id,
+            baseline_id=baseline_id,
+            candidate_mean=None,
+            baseline_mean=None,
+            delta=None,
+            margin=0.0,
+            reason=reason,
+            candidate={},
+            baseline={},
+        )
+
 
 def _fmt_means(means: dict[str, float | None]) -> str:
     return " ".join(f"{d}={'n/a' if v is None else f'{v:.3f}'}" for d, v in means.items())
@@ -205,10 +223,10 @@ def decide(
 
 
 def run_variant(
-    chatbot: Any,
-    user_model: Any,
-    critic: Any,
-    personas: Sequence[Any],
+    chatbot: ChatModel,
+    user_model: ChatModel,
+    critic: Critic,
+    personas: Sequence[PersonaLike],
     *,
     adapter: str,
     seeds: Sequence[int],
@@ -285,7 +303,8 @@ def record_decision(
         )
 
 
-def _ensure_loaded(chatbot: Any, registry: AdapterRegistry, adapter_id: str) -> None:
+def ensure_adapter(chatbot: ChatModel, registry: AdapterRegistry, adapter_id: str) -> None:
+    """Load a verified adapter into a local chatbot once (the base needs none)."""
     if adapter_id == BASE_ADAPTER or not hasattr(chatbot, "load_adapter"):
         return
     if adapter_id in getattr(chatbot, "adapters", ()):
@@ -297,10 +316,10 @@ def run_gate(
     registry: AdapterRegistry,
     candidate_id: str,
     *,
-    chatbot: Any,
-    user_model: Any,
-    critic: Any,
-    personas: Sequence[Any],
+    chatbot: ChatModel,
+    user_model: ChatModel,
+    critic: Critic,
+    personas: Sequence[PersonaLike],
     margin: float,
     seed: int,
     n_seeds: int = 2,
@@ -317,8 +336,8 @@ def run_gate(
     if baseline_id == candidate_id:
         raise AdapterError(f"{candidate_id} is already the active adapter")
     registry.verify(candidate_id)
-    _ensure_loaded(chatbot, registry, candidate_id)
-    _ensure_loaded(chatbot, registry, baseline_id)
+    ensure_adapter(chatbot, registry, candidate_id)
+    ensure_adapter(chatbot, registry, baseline_id)
     seeds = tuple(seed + k for k in range(max(1, n_seeds)))
     kwargs = {"seeds": seeds, "turns": turns, "runner": runner}
     cand_dialogues = run_variant(

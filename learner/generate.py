@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chatbot.prompting import load_prompt
-from chatbot.types import ChatMessage, ChatModel, Completion, GenerationParams, ModelError
+from core.prompting import load_prompt
+from core.types import ChatMessage, ChatModel, Completion, GenerationParams, ModelError
 from learner.critic import Critic
 from learner.records import Attempt, CriticInput, DialogueRecord, PersonaLike, Score, TurnRecord
 from learner.reply_checks import check_reply, repeats_itself

@@ -1,32 +1,47 @@
 """The curriculum iteration driver: generate -> select -> train -> gate -> promote -> hot-load.
 
-Each iteration keeps its progress in `runs/iter-KKK/state.json` (written atomically after
-every stage), so a crashed run resumes at the first unfinished stage and a finished one is
-never redone. Training publishes under a deterministic id (iteration + hash of training set,
-parent and config): a crash between publishing and saving the state is recognised on resume.
-Hot-loading is signalled through the registry (`adapters/ACTIVE`), which a running app
-watches; `notify` is an optional extra hook.
+The stages are the plain functions of `learner.stages`; the driver hands each typed result
+to the next one in memory. Each iteration keeps its progress in `runs/iter-KKK/state.json`
+(written atomically after every stage, with every stage's typed result), so a crashed run
+resumes at the first unfinished stage and a finished one is never redone. Training
+publishes under a deterministic id (iteration + hash of training set, parent and config): a
+crash between publishing and saving the state is recognised on resume. Hot-loading is
+signalled through the registry (`adapters/ACTIVE`), which a running app watches; `notify`
+is an optional extra hook.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
-import hashlib
 import json
 import logging
-import shutil
 import time
-from collections.abc import Callable, Mapping
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from chatbot.types import BASE_ADAPTER
-from learner.curriculum import cumulative_training_files, iteration_dir
-from learner.registry import AdapterManifest, AdapterRegistry, _atomic_write, code_version
+from core.prompting import load_prompt
+from core.settings import Settings
+from core.types import BASE_ADAPTER
+from learner import stages
+from learner.curriculum import iteration_dir
+from learner.gate import GateDecision
+from learner.records import IterationStats
+from learner.registry import AdapterRegistry, _atomic_write
+from learner.stages import (
+    DEFAULT_USERS,
+    BaseModel,
+    CorpusProgress,
+    GenerationStats,
+    LoopParts,
+    Selection,
+    TrainOutcome,
+)
+from learner.train import TrainConfig, TrainingStatusStore
 
 __all__ = [
     "STAGES",
@@ -48,14 +63,16 @@ STATE_FILE = "state.json"
 
 @dataclass
 class IterationState:
+    """One iteration's progress and the typed result of every stage that ran."""
+
     iteration: int
     done: list[str] = field(default_factory=list)
     parent_id: str | None = None
     adapter_id: str | None = None
-    generate_stats: dict[str, Any] = field(default_factory=dict)
-    select_stats: dict[str, Any] = field(default_factory=dict)
-    train_metrics: dict[str, Any] = field(default_factory=dict)
-    gate: dict[str, Any] | None = None
+    generation: GenerationStats | None = None  # None: no corpus (a logged retrain)
+    selection: Selection | None = None
+    training: TrainOutcome | None = None
+    gate: GateDecision | None = None
     promoted: bool = False
     active_after: str | None = None
     note: str | None = None
@@ -67,20 +84,26 @@ class IterationState:
     def complete(self) -> bool:
         return all(stage in self.done for stage in STAGES)
 
+    def _stats(self, prefer_selection: bool) -> IterationStats | None:
+        generated = self.generation.stats if self.generation else None
+        selected = self.selection.stats if self.selection else None
+        return (selected or generated) if prefer_selection else (generated or selected)
+
     def row(self) -> dict[str, Any]:
         """The per-iteration summary line."""
-        stats = {**self.generate_stats, **self.select_stats}
-        cand = (self.gate or {}).get("candidate", {}).get("means", {})
+        # The easy rate depends on the selection's alpha/beta; regeneration on Algorithm 1.
+        easy, regen = self._stats(prefer_selection=True), self._stats(prefer_selection=False)
+        cand = self.gate.candidate.get("means", {}) if self.gate else {}
         return {
             "iteration": self.iteration,
-            "easy_rate": stats.get("easy_rate"),
-            "regeneration_rate": stats.get("regeneration_rate"),
+            "easy_rate": easy.easy_rate if easy else None,
+            "regeneration_rate": regen.regeneration_rate if regen else None,
             "rel": cand.get("rel"),
             "int": cand.get("int"),
             "val": cand.get("val"),
             "adapter": self.adapter_id,
-            "heldout_loss": self.train_metrics.get("heldout_loss"),
-            "gate_lower": (self.gate or {}).get("lower"),
+            "heldout_loss": self.training.metrics.get("heldout_loss") if self.training else None,
+            "gate_lower": self.gate.lower if self.gate else None,
             "promoted": self.promoted,
             "note": self.note,
         }
@@ -90,14 +113,14 @@ class IterationState:
 class IterationSteps:
     """The stages the driver does not own; each must itself be idempotent per iteration.
 
-    generate(k, users) -> stats; select(k) -> stats (and writes `sft.jsonl`, `pairs.jsonl`,
-    `selection.json` in the iteration's run dir); gate(candidate_id, k) -> a `GateDecision`
-    as a dict (without promoting); notify(active_id) tells a running app, if any.
+    generate(k, users) -> the corpus's stats (None when the iteration generates none);
+    select(k) -> the training set; gate(candidate_id, k) -> the decision (without
+    promoting); notify(active_id) tells a running app, if any.
     """
 
-    generate: Callable[[int, int | None], Mapping[str, Any]]
-    select: Callable[[int], Mapping[str, Any]]
-    gate: Callable[[str, int], Mapping[str, Any]]
+    generate: Callable[[int, int | None], GenerationStats | None]
+    select: Callable[[int], Selection]
+    gate: Callable[[str, int], GateDecision]
     notify: Callable[[str], None] | None = None
 
 
@@ -105,14 +128,45 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _build(annotation: Any, value: Any) -> Any:
+    """``value`` (parsed JSON) as ``annotation``: dataclasses, optionals, tuples, paths."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _build(inner[0], value)
+    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        hints = typing.get_type_hints(annotation)
+        known = {f.name for f in dataclasses.fields(annotation)}
+        return annotation(**{k: _build(hints[k], v) for k, v in value.items() if k in known})
+    if origin is tuple and isinstance(value, list):
+        return tuple(_build(typing.get_args(annotation)[0], v) for v in value)
+    if annotation is Path:
+        return Path(value)
+    return value
+
+
+def _state_from_dict(data: dict[str, Any]) -> IterationState:
+    state = IterationState(iteration=int(data["iteration"]))
+    hints = typing.get_type_hints(IterationState)
+    for f in dataclasses.fields(IterationState):
+        if f.name not in data:
+            continue
+        try:
+            setattr(state, f.name, _build(hints[f.name], data[f.name]))
+        except (TypeError, ValueError, KeyError) as exc:
+            # An older state file's record; the stage reruns if a later one needs it.
+            log.warning("iteration %d: ignoring unreadable %s (%s)", state.iteration, f.name, exc)
+    return state
+
+
 def load_iteration_state(runs_dir: Path, k: int) -> IterationState:
     """Iteration k's saved state (an empty one when it has not started)."""
     path = iteration_dir(runs_dir, k) / STATE_FILE
     if not path.is_file():
         return IterationState(iteration=k)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    known = {f.name for f in dataclasses.fields(IterationState)}
-    return IterationState(**{k2: v for k2, v in data.items() if k2 in known})
+    return _state_from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def next_iteration(runs_dir: Path) -> int:
@@ -121,10 +175,6 @@ def next_iteration(runs_dir: Path) -> int:
     while load_iteration_state(runs_dir, k).complete:
         k += 1
     return k
-
-
-def _hash_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class IterationDriver:
@@ -136,10 +186,9 @@ class IterationDriver:
         runs_dir: Path,
         registry: AdapterRegistry,
         steps: IterationSteps,
-        base_model: str | Path,
-        base_model_id: str,
-        train_config: Any,
-        status: Any = None,
+        base: BaseModel,
+        train_config: TrainConfig,
+        status: TrainingStatusStore | None = None,
         system_prompt: str | None = None,
         progress_bar: bool = False,
         on_stage: Callable[[str, int], None] | None = None,
@@ -148,8 +197,7 @@ class IterationDriver:
         self.runs_dir = Path(runs_dir)
         self.registry = registry
         self.steps = steps
-        self.base_model = base_model
-        self.base_model_id = base_model_id
+        self.base = base
         self.train_config = train_config
         self.status = status
         self.system_prompt = system_prompt
@@ -172,7 +220,8 @@ class IterationDriver:
         state.updated_at = _now()
         directory = self.run_dir(state.iteration)
         directory.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps(dataclasses.asdict(state), indent=2).encode("utf-8")
+        data = dataclasses.asdict(state)
+        payload = json.dumps(data, indent=2, default=str).encode("utf-8")
         _atomic_write(directory / STATE_FILE, payload)
 
     def _mark(self, state: IterationState, stage: str) -> None:
@@ -211,11 +260,12 @@ class IterationDriver:
         state = self.load_state(k)
         if "generate" not in state.done:
             self._enter("generate", k)
-            state.generate_stats = dict(self.steps.generate(k, users))
+            state.generation = self.steps.generate(k, users)
             self._mark(state, "generate")
-        if "select" not in state.done:
+        # An older state file may lack the selection: selecting again is idempotent.
+        if "select" not in state.done or ("train" not in state.done and state.selection is None):
             self._enter("select", k)
-            state.select_stats = dict(self.steps.select(k))
+            state.selection = self.steps.select(k)
             self._mark(state, "select")
         if "train" not in state.done:
             self._enter("train", k)
@@ -224,22 +274,16 @@ class IterationDriver:
         if "gate" not in state.done:
             self._enter("gate", k)
             if state.adapter_id is not None:
-                state.gate = dict(self.steps.gate(state.adapter_id, k))
+                state.gate = self.steps.gate(state.adapter_id, k)
             self._mark(state, "gate")
         if "promote" not in state.done:
             self._enter("promote", k)
-            if state.gate and state.gate.get("promote") and state.adapter_id:
-                if self.registry.active_id() != state.adapter_id:
-                    self.registry.activate(
-                        state.adapter_id, reason=state.gate.get("reason"), action="promote"
-                    )
-                state.promoted = True
+            state.promoted = stages.promote(self.registry, state.gate)
             state.active_after = self.registry.active_id()
             self._mark(state, "promote")
         if "hotload" not in state.done:
             self._enter("hotload", k)
-            if self.steps.notify is not None:
-                self.steps.notify(self.registry.active_id())
+            stages.hot_load(self.registry, self.steps.notify)
             self._mark(state, "hotload")
         return state
 
@@ -250,86 +294,28 @@ class IterationDriver:
             self.on_stage(stage, k)
 
     def _train(self, state: IterationState) -> None:
-        from learner.train import train_adapter
-
-        k = state.iteration
-        run_dir = self.run_dir(k)
-        sft = run_dir / "sft.jsonl"
-        if not sft.is_file() or not sft.read_text(encoding="utf-8").strip():
-            state.adapter_id = None
-            state.note = "no training examples (no easy dialogue, or every reply was flagged)"
-            log.warning("iteration %d: %s", k, state.note)
-            return
+        assert state.selection is not None  # run_iteration selects first
         if state.parent_id is None:
             # Default: retrain from the base on the cumulative selection (errors don't
             # compound); "parent" continues from the adapter that produced this data.
             continuing = self.retrain_from == "parent"
             state.parent_id = self.registry.active_id() if continuing else BASE_ADAPTER
             self._save(state)
-        parent = None if state.parent_id == BASE_ADAPTER else state.parent_id
-        config = self.train_config.to_dict()
-        selection = _read_json(run_dir / "selection.json")
-        heldout: Path | None = None
-        set_hash = selection.get("hash") or _hash_file(sft)
-        if parent is None and self.retrain_from == "base" and k > 1:
-            sft, heldout = cumulative_training_files(self.runs_dir, k)
-            set_hash = _hash_file(sft)
-        elif (run_dir / "heldout.jsonl").is_file():
-            heldout = run_dir / "heldout.jsonl"
-        fingerprint = json.dumps([set_hash, parent, config], sort_keys=True)
-        adapter_id = f"it{k:03d}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:10]}"
-        state.adapter_id = adapter_id
-        if self.registry.exists(adapter_id):
-            self.registry.verify(adapter_id)
-            state.train_metrics = self.registry.get(adapter_id).metrics
-            log.info("iteration %d: adapter %s already published", k, adapter_id)
-            return
-        staging = run_dir / "adapter-staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        pairs = run_dir / "pairs.jsonl"
-        result = train_adapter(
-            self.base_model,
-            sft,
-            staging,
-            self.train_config,
-            system_prompt=self.system_prompt,
-            parent_adapter_dir=self.registry.verified_path(parent) if parent else None,
-            pairs_path=pairs if pairs.is_file() else None,
-            heldout_path=heldout,
+        outcome = stages.train(
+            self.registry,
+            state.selection,
+            runs_dir=self.runs_dir,
+            base=self.base,
+            config=self.train_config,
+            parent_id=state.parent_id,
+            cumulative=self.retrain_from == "base",
             status=self.status,
-            run_id=f"{adapter_id}",
-            iteration=k,
-            adapter_id=adapter_id,
+            system_prompt=self.system_prompt,
             progress_bar=self.progress_bar,
         )
-        from learner.registry import hash_model_weights
-
-        manifest = AdapterManifest(
-            id=adapter_id,
-            parent_id=parent,
-            iteration=k,
-            base_model_id=self.base_model_id,
-            base_weights_sha256=hash_model_weights(self.base_model),
-            training_config=config,
-            training_dialogue_ids=selection.get("dialogue_ids") or result.dialogue_ids,
-            training_set_hash=set_hash,
-            metrics=result.metrics(),
-            code_version=code_version(),
-        )
-        self.registry.publish(staging, manifest)
-        shutil.rmtree(staging, ignore_errors=True)
-        state.train_metrics = result.metrics()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        log.warning("%s is not valid JSON; ignoring it", path)
-        return {}
-    return data if isinstance(data, dict) else {}
+        state.training = outcome
+        state.adapter_id = outcome.adapter_id
+        state.note = outcome.note
 
 
 def _fmt(value: Any) -> str:
@@ -383,126 +369,74 @@ def format_stage_times(states: list[IterationState]) -> str:
 
 
 # ---------------------------------------------------------------------- default wiring
-def _learn_cli(settings: Any, argv: list[str]) -> None:
-    """Run a `upc learn ...` subcommand in-process (generate/select belong to learner.cli)."""
-    from learner import cli as learn_cli
+def build_driver(
+    settings: Settings,
+    parts: LoopParts,
+    *,
+    gate: bool = True,
+    progress: CorpusProgress | None = None,
+    progress_bar: bool = False,
+    train_config: TrainConfig | None = None,
+) -> IterationDriver:
+    """The driver with the product's stages over one set of shared parts: Algorithm 1 with
+    the active adapter, the curriculum selection, training, and the gate on validation
+    users with its own critic (by default the evaluation critic, which training never sees).
 
-    parser = argparse.ArgumentParser(prog="upc")
-    learn_cli.register(parser.add_subparsers(dest="group"))
-    args = parser.parse_args(argv)
-    rc = args.func(args, settings)
-    if rc:
-        raise RuntimeError(f"upc {' '.join(argv)} failed with exit status {rc}")
+    ``progress`` shows the generate stage; ``progress_bar`` the training run (tqdm).
+    """
+    learner = settings.learner
+    # The gate's dialogues sample as the corpus and serving do.
+    config = stages.generation_config(settings)
 
-
-def _resolve_base(settings: Any) -> tuple[str | Path, str]:
-    from chatbot.settings import EMBEDDED_MODEL
-
-    model = settings.chatbot.model
-    if model == EMBEDDED_MODEL:
-        from chatbot.runtime import ensure_embedded_model
-
-        return ensure_embedded_model(settings.models_dir), model
-    return model, model
-
-
-def _gate_resources(settings: Any) -> dict[str, Any]:
-    """The gate's parts: the chatbot, the simulated user, the gate critic (by default the
-    evaluation critic, which training never sees), the validation users and the
-    critic-free checks."""
-    from chatbot.embeddings import Embedder
-    from chatbot.runtime import build_model
-    from learner.checks import critic_free_checks
-    from learner.eval_critic import build_named_critic, gate_critic_kind
-    from personas.catalog import PersonaCatalog
-
-    chatbot = build_model(settings.chatbot, settings)
-    same = dataclasses.asdict(settings.user_sim) == dataclasses.asdict(settings.chatbot)
-    user_model = chatbot if same else build_model(settings.user_sim, settings)
-    kind = gate_critic_kind(settings)
-    judge = build_model(settings.critic, settings) if kind == "llm" else None
-    embedder = Embedder()
-    critic = build_named_critic(kind, settings, judge, embedder)
-    personas = PersonaCatalog.load().all(split="validation")[: settings.learner.gate_users]
-    by_id = {p.id: p for p in personas}
-
-    def checks(dialogues: Any) -> Any:
-        return critic_free_checks(dialogues, by_id, embedder=embedder)
-
-    return {
-        "chatbot": chatbot,
-        "user_model": user_model,
-        "critic": critic,
-        "personas": personas,
-        "checks": checks,
-    }
-
-
-def build_driver(settings: Any, *, gate: bool = True, progress_bar: bool = True) -> IterationDriver:
-    """The driver with the product's parts: `upc learn generate/select`, the embedded or
-    configured chatbot, the configured critic and the validation users for the gate."""
-    from chatbot.prompting import load_prompt
-    from learner.cli import generation_config
-    from learner.gate import run_gate
-    from learner.generate import run_dialogues
-    from learner.train import TrainConfig, TrainingStatusStore
-    from storage.db import Database
-
-    db = Database.from_settings(settings)
-    registry = AdapterRegistry(settings.adapters_dir, db)
-    base_model, base_model_id = _resolve_base(settings)
-    resources: dict[str, Any] = {}
-
-    def generate(k: int, users: int | None) -> Mapping[str, Any]:
-        argv = ["learn", "generate", "--split", "train", "--iteration", str(k)]
-        argv += ["--users", str(users)] if users else []
+    def generate_step(k: int, users: int | None) -> GenerationStats:
         # Algorithm 2: the current (active) chatbot generates the next corpus.
-        active = registry.active_id()
-        argv += ["--adapter", active] if active != BASE_ADAPTER else []
-        _learn_cli(settings, argv)
-        return {}
-
-    def select(k: int) -> Mapping[str, Any]:
-        _learn_cli(settings, ["learn", "select", "--iteration", str(k)])
-        selection = _read_json(iteration_dir(settings.runs_dir, k) / "selection.json")
-        return selection.get("stats") or {}
-
-    # The gate's dialogues use the same generation settings as the corpus and serving.
-    params = generation_config(settings)
-
-    def gate_step(candidate_id: str, k: int) -> Mapping[str, Any]:
-        if not gate:
-            return {"promote": True, "reason": "gate disabled by --no-gate"}
-        if not resources:
-            resources.update(_gate_resources(settings))
-        decision = run_gate(
-            registry,
-            candidate_id,
-            margin=settings.learner.gate_margin,
-            seed=settings.learner.gate_seed,
-            n_seeds=settings.learner.gate_seeds,
-            tolerance=settings.learner.gate_tolerance,
-            turns=settings.learner.turns,
+        return stages.generate(
+            parts.pool,
+            parts.critic(),
+            parts.corpus,
+            parts.registry,
+            parts.catalog,
             iteration=k,
-            promote=False,
-            runner=functools.partial(
-                run_dialogues,
-                chatbot_params=params.chatbot_params,
-                user_params=params.user_params,
-            ),
-            **resources,
+            users=users or DEFAULT_USERS,
+            config=dataclasses.replace(config, adapter=parts.registry.active_id()),
+            alpha=learner.select.alpha,
+            beta=learner.select.beta,
+            progress=progress,
         )
-        return decision.to_dict()
+
+    def select_step(k: int) -> Selection:
+        return stages.select(
+            parts.corpus,
+            settings.runs_dir,
+            iteration=k,
+            config=learner.select,
+            accept_threshold=learner.generate.accept_threshold,
+        )
+
+    def gate_step(candidate_id: str, k: int) -> GateDecision:
+        if not gate:
+            baseline = parts.registry.active_id()
+            return GateDecision.unchecked(candidate_id, baseline, "gate disabled by --no-gate")
+        return stages.gate(
+            parts.registry,
+            candidate_id,
+            pool=parts.pool,
+            critic=parts.critic("gate"),
+            personas=stages.gate_users(parts.catalog, learner.gate),
+            embedder=parts.embedder,
+            config=learner.gate,
+            generation=config,
+            iteration=k,
+        )
 
     return IterationDriver(
         runs_dir=settings.runs_dir,
-        registry=registry,
-        steps=IterationSteps(generate=generate, select=select, gate=gate_step),
-        base_model=base_model,
-        base_model_id=base_model_id,
-        train_config=TrainConfig.from_settings(settings.learner),
-        status=TrainingStatusStore(db),
+        registry=parts.registry,
+        steps=IterationSteps(generate=generate_step, select=select_step, gate=gate_step),
+        base=BaseModel.from_settings(settings),
+        train_config=train_config or TrainConfig.from_settings(learner.train),
+        status=TrainingStatusStore(parts.db),
         system_prompt=str(load_prompt("upc_system")),
         progress_bar=progress_bar,
-        retrain_from=settings.learner.retrain_from,
+        retrain_from=learner.train.retrain_from,
     )

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from core.settings import Settings
+from learner.cli import CorpusBars
 from learner.iterate import build_driver, format_stage_times, format_table
+from learner.stages import LoopParts
 
 __all__ = ["register_iterate"]
 
@@ -21,13 +24,19 @@ def register_iterate(learn_subparsers: Any) -> None:
     parser.set_defaults(func=_iterate_handler)
 
 
-def _iterate_handler(args: argparse.Namespace, settings: Any) -> int:
-    driver = build_driver(settings, gate=not args.no_gate)
-    states = driver.run(
-        args.iterations,
-        users=args.users,
-        on_iteration=lambda s: print(format_table([s]).splitlines()[-1], flush=True),
-    )
+def _iterate_handler(args: argparse.Namespace, settings: Settings) -> int:
+    parts = LoopParts.from_settings(settings)
+    try:
+        driver = build_driver(
+            settings, parts, gate=not args.no_gate, progress=CorpusBars(), progress_bar=True
+        )
+        states = driver.run(
+            args.iterations,
+            users=args.users,
+            on_iteration=lambda s: print(format_table([s]).splitlines()[-1], flush=True),
+        )
+    finally:
+        parts.close()
     print()
     print(format_table(states))
     print()

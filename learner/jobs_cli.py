@@ -1,8 +1,8 @@
-"""`upc jobs list|status|history|pause|resume|reschedule|run|guard-eval`, `upc worker`,
-`upc erase USER`.
+"""`upc jobs list|status|history|pause|resume|reschedule|run|guard-eval`, `upc erase USER`.
 
 The CLI writes the operator's wishes into `job_controls`; the active scheduler (in the app
-or a `upc worker`) applies them within `scheduler_poll_seconds`.
+or a `upc worker`, wired in `chatbot.cli` because it uses the memory service) applies them
+within `scheduler_poll_seconds`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,13 @@ import argparse
 import json
 import sys
 from typing import Any
+
+from core.settings import Settings
+from learner.erasure import erase_user, find_user_id
+from learner.guard import evaluate_sample, load_sample
+from learner.registry import AdapterRegistry
+from learner.scheduler import JobRecords
+from storage.db import Database
 
 __all__ = ["register"]
 
@@ -36,9 +43,6 @@ def register(subparsers: Any) -> None:
     sub.add_parser("guard-eval", help="precision/recall of the poisoning guard on its sample")
     parser.set_defaults(func=_jobs)
 
-    worker = subparsers.add_parser("worker", help="run the learning scheduler until SIGTERM")
-    worker.set_defaults(func=_worker)
-
     erase = subparsers.add_parser(
         "erase", help="right to erasure: delete a user and everything learned from them"
     )
@@ -51,10 +55,7 @@ def _fmt_time(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
 
 
-def _jobs(args: argparse.Namespace, settings: Any) -> int:
-    from learner.scheduler import JobRecords
-    from storage.db import Database
-
+def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     if args.jobs_command == "guard-eval":
         return _guard_eval()
     records = JobRecords(Database.from_settings(settings))
@@ -109,8 +110,6 @@ def _jobs(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _guard_eval() -> int:
-    from learner.guard import evaluate_sample, load_sample
-
     metrics = evaluate_sample(load_sample())
     print(
         json.dumps(
@@ -129,17 +128,7 @@ def _guard_eval() -> int:
     return 0
 
 
-def _worker(_args: argparse.Namespace, settings: Any) -> int:
-    from learner.worker import run_worker
-
-    return run_worker(settings)
-
-
-def _erase(args: argparse.Namespace, settings: Any) -> int:
-    from learner.erasure import erase_user, find_user_id
-    from learner.registry import AdapterRegistry
-    from storage.db import Database
-
+def _erase(args: argparse.Namespace, settings: Settings) -> int:
     db = Database.from_settings(settings)
     user_id = find_user_id(db, args.user)
     if user_id is None:

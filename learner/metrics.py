@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from core.embeddings import Embedder
+
 __all__ = [
     "DISCOVERY_SIMILARITY",
     "PASSIVE_PATTERNS",
@@ -292,7 +294,9 @@ def reply_perplexity(
 # ------------------------------------------------------------------- embedding metrics
 
 
-def background_similarity(embedder: Any, replies: Sequence[str], background: str) -> list[float]:
+def background_similarity(
+    embedder: Embedder, replies: Sequence[str], background: str
+) -> list[float]:
     """Cosine between each reply and the (hidden) background text."""
     if not replies:
         return []
@@ -394,7 +398,7 @@ def discovery(
     replies: Sequence[str],
     memory_texts: Sequence[str] = (),
     *,
-    embedder: Any = None,
+    embedder: Embedder | None = None,
     threshold: float = DISCOVERY_SIMILARITY,
 ) -> DiscoveryResult:
     """Which traits the bot's replies mention or its memory holds.

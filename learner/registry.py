@@ -24,12 +24,13 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from chatbot.types import BASE_ADAPTER
+from core.types import BASE_ADAPTER
 from storage.adapter_models import AdapterActivation, AdapterRow
 from storage.db import Database
 from storage.models import utcnow
@@ -157,8 +158,6 @@ def hash_model_weights(model_dir: str | Path) -> str | None:
 
 def code_version() -> dict[str, Any]:
     """The package version and, when run from a git checkout, the commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         package = version("upc-chat")
     except PackageNotFoundError:
@@ -210,11 +209,16 @@ def _atomic_write(path: Path, data: bytes, tmp_name: str | None = None) -> None:
     _fsync_dir(path.parent)
 
 
-def _pickle_files(path: Path) -> list[str]:
-    # Judged by name only: a pickle is refused without ever being opened.
-    return sorted(
+def _refuse_pickles(path: Path, label: str) -> None:
+    """Raise if `path` holds a pickle file; judged by name only, so none is ever opened."""
+    pickles = sorted(
         str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES
     )
+    if pickles:
+        raise AdapterVerificationError(
+            f"{label} contains pickle files ({', '.join(pickles)}); only safetensors "
+            "adapters are accepted and pickle files are never loaded"
+        )
 
 
 def _check_safetensors(path: Path) -> None:
@@ -270,12 +274,7 @@ def verify_adapter_dir(path: Path, *, manifest: AdapterManifest | None = None) -
     """All checks on one directory; returns its manifest. Never unpickles anything."""
     if not path.is_dir():
         raise AdapterNotFoundError(f"adapter directory {path} does not exist")
-    pickles = _pickle_files(path)
-    if pickles:
-        raise AdapterVerificationError(
-            f"adapter {path.name} contains pickle files ({', '.join(pickles)}); only "
-            "safetensors adapters are accepted and pickle files are never loaded"
-        )
+    _refuse_pickles(path, f"adapter {path.name}")
     if manifest is None:
         manifest = _read_manifest(path)
     present = set(_payload_files(path))
@@ -389,12 +388,7 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {manifest.id!r} already exists")
         if not source.is_dir():
             raise AdapterNotFoundError(f"{source} is not a directory")
-        pickles = _pickle_files(source)
-        if pickles:
-            raise AdapterVerificationError(
-                f"{source} contains pickle files ({', '.join(pickles)}); only safetensors "
-                "adapters are accepted"
-            )
+        _refuse_pickles(source, str(source))
         names = _payload_files(source)
         _check_payload(source, names)
         tmp = self.adapters_dir / f"{_TMP_PREFIX}{manifest.id}-{uuid.uuid4().hex[:8]}"
@@ -432,12 +426,7 @@ class AdapterRegistry:
         source = Path(source_dir)
         if not source.is_dir():
             raise AdapterNotFoundError(f"{source} is not a directory")
-        pickles = _pickle_files(source)
-        if pickles:
-            raise AdapterVerificationError(
-                f"{source} contains pickle files ({', '.join(pickles)}); only safetensors "
-                "adapters are accepted and pickle files are never loaded"
-            )
+        _refuse_pickles(source, str(source))
         if (source / MANIFEST_FILE).exists():
             manifest = verify_adapter_dir(source)
         else:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from chatbot.embeddings import Embedder
+from core.embeddings import Embedder
 from learner.records import DIMENSIONS, CriticInput, Score
 from learner.reply_checks import (
     ReplyFlags,
@@ -151,7 +151,7 @@ def _identity_calibration() -> Calibration:
 class RubricCritic:
     """MiniLM similarities + reply checks, calibrated on base-model replies (docs/critic.md)."""
 
-    def __init__(self, embedder: Any, calibration: Calibration | None = None):
+    def __init__(self, embedder: Embedder, calibration: Calibration | None = None):
         self.embedder = embedder
         self.calibration = calibration if calibration is not None else load_calibration()
         cal = self.calibration.version

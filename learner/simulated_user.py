@@ -14,8 +14,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from chatbot.prompting import load_prompt
-from chatbot.types import ChatMessage
+from core.prompting import load_prompt
+from core.types import ChatMessage
 from learner.records import PersonaLike
 from learner.reply_checks import content_stems, has_placeholder, word_tokens
 

@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy import select
 
 from learner.records import Attempt, DialogueRecord, Score, TokenCounts, TurnRecord
+from storage.corpus_models import CurriculumRow, DialogueRow, RunRow, TurnRow
 from storage.db import Database
-from storage.learner_models import CurriculumRow, DialogueRow, RunRow, TurnRow
 from storage.models import utcnow
 
 __all__ = ["CorpusStore", "CurriculumState", "RunInfo"]

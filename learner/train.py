@@ -30,7 +30,9 @@ from typing import Any
 from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 
-from chatbot.local_model import worth_quantizing
+from core.devices import worth_quantizing
+from core.learner_settings.train import TrainSettings
+from core.prompting import load_prompt
 from learner.sft_loop import StepHook, heldout_loss, run_sft
 from storage.adapter_models import TrainingRun
 from storage.db import Database
@@ -93,8 +95,8 @@ class TrainConfig:
     dpo_epochs: int = 1
 
     @classmethod
-    def from_settings(cls, learner: Any, **overrides: Any) -> TrainConfig:
-        """Build from `settings.learner` (a `LearnerSettings`), then apply overrides."""
+    def from_settings(cls, learner: TrainSettings, **overrides: Any) -> TrainConfig:
+        """Build from `settings.learner.train`, then apply overrides."""
         values = {
             "lora_rank": learner.lora_rank,
             "lora_alpha": learner.lora_alpha,
@@ -607,8 +609,6 @@ def train_adapter(
     from transformers import AutoTokenizer
 
     if system_prompt is None:
-        from chatbot.prompting import load_prompt
-
         system_prompt = str(load_prompt("upc_system"))
     run_id = run_id or uuid.uuid4().hex
     device = _pick_device(config.device)

@@ -9,6 +9,23 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from core.embeddings import Embedder
+from core.runtime import build_model
+from core.settings import Settings
+from personas.catalog import SHIPPED_FILE, CatalogError, PersonaCatalog, personas_dir, shipped_meta
+from personas.composer import DEFAULT_SEED, build_isco800, dumps_jsonl, meta_json
+from personas.diversity import diversity_report
+from personas.generator import GeneratorConfig, PersonaGenerator
+from personas.importer import (
+    PersonaImportError,
+    atomic_write_text,
+    delete_set,
+    import_file,
+    save_set,
+    validate_set_name,
+)
+from personas.stats import persona_stats
+
 __all__ = ["register"]
 
 
@@ -67,11 +84,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _build(args: argparse.Namespace, settings: Any) -> int:
-    from personas.catalog import SHIPPED_FILE, personas_dir
-    from personas.composer import DEFAULT_SEED, build_isco800, dumps_jsonl, meta_json
-    from personas.importer import atomic_write_text
-
+def _build(args: argparse.Namespace, settings: Settings) -> int:
     seed = DEFAULT_SEED if args.seed is None else args.seed
     out = args.out or personas_dir(settings) / "builds" / f"isco800-seed{seed}.jsonl"
     start = time.perf_counter()
@@ -90,9 +103,7 @@ def _build(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _import(args: argparse.Namespace, settings: Any) -> int:
-    from personas.importer import PersonaImportError, import_file
-
+def _import(args: argparse.Namespace, settings: Settings) -> int:
     try:
         result = import_file(
             args.file, settings.data_dir, args.name, default_split=args.split, replace=args.replace
@@ -107,16 +118,11 @@ def _import(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _load_catalog(settings: Any, set_name: str | None = None) -> Any:
-    from personas.catalog import PersonaCatalog
-
+def _load_catalog(settings: Settings, set_name: str | None = None) -> PersonaCatalog:
     return PersonaCatalog.load(settings, sets=[set_name] if set_name else None)
 
 
-def _stats(args: argparse.Namespace, settings: Any) -> int:
-    from personas.catalog import CatalogError
-    from personas.stats import persona_stats
-
+def _stats(args: argparse.Namespace, settings: Settings) -> int:
     try:
         catalog = _load_catalog(settings, args.set_name)
     except CatalogError as exc:
@@ -126,9 +132,6 @@ def _stats(args: argparse.Namespace, settings: Any) -> int:
     stats = persona_stats(personas)
     diversity = None
     if not args.no_diversity:
-        from chatbot.embeddings import Embedder
-        from personas.diversity import diversity_report
-
         diversity = diversity_report(personas, Embedder())
     if args.json:
         payload = {
@@ -174,7 +177,7 @@ def _stats(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, settings: Any) -> int:
+def _show(args: argparse.Namespace, settings: Settings) -> int:
     catalog = _load_catalog(settings)
     try:
         persona = catalog.get(args.id)
@@ -206,13 +209,7 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, settings: Any) -> int:
-    from chatbot.embeddings import Embedder
-    from chatbot.runtime import build_model
-    from personas.catalog import PersonaCatalog, shipped_meta
-    from personas.generator import GeneratorConfig, PersonaGenerator
-    from personas.importer import save_set, validate_set_name
-
+def _generate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         validate_set_name(args.set_name)
     except ValueError as exc:
@@ -274,9 +271,7 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
     return 0 if len(report.personas) == args.n else 1
 
 
-def _delete(args: argparse.Namespace, settings: Any) -> int:
-    from personas.importer import delete_set
-
+def _delete(args: argparse.Namespace, settings: Settings) -> int:
     try:
         existed = delete_set(settings.data_dir, args.name)
     except ValueError as exc:

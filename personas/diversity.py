@@ -24,7 +24,7 @@ DUPLICATE_THRESHOLD = 0.9
 
 
 class TextEncoder(Protocol):
-    """What we need from `chatbot.embeddings.Embedder`: unit-norm vectors."""
+    """What we need from `core.embeddings.Embedder`: unit-norm vectors."""
 
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from chatbot.prompting import load_prompt
-from chatbot.types import ChatMessage, ChatModel, GenerationParams, ModelError
+from core.prompting import load_prompt
+from core.types import ChatMessage, ChatModel, GenerationParams, ModelError
 from personas.composer import load_pools
 from personas.diversity import TextEncoder, max_similarity
 from personas.records import Persona, Traits, word_count

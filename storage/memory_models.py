@@ -9,7 +9,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.models import Base, new_id, utcnow
 
-__all__ = ["MEMORY_CATEGORIES", "MemoryFactRow"]
+__all__ = ["DEFAULT_COLLECTION", "MEMORY_CATEGORIES", "MemoryFactRow"]
+
+# The Chroma collection that indexes these facts (erasure deletes from it directly).
+DEFAULT_COLLECTION = "upc_user_memory"
 
 MEMORY_CATEGORIES = (
     "occupation",

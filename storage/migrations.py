@@ -1,18 +1,24 @@
 """Versioned schema: an ordered list of migrations, each applied once and recorded.
 
 Add a new `Migration` at the end of `MIGRATIONS`; never edit or reorder applied ones.
-A migration either creates whole tables of an ORM module or runs a function.
+A migration either creates whole tables (given by their ORM classes) or runs a function.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import Engine
+
+from storage.adapter_models import AdapterActivation, AdapterRow, GateEvaluationRow, TrainingRun
+from storage.corpus_models import CurriculumRow, DialogueRow, RunRow, TurnRow
+from storage.job_models import JobControlRow, JobProgressRow, JobRunRow, SchedulerLeaseRow
+from storage.logged_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
+from storage.memory_models import MemoryFactRow
+from storage.models import Base, Conversation, Feedback, Message, User
 
 __all__ = ["MIGRATIONS", "Migration", "applied_migrations", "apply_migrations"]
 
@@ -22,8 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Migration:
     id: str
-    # "module:Table" names of ORM tables to create, e.g. "storage.models:users".
-    tables: tuple[str, ...] = ()
+    # ORM classes whose tables to create, e.g. `User`.
+    tables: tuple[type[Base], ...] = ()
     run: Callable[[Connection], None] | None = field(default=None, compare=False)
 
 
@@ -42,53 +48,50 @@ MIGRATIONS: list[Migration] = [
     Migration(
         "0001_core",
         tables=(
-            "storage.models:users",
-            "storage.models:conversations",
-            "storage.models:messages",
-            "storage.models:feedback",
+            User,
+            Conversation,
+            Message,
+            Feedback,
         ),
     ),
     Migration(
         "0005_adapters",
         tables=(
-            "storage.adapter_models:adapters",
-            "storage.adapter_models:adapter_activations",
-            "storage.adapter_models:training_runs",
-            "storage.adapter_models:gate_evaluations",
+            AdapterRow,
+            AdapterActivation,
+            TrainingRun,
+            GateEvaluationRow,
         ),
     ),
-    Migration("0006_memory", tables=("storage.memory_models:memory_facts",)),
+    Migration("0006_memory", tables=(MemoryFactRow,)),
     Migration(
         "0004_learner_corpus",
         tables=(
-            "storage.learner_models:learn_runs",
-            "storage.learner_models:learn_dialogues",
-            "storage.learner_models:learn_turns",
-            "storage.learner_models:learn_curriculum",
+            RunRow,
+            DialogueRow,
+            TurnRow,
+            CurriculumRow,
         ),
     ),
     Migration(
         "0007_learning_loop",
         tables=(
-            "storage.learning_models:scheduler_lease",
-            "storage.learning_models:job_runs",
-            "storage.learning_models:job_progress",
-            "storage.learning_models:job_controls",
-            "storage.learning_models:logged_turns",
-            "storage.learning_models:guard_exclusions",
-            "storage.learning_models:erasures",
+            SchedulerLeaseRow,
+            JobRunRow,
+            JobProgressRow,
+            JobControlRow,
+            LoggedTurnRow,
+            GuardExclusionRow,
+            ErasureRow,
         ),
     ),
     Migration("0008_turn_attempts", run=_add_turn_attempt_columns),
 ]
 
 
-def _create_tables(conn: Connection, names: tuple[str, ...]) -> None:
-    for name in names:
-        module_name, table_name = name.split(":")
-        module = importlib.import_module(module_name)
-        table = module.Base.metadata.tables[table_name]
-        table.create(conn, checkfirst=True)
+def _create_tables(conn: Connection, tables: tuple[type[Base], ...]) -> None:
+    for orm_class in tables:
+        orm_class.__table__.create(conn, checkfirst=True)
 
 
 def applied_migrations(conn: Connection) -> list[str]:

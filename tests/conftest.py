@@ -28,7 +28,8 @@ def embedded_model_dir(tmp_path_factory) -> Path:
 
     `UPC_TEST_MODELS_DIR` may point at a directory to reuse between runs.
     """
-    from chatbot.runtime import ensure_embedded_model
+    # Not at the top: the offline environment above must be set before the model stack loads.
+    from core.runtime import ensure_embedded_model
 
     root = os.environ.get("UPC_TEST_MODELS_DIR")
     models_dir = Path(root) if root else tmp_path_factory.mktemp("models")

@@ -5,6 +5,9 @@ import openai
 import pytest
 from gradio_client import Client
 
+from core.openai_model import OpenAIModel
+from core.types import ChatMessage, GenerationParams, ModelError
+
 pytestmark = pytest.mark.slow
 
 BROWSER_A = "browser-a-" + "0" * 20
@@ -127,9 +130,6 @@ def test_api_refuses_bad_keys_bad_bodies_and_foreign_origins(running_app):
 
 
 def test_our_openai_backend_against_the_app_as_a_real_server(running_app):
-    from chatbot.openai_model import OpenAIModel
-    from chatbot.types import ChatMessage, GenerationParams, ModelError
-
     model = OpenAIModel(f"{running_app.base_url}/v1", "upc", api_key=running_app.api_key)
     params = GenerationParams(max_new_tokens=10, temperature=0.0)
     msgs = [ChatMessage("user", "Hi, I am a carpenter.")]

@@ -6,10 +6,10 @@ import pytest
 
 from chatbot.accounts import Accounts
 from chatbot.chat import ChatService
-from chatbot.embeddings import Embedder
-from chatbot.local_model import LocalModel
 from chatbot.memory import MemoryService
-from chatbot.types import GenerationParams
+from core.embeddings import Embedder
+from core.local_model import LocalModel
+from core.types import GenerationParams
 from storage import Database
 
 

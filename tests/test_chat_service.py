@@ -3,9 +3,9 @@ from sqlalchemy import select
 
 from chatbot.accounts import AccountError, Accounts
 from chatbot.chat import ChatService, NotFoundError
-from chatbot.local_model import LocalModel
-from chatbot.types import GenerationParams
-from chatbot.validation import InputError
+from core.local_model import LocalModel
+from core.types import GenerationParams
+from core.validation import InputError
 from storage import Database
 from storage.models import Feedback, Message
 

@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 
+from core.embeddings import Embedder
 from learner.checks import (
     CHECKS,
     CriticFreeChecks,
@@ -32,8 +33,6 @@ OK = Score(rel=3, int=3, val=3)
 
 @pytest.fixture(scope="module")
 def embedder():
-    from chatbot.embeddings import Embedder
-
     return Embedder()
 
 

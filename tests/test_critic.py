@@ -7,14 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.settings import load_settings
+from chatbot.cli import main
+from core.embeddings import Embedder
+from core.local_model import LocalModel
+from core.settings import load_settings
 from learner.critic import (
     CachedCritic,
     EmbeddingCritic,
     LogitCritic,
     TextJudgeCritic,
+    _common_prefix_len,
     build_critic,
     build_critic_kind,
+    critic_messages,
 )
 from learner.critic_parse import parse_judgement
 from learner.records import DIMENSIONS, CriticInput
@@ -34,8 +39,6 @@ def tiny(tiny_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def embedder():
-    from chatbot.embeddings import Embedder
-
     return Embedder()
 
 
@@ -154,8 +157,6 @@ def test_logit_scores_are_valid_distributions(tiny) -> None:
 
 
 def test_shared_rubric_prefix_gives_the_same_scores(tiny) -> None:
-    from learner.critic import _common_prefix_len, critic_messages
-
     model, tok = tiny
     items = [
         _item(GOOD),
@@ -181,8 +182,6 @@ def test_shared_rubric_prefix_gives_the_same_scores(tiny) -> None:
 
 
 def test_common_prefix_leaves_every_row_a_token() -> None:
-    from learner.critic import _common_prefix_len
-
     assert _common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2
     assert _common_prefix_len([[1, 2, 3, 4], [1, 2, 9]]) == 2
     assert _common_prefix_len([[5], [5, 6]]) == 0
@@ -190,8 +189,6 @@ def test_common_prefix_leaves_every_row_a_token() -> None:
 
 
 def test_logit_critic_through_local_model(tiny) -> None:
-    from chatbot.local_model import LocalModel
-
     model, tok = tiny
     local = LocalModel("tiny", model=model, tokenizer=tok, device="cpu", model_id="tiny")
     try:
@@ -207,7 +204,6 @@ def test_logit_critic_through_local_model(tiny) -> None:
 
 def test_text_judge_marks_garbage_unscored_after_reasks(tiny) -> None:
     """A random tiny model never answers in the format: 1 ask + 3 re-asks, then unscored."""
-    from chatbot.local_model import LocalModel
 
     model, tok = tiny
     local = LocalModel("tiny", model=model, tokenizer=tok, device="cpu", model_id="tiny")
@@ -289,8 +285,6 @@ def test_default_critic_is_rubric(embedder) -> None:
 
 
 def test_sanity_cli_reports_embedding_critic(tmp_path, capsys) -> None:
-    from chatbot.cli import main
-
     config = tmp_path / "upc.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
     argv = ["--config", str(config), "learn", "sanity", "--critic", "embedding"]
@@ -303,8 +297,6 @@ def test_sanity_cli_reports_embedding_critic(tmp_path, capsys) -> None:
 
 
 def test_sanity_cli_reports_rubric_critic_and_adversarial_table(tmp_path, capsys) -> None:
-    from chatbot.cli import main
-
     config = tmp_path / "upc.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
     argv = ["--config", str(config), "learn", "sanity", "--every", "4"]

@@ -10,19 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.prompting import load_prompt
-from chatbot.settings import Settings, load_settings
+from core.prompting import load_prompt
+from core.settings import Settings, load_settings
 from learner.cli import register
 from learner.curriculum import (
     cap_openers,
     compute_stats,
+    cumulative_training_files,
     is_difficult_dialogue,
     is_difficult_turn,
+    is_held_out,
     load_training_set,
     personas_for_iteration,
+    preference_pairs,
     select_iteration,
+    sft_examples,
 )
-from learner.records import DialogueRecord, Score, TokenCounts, TurnRecord
+from learner.records import Attempt, DialogueRecord, Score, TokenCounts, TurnRecord
 from learner.store import CorpusStore
 from storage.db import Database
 
@@ -258,9 +262,6 @@ def test_cli_select(store: CorpusStore, settings: Settings, capsys) -> None:
 
 
 def test_pairs_take_the_best_and_worst_recorded_attempts() -> None:
-    from learner.curriculum import preference_pairs
-    from learner.records import Attempt
-
     turn = T((2, 2, 2), (4, 4, 5), regens=2, index=2, first_reply="so so")
     turn.final_reply = "great reply"
     turn.attempts = [
@@ -279,8 +280,6 @@ def test_pairs_take_the_best_and_worst_recorded_attempts() -> None:
 
 
 def test_held_out_split_is_stable_and_near_the_ratio() -> None:
-    from learner.curriculum import is_held_out
-
     ids = [f"dialogue-{i}" for i in range(2000)]
     held = [i for i in ids if is_held_out(i, 0.1)]
     assert 150 < len(held) < 250
@@ -289,8 +288,6 @@ def test_held_out_split_is_stable_and_near_the_ratio() -> None:
 
 
 def test_cumulative_training_files_join_every_iteration(settings: Settings) -> None:
-    from learner.curriculum import cumulative_training_files
-
     for k, rows in ((1, ["a", "b"]), (2, ["c"])):
         d = settings.runs_dir / f"iter-{k:03d}"
         d.mkdir(parents=True)
@@ -302,9 +299,6 @@ def test_cumulative_training_files_join_every_iteration(settings: Settings) -> N
 
 
 def test_flagged_replies_are_never_targets_unless_allowed() -> None:
-    from learner.curriculum import sft_examples
-    from learner.records import Attempt
-
     good = T((4, 4, 4), index=2, first_reply="A whole reply.")
     good.attempts = [Attempt("first", "A whole reply.", S(4, 4, 4))]
     cut = T((4, 4, 4), index=3, first_reply="and then the")

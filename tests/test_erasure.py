@@ -8,12 +8,13 @@ import json
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from chatbot.embeddings import Embedder
 from chatbot.memory import MemoryService
+from core.embeddings import Embedder
 from learner.critic import LogitCritic
 from learner.curriculum import load_training_set
 from learner.erasure import erase_user, find_user_id
-from learner.logged import LoggedConfig, LoggedLearner, build_logged_training_set, load_salt
+from learner.logged import LoggedConfig, LoggedLearner, load_salt
+from learner.logged_export import build_logged_training_set
 from learner.registry import AdapterManifest, AdapterRegistry
 from storage.db import Database
 from tests.test_logged import DIALOGUE, seed_conversation, tiny_local  # noqa: F401

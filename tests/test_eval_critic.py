@@ -12,7 +12,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from chatbot.embeddings import Embedder
+from core.embeddings import Embedder
 from learner.critic import CachedCritic, Critic
 from learner.eval_critic import (
     FEATURES,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from chatbot.cli import main
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from learner.eval_cli import select_personas
-from learner.evaluate import SystemSpec, parse_systems
+from learner.eval_records import SystemSpec, parse_systems
 from learner.registry import AdapterManifest, AdapterRegistry
 from storage.db import Database
 

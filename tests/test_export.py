@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from learner.export import (
     SALT_ENV,
     ExportCancelled,
@@ -17,14 +17,16 @@ from learner.export import (
     ExportFilters,
     ExportOptions,
     ExportPathError,
+    _HfDatasetWriter,
     export,
     hash_user_id,
     list_exports,
     resolve_export_file,
 )
+from learner.export_cli import register
 from learner.pii import PiiScrubber, ScrubCounts, build_user_terms
 from storage import Database
-from storage.learner_models import DialogueRow, RunRow, TurnRow
+from storage.corpus_models import DialogueRow, RunRow, TurnRow
 from storage.memory_models import MemoryFactRow
 from storage.models import Conversation, Feedback, Message, User
 
@@ -257,8 +259,6 @@ def test_every_format_round_trips_with_standard_tools(world, tmp_path):
 def test_hf_dataset_writer_shards_and_matches_jsonl(world, tmp_path):
     from datasets import load_from_disk
 
-    from learner.export import _HfDatasetWriter
-
     settings, db, _ = world
     rows = _jsonl(_run(settings, db))
     # One conversation per batch and a 1-byte shard limit: one shard per conversation.
@@ -423,8 +423,6 @@ def test_resolve_export_file_refuses_traversal(world, tmp_path):
 
 
 def test_cli_writes_an_export(world, capsys):
-    from learner.export_cli import register
-
     settings, db, _ = world
     db.dispose()
     parser = argparse.ArgumentParser()

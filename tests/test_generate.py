@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.settings import load_settings
-from chatbot.types import GenerationParams
-from learner.critic import LogitCritic, TextJudgeCritic
+from core.local_model import LocalModel
+from core.openai_model import OpenAIModel
+from core.settings import load_settings
+from core.types import GenerationParams
+from learner.cli import register
+from learner.critic import CachedCritic, LogitCritic, TextJudgeCritic
 from learner.curriculum import compute_stats
 from learner.generate import (
     CorpusGenerator,
@@ -44,7 +47,6 @@ PERSONAS = [
 @pytest.fixture(scope="module")
 def local(tiny_model_dir: Path) -> Iterator:
     """A LocalModel over a tiny randomly initialised Llama with the SmolLM2 tokenizer."""
-    from chatbot.local_model import LocalModel
 
     lm = LocalModel(tiny_model_dir, device="cpu", model_id="tiny-llama")
     yield lm
@@ -158,8 +160,6 @@ def test_lockstep_one_batched_call_per_step(local) -> None:
 
 
 def test_resume_after_crash_redoes_nothing(local, store: CorpusStore) -> None:
-    from learner.critic import CachedCritic
-
     config = _config(max_regenerations=0, batch_size=2, best_of_n=1)
     critic = LogitCritic.from_local_model(local)
     crashing = CrashAfter(critic, n=3)
@@ -251,8 +251,6 @@ class _Server:
 
 
 def _openai(base_url: str):
-    from chatbot.openai_model import OpenAIModel
-
     return OpenAIModel(base_url, "judge", max_retries=0, concurrency=4)
 
 
@@ -323,7 +321,6 @@ def test_against_running_app_openai_endpoint(request, local) -> None:
         app = request.getfixturevalue("running_app")
     except pytest.FixtureLookupError:
         pytest.skip("the running_app fixture is not defined yet")
-    from chatbot.openai_model import OpenAIModel
 
     remote = OpenAIModel(f"{app.base_url}/v1", "upc", api_key=app.api_key, max_retries=1)
     critic = TextJudgeCritic(remote, max_reasks=1, max_new_tokens=40)
@@ -341,8 +338,6 @@ def test_against_running_app_openai_endpoint(request, local) -> None:
 @pytest.mark.slow
 def test_cli_generate_resume_and_select(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     import argparse
-
-    from learner.cli import register
 
     settings = load_settings(
         env={},

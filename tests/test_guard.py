@@ -6,9 +6,10 @@ from sqlalchemy import select
 
 from learner.critic import LogitCritic
 from learner.guard import check_text, evaluate_sample, load_sample, user_excluded
-from learner.logged import LoggedConfig, LoggedLearner, build_logged_training_set, load_salt
+from learner.logged import LoggedConfig, LoggedLearner, load_salt
+from learner.logged_export import build_logged_training_set
 from storage.db import Database
-from storage.learning_models import GuardExclusionRow, LoggedTurnRow
+from storage.logged_models import GuardExclusionRow, LoggedTurnRow
 from storage.models import User
 from tests.test_logged import DIALOGUE, seed_conversation, tiny_local  # noqa: F401
 

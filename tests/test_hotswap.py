@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from chatbot.adapters import AdapterManager
-from chatbot.local_model import LocalModel
-from chatbot.types import ChatMessage, GenerationParams
+from core.local_model import LocalModel
+from core.types import ChatMessage, GenerationParams
 from learner.registry import AdapterRegistry, AdapterVerificationError
 from storage import Database
 

@@ -13,10 +13,11 @@ import signal
 import pytest
 from sqlalchemy import func, select
 
+from learner.job_records import JobRecords
 from learner.registry import AdapterRegistry
-from learner.scheduler import JobRecords
+from storage.adapter_models import TrainingRun
+from storage.corpus_models import DialogueRow
 from storage.db import Database
-from storage.learner_models import DialogueRow
 from tests.test_logged import seed_conversation
 from tests.test_scheduler import _env, _settings, _start_worker, _stop, _wait
 
@@ -54,8 +55,6 @@ def _stage(records: JobRecords, job: str) -> str | None:
 
 
 def _training_step(db: Database) -> int:
-    from storage.adapter_models import TrainingRun
-
     with db.session() as s:
         steps = s.scalars(select(TrainingRun.step).where(TrainingRun.status == "running")).all()
     return max(steps, default=0)

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from learner.iterate import build_driver
 from learner.registry import AdapterRegistry
+from learner.stages import GenerationStats, LoopParts, Selection
 from storage import Database
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # two full iterations on CPU
@@ -39,12 +40,14 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
             "UPC_LEARNER__BETA": "0",
         }
     )
-    driver = build_driver(settings, gate=True, progress_bar=False)
+    parts = LoopParts.from_settings(settings)
+    driver = build_driver(settings, parts, gate=True)
     states = driver.run(2, users=2)
     assert [s.iteration for s in states] == [1, 2]
     for state in states:
         assert state.complete, state
-        assert state.generate_stats or state.select_stats
+        assert isinstance(state.generation, GenerationStats)
+        assert isinstance(state.selection, Selection) and state.selection.stats is not None
     trained = [s for s in states if s.adapter_id]
     assert trained, f"no iteration trained an adapter: {[s.note for s in states]}"
     db = Database.from_settings(settings)
@@ -68,6 +71,7 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
         assert rows[: len(first)] == first and len(rows) > len(first)
     assert registry.active_id() == trained[-1].adapter_id
     # Resuming a finished run does nothing.
-    again = build_driver(settings, gate=True, progress_bar=False).run(2, users=2)
+    again = build_driver(settings, parts, gate=True).run(2, users=2)
     assert [s.adapter_id for s in again] == [s.adapter_id for s in states]
+    parts.close()
     db.dispose()

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from chatbot.local_model import AdapterLoadError, LocalModel
-from chatbot.types import ChatMessage, GenerationParams, ModelBusyError, ModelTimeoutError
+from core.local_model import AdapterLoadError, LocalModel
+from core.types import ChatMessage, GenerationParams, ModelBusyError, ModelTimeoutError
 
 MSGS = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello there, I bake bread.")]
 

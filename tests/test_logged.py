@@ -9,22 +9,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from chatbot.local_model import LocalModel
+from core.local_model import LocalModel
 from learner.critic import LogitCritic
 from learner.curriculum import load_training_set
-from learner.logged import (
-    LoggedConfig,
-    LoggedLearner,
-    build_logged_training_set,
-    load_salt,
-    mix_counts,
-    mix_into_training_set,
-    pending_count,
-    user_hash,
-)
+from learner.logged import LoggedConfig, LoggedLearner, load_salt, pending_count, user_hash
+from learner.logged_export import build_logged_training_set, mix_counts, mix_into_training_set
 from learner.records import Score
 from storage.db import Database
-from storage.learning_models import LoggedTurnRow
+from storage.logged_models import LoggedTurnRow
 from storage.models import Conversation, Message, User, utcnow
 
 DIALOGUE = [

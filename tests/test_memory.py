@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from chatbot.embeddings import Embedder
 from chatbot.memory import MemoryFact, MemoryScopeError, MemoryService
 from chatbot.memory_cli import register
-from chatbot.memory_extract import (
+from core.embeddings import Embedder
+from core.memory_extract import (
     ExtractedFact,
     InvalidExtraction,
     LLMExtractor,
     RulesExtractor,
     parse_llm_facts,
 )
-from chatbot.settings import Settings, load_settings
-from chatbot.types import ChatMessage, Completion, GenerationParams
+from core.settings import Settings, load_settings
+from core.types import ChatMessage, Completion, GenerationParams
 from storage import Database
 from storage.models import Conversation, Message, User
 
@@ -519,7 +519,7 @@ _WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from chatbot.embeddings import Embedder
+    from core.embeddings import Embedder
     from chatbot.memory import MemoryService
     from storage import Database
 

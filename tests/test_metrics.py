@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from core.embeddings import Embedder
 from learner.metrics import (
     ReplyContext,
     Trait,
@@ -32,8 +33,6 @@ from personas.records import Traits
 
 @pytest.fixture(scope="module")
 def embedder():
-    from chatbot.embeddings import Embedder
-
     return Embedder()
 
 

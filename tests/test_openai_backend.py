@@ -7,8 +7,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from chatbot.openai_model import OpenAIModel
-from chatbot.types import ChatMessage, GenerationParams, ModelBusyError, ModelError
+from core.openai_model import OpenAIModel
+from core.runtime import build_model
+from core.settings import load_settings
+from core.types import ChatMessage, GenerationParams, ModelBusyError, ModelError
 
 MSGS = [ChatMessage("user", "hi")]
 PARAMS = GenerationParams(max_new_tokens=5, timeout_s=10)
@@ -92,9 +94,6 @@ def test_garbage_and_dead_endpoints_fail_clearly(server_factory):
 
 
 def test_api_key_comes_from_the_environment_only(monkeypatch, tmp_path):
-    from chatbot.runtime import build_model
-    from chatbot.settings import load_settings
-
     monkeypatch.setenv("MY_PROVIDER_KEY", "sk-test-from-env-000000000000")
     settings = load_settings(
         env={

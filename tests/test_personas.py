@@ -12,7 +12,7 @@ from importlib import resources
 
 import pytest
 
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from personas import cli
 from personas.catalog import CatalogError, PersonaCatalog, load_shipped, shipped_meta
 from personas.composer import (
@@ -20,6 +20,7 @@ from personas.composer import (
     SETBACKS_PER_GROUP,
     build_isco800,
     dumps_jsonl,
+    load_pools,
     plan_splits,
 )
 from personas.importer import PersonaImportError, import_file, parse_file, parse_personas
@@ -71,8 +72,6 @@ def test_taxonomy_has_the_isco08_groups():
 
 
 def test_composer_pools_cover_every_group():
-    from personas.composer import load_pools
-
     occupations, pools = load_pools()
     assert set(occupations) == set(load_taxonomy().codes)
     for code, group in occupations.items():

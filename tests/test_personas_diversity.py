@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from chatbot.embeddings import Embedder
+from core.embeddings import Embedder
+from core.local_model import LocalModel
 from personas.catalog import load_shipped
 from personas.diversity import DUPLICATE_THRESHOLD, diversity_report
 from personas.generator import GeneratorConfig, PersonaGenerator, parse_candidate
@@ -29,8 +30,6 @@ def shipped():
 def tiny_model(embedded_model_dir):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from chatbot.local_model import LocalModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir))
     torch.manual_seed(0)

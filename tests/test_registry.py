@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import load_settings
+from learner.adapters_cli import register
 from learner.registry import (
     ACTIVE_FILE,
     AdapterError,
@@ -310,9 +312,6 @@ def test_active_choice_persists_across_instances(tmp_path, peft_dir):
 
 def test_adapters_cli(tmp_path, peft_dir, capsys):
     import argparse
-
-    from chatbot.settings import load_settings
-    from learner.adapters_cli import register
 
     settings = load_settings(env={}, data_dir=tmp_path / "cli-data")
     parser = argparse.ArgumentParser(prog="upc")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chatbot.embeddings import Embedder
-from chatbot.settings import load_settings
+from core.embeddings import Embedder
+from core.settings import load_settings
 from learner.critic import (
     CRITIC_BUILDERS,
     CachedCritic,
@@ -18,7 +18,9 @@ from learner.critic import (
     EmbeddingCritic,
     build_critic,
     build_critic_kind,
+    critic_kind,
 )
+from learner.eval_critic import PersonaChatCritic
 from learner.records import DIMENSIONS, CriticInput
 from learner.rubric_critic import (
     UNUSABLE_CAP,
@@ -240,3 +242,32 @@ def test_build_critic_kind_takes_extra_builders(embedder) -> None:
     )
     assert isinstance(critic.inner, RubricCritic)
     assert "plain" not in CRITIC_BUILDERS  # the registry itself is not changed
+
+
+def test_build_critic_is_the_one_way_for_every_role(embedder) -> None:
+    """Training, evaluation and gate critics, and the llm judge from a shared model pool."""
+    settings = load_settings(env={"UPC_LEARNER__GATE_CRITIC": "embedding"})
+    assert critic_kind(settings) == "rubric" and critic_kind(settings, "eval") == "spc"
+    assert critic_kind(settings, "gate") == "embedding"
+    assert critic_kind(load_settings(env={}), "gate") == "spc"  # "eval": the evaluation critic
+    spc = build_critic(settings, kind=critic_kind(settings, "eval"), embedder=embedder)
+    assert isinstance(spc, CachedCritic) and isinstance(spc.inner, PersonaChatCritic)
+    gate = build_critic(settings, kind=critic_kind(settings, "gate"), embedder=embedder)
+    assert isinstance(gate.inner, EmbeddingCritic)
+
+    class Judge:
+        model_id = "judge"
+
+    class Pool:
+        def __init__(self):
+            self.asked = []
+
+        def get(self, role):
+            self.asked.append(role)
+            return Judge()
+
+    pool = Pool()
+    llm = build_critic(settings, kind="llm", pool=pool)
+    assert llm.inner.model_id == "llm-text:judge" and pool.asked == [settings.critic]
+    with pytest.raises(ValueError, match="needs a model"):
+        build_critic(settings, kind="llm")

@@ -8,18 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select
 
 from chatbot.chat import ChatService
-from chatbot.settings import load_settings
-from chatbot.types import GenerationParams
-from learner.scheduler import JobRecords, JobSpec, LearningScheduler
+from core.runtime import ModelPool
+from core.settings import load_settings
+from core.types import GenerationParams
+from learner.job_records import JobRecords, JobSpec
+from learner.scheduler import LearningScheduler
 from learner.worker import JobResources, build_job_specs, start_embedded_scheduler
 from storage.db import Database
-from storage.learning_models import LoggedTurnRow
+from storage.logged_models import LoggedTurnRow
 from tests.conftest import REPO, free_port
 from tests.test_logged import DIALOGUE, seed_conversation, tiny_local  # noqa: F401
 
@@ -64,7 +65,7 @@ def _wait(predicate, timeout: float = 60.0, step: float = 0.2):
 
 WORKER = (
     "import logging,sys; logging.basicConfig(level=logging.INFO);"
-    "from chatbot.settings import load_settings; from learner.worker import run_worker;"
+    "from core.settings import load_settings; from learner.worker import run_worker;"
     "sys.exit(run_worker(load_settings(), unit_s=float(sys.argv[1])))"
 )
 
@@ -90,8 +91,11 @@ def test_fast_interval_controls_and_persistence(data_dir, tiny_model_dir, tiny_l
     settings = _settings(_env(data_dir, tiny_model_dir))
     db = Database.from_settings(settings)
     seed_conversation(db, "nurse")
-    services = SimpleNamespace(db=db, chatbot_model=tiny_local, memory=None, models=None)
-    scheduler = start_embedded_scheduler(settings, services, unit_s=1.0)
+    # The app's parts: the jobs use its pool and serving model, never a pool of their own.
+    pool = ModelPool(settings)
+    scheduler = start_embedded_scheduler(
+        settings, db=db, models=pool, chatbot=tiny_local, unit_s=1.0
+    )
     records = JobRecords(db)
     try:
         _wait(lambda: len([r for r in records.runs("critique") if r.status == "success"]) >= 2)
@@ -113,6 +117,7 @@ def test_fast_interval_controls_and_persistence(data_dir, tiny_model_dir, tiny_l
         records.set_schedule("retrain", seconds=3600)
     finally:
         scheduler.shutdown()
+        pool.close()
     # A fresh scheduler keeps the pause and the operator's schedule (persisted).
     again = LearningScheduler(
         db, build_job_specs(JobResources(settings, db=db), unit_s=1.0), lease_ttl_s=3, poll_s=0.3

@@ -1,8 +1,10 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from chatbot.settings import SettingsError, load_settings, masked_dict
+from core.settings import LearnerSettings, SettingsError, load_settings, masked_dict
+from core.types import GenerationParams
 
 
 def test_defaults_are_the_embedded_model_and_local_port():
@@ -64,3 +66,53 @@ def test_masked_settings_hide_secrets(monkeypatch):
     assert "sk-very-secret" not in dumped
     assert masked_dict(s)["chatbot"]["api_key"] == "***"
     assert masked_dict(s)["generation"]["max_new_tokens"] == s.generation.max_new_tokens
+
+
+def test_flat_learner_keys_land_in_their_component(tmp_path):
+    """`UPC_LEARNER__<FIELD>` and `[learner] <field>` keep working after the split into
+    components; the component path works too, and a wrong key is still refused."""
+    cfg = tmp_path / "upc.toml"
+    cfg.write_text("[learner]\nalpha = 2\n[learner.train]\nlora_rank = 4\n")
+    s = load_settings(
+        cfg,
+        env={
+            "UPC_LEARNER__GATE_MARGIN": "-5",
+            "UPC_LEARNER__TURNS": "3",
+            "UPC_LEARNER__CRITIC": "llm",
+            "UPC_LEARNER__SCHEDULE__CRITIQUE_INTERVAL_MINUTES": "9",
+        },
+        learner__real_data_ratio=0.25,
+    )
+    assert s.learner.gate.gate_margin == -5.0 and s.learner.generate.turns == 3
+    assert s.learner.critics.critic == "llm" and s.learner.select.alpha == 2
+    assert s.learner.train.lora_rank == 4 and s.learner.logged.real_data_ratio == 0.25
+    assert s.learner.schedule.critique_interval_minutes == 9
+    assert masked_dict(s)["learner"]["gate"]["gate_margin"] == -5.0
+    with pytest.raises(SettingsError, match=r"learner\.nope"):
+        load_settings(env={"UPC_LEARNER__NOPE": "1"})
+    with pytest.raises(SettingsError, match=r"learner\.gate\.turns"):
+        load_settings(env={"UPC_LEARNER__GATE__TURNS": "3"})
+
+
+def test_learner_field_names_are_unique_across_components():
+    names = [
+        inner.name
+        for component in dataclasses.fields(LearnerSettings)
+        for inner in dataclasses.fields(getattr(LearnerSettings(), component.name))
+    ]
+    assert len(names) == len(set(names)) == 50
+
+
+def test_demo_mode_turns_the_curriculum_off_unless_set():
+    assert load_settings(env={"UPC_MODE": "demo"}).learner.schedule.curriculum_interval_minutes == 0
+    explicit = {"UPC_MODE": "demo", "UPC_LEARNER__CURRICULUM_INTERVAL_MINUTES": "30"}
+    assert load_settings(env=explicit).learner.schedule.curriculum_interval_minutes == 30
+
+
+def test_generation_params_come_from_the_generation_settings():
+    s = load_settings(env={"UPC_GENERATION__TOP_P": "0.8", "UPC_GENERATION__TIMEOUT_S": "5"})
+    params = s.generation.params()
+    assert params == GenerationParams(
+        max_new_tokens=96, temperature=0.7, top_p=0.8, repetition_penalty=1.15, timeout_s=5.0
+    )
+    assert s.generation.params(max_new_tokens=64).max_new_tokens == 64

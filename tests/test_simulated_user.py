@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chatbot.types import GenerationParams
+from core.embeddings import Embedder
+from core.local_model import LocalModel
+from core.types import GenerationParams
 from learner.simulated_user import (
     UserTurnFlags,
     background_facts,
@@ -222,8 +224,6 @@ def test_user_messages_ground_each_turn_in_one_fact() -> None:
 # ------------------------------------------------------------- the real model
 @pytest.fixture(scope="module")
 def embedded(embedded_model_dir):
-    from chatbot.local_model import LocalModel
-
     lm = LocalModel(embedded_model_dir, device="cpu", model_id="embedded", batch_window_ms=0)
     yield lm
     lm.close()
@@ -231,8 +231,6 @@ def embedded(embedded_model_dir):
 
 @pytest.fixture(scope="module")
 def embedder():
-    from chatbot.embeddings import Embedder
-
     return Embedder()
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from chatbot.validation import InputError, clean_message
+from core.validation import InputError, clean_message
 
 
 @pytest.mark.parametrize(

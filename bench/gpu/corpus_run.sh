@@ -5,8 +5,8 @@ cat /tmp/gguf.part.aa .gpu/d/gguf.part.ab > /tmp/smol.gguf || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UPC_DATA_DIR=/tmp/gpu-data
 python3 - <<'PY' || exit 1
 from pathlib import Path
-from chatbot.runtime import ensure_embedded_model
-from chatbot.settings import load_settings
+from core.runtime import ensure_embedded_model
+from core.settings import load_settings
 print(ensure_embedded_model(load_settings().models_dir, Path("/tmp/smol.gguf")))
 PY
 python3 bench/corpus_throughput.py --model-dir /tmp/gpu-data/models/smollm2-135m-instruct \

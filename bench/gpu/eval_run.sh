@@ -2,7 +2,7 @@
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UPC_DATA_DIR=/tmp/lr
 timeout 570 python3 - <<'PY' 2>&1 | grep -v -E "it/s\]|s/it\]|Warning|warn" | tail -30
 import argparse, os, sys, time
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from storage import Database
 from learner.registry import AdapterRegistry
 from learner import eval_cli

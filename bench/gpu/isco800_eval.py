@@ -17,7 +17,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from chatbot.settings import load_settings
+from core.settings import load_settings
 from learner.iterate import load_iteration_state
 from learner.registry import AdapterRegistry
 from storage.db import Database

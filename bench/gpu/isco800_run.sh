@@ -13,8 +13,8 @@ export UPC_LEARNER__TRAIN_BATCH_SIZE=32 UPC_LEARNER__PACK_TOKENS=4096
 export UPC_CHATBOT__LOAD_IN_4BIT=false UPC_LIMITS__MAX_BATCH_SIZE=2048 UPC_GENERATION__TIMEOUT_S=900
 python3 -c "
 from pathlib import Path
-from chatbot.runtime import ensure_embedded_model
-from chatbot.settings import load_settings
+from core.runtime import ensure_embedded_model
+from core.settings import load_settings
 print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))" 2>&1 | tail -1
 left=$(( budget - ($(date +%s) - start) ))
 timeout $left python3 -m chatbot.cli learn iterate --iterations 3 --users 500 2>&1 \

@@ -8,8 +8,8 @@ export UPC_LEARNER__CRITIC=embedding UPC_LEARNER__ALPHA=1 UPC_LEARNER__BETA=0
 timeout 560 python3 - <<'PY' 2>&1 | grep -v -E "it/s\]|s/it\]|Warning|warn" | tail -40 | tee $OUT/learn.log
 import time
 from pathlib import Path
-from chatbot.runtime import ensure_embedded_model
-from chatbot.settings import load_settings
+from core.runtime import ensure_embedded_model
+from core.settings import load_settings
 from learner.iterate import build_driver, format_table
 s = load_settings()
 ensure_embedded_model(s.models_dir, Path("/tmp/smol.gguf"))

@@ -5,8 +5,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UPC_DATA_DI
 python3 - <<'PY' 2>&1 | grep -v -E "it/s\]|s/it\]" | tail -40 | tee $OUT/learn.log
 import argparse, time
 from pathlib import Path
-from chatbot.runtime import ensure_embedded_model
-from chatbot.settings import load_settings
+from core.runtime import ensure_embedded_model
+from core.settings import load_settings
 from learner import cli
 s = load_settings()
 ensure_embedded_model(s.models_dir, Path("/tmp/smol.gguf"))

@@ -1,87 +1,16 @@
-"""Background-fact extraction from one user message.
-
-`RulesExtractor` needs no capable LLM: first-person self-disclosure patterns pick the
-clauses, and the MiniLM embedder classifies the open-ended ones (and drops clauses that
-look like no background category). `LLMExtractor` asks a `ChatModel` for typed JSON with
-our own prompt, validates it, and falls back to the rules when the output is unusable.
-Only first-person statements are ever extracted, so requests and instructions
-("ignore your instructions ...") never become facts.
-"""
+"""The rules extractor: first-person self-disclosure patterns plus MiniLM classification."""
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 
-from chatbot.embeddings import Embedder
-from chatbot.prompting import load_prompt
-from chatbot.types import ChatMessage, ChatModel, GenerationParams, ModelError
-from storage.memory_models import MEMORY_CATEGORIES
+from core.embeddings import Embedder
+from core.memory_extract.records import MAX_FACTS, MAX_TEXT_CHARS, ExtractedFact
 
-__all__ = [
-    "SINGLE_VALUED_KEYS",
-    "ExtractedFact",
-    "FactExtractor",
-    "InvalidExtraction",
-    "LLMExtractor",
-    "RulesExtractor",
-    "normalise_key",
-    "parse_llm_facts",
-]
-
-log = logging.getLogger(__name__)
-
-# Slots a person has one value for: a newer contradicting fact replaces the old one.
-SINGLE_VALUED_KEYS = frozenset(
-    {
-        "occupation",
-        "employer",
-        "workplace",
-        "location",
-        "hometown",
-        "age",
-        "relationship",
-        "diet",
-        "studies",
-    }
-)
-_MAX_TEXT_CHARS = 200
-_MAX_FACTS = 8
-
-
-class InvalidExtraction(ValueError):
-    """An LLM extraction output that does not match the expected typed JSON."""
-
-
-@dataclass(frozen=True)
-class ExtractedFact:
-    category: str
-    key: str
-    # Third-person phrase with the subject left out, e.g. "restores old motorbikes".
-    text: str
-    # Unit-norm MiniLM vector of `text` when the extractor already computed it.
-    vector: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-
-class FactExtractor(Protocol):
-    def extract(self, message: str) -> list[ExtractedFact]: ...
-
-
-def normalise_key(key: str, category: str) -> str:
-    """A slot name: lowercase snake case; unknown multi-valued slots become the category."""
-    slot = re.sub(r"[^a-z0-9]+", "_", key.strip().lower()).strip("_")[:64]
-    if slot in SINGLE_VALUED_KEYS or slot.startswith("favorite_"):
-        return slot
-    return category
-
-
-# ---------------------------------------------------------------- rules extractor
+__all__ = ["RulesExtractor"]
 
 _ADV = r"(?:(?:also|really|actually|currently|now|still|just|recently|mostly|usually)\s+)*"
 _I_AM = r"i(?:'m|\s+am|m)\s+" + _ADV
@@ -458,7 +387,7 @@ def _clean_object(text: str) -> str:
     text = re.sub(r"[\s,;:.!…-]+$", "", text)
     for pattern, replacement in _PRONOUNS:
         text = pattern.sub(replacement, text)
-    return text[:_MAX_TEXT_CHARS].strip()
+    return text[:MAX_TEXT_CHARS].strip()
 
 
 def _sentences(message: str) -> list[tuple[str, bool]]:
@@ -611,139 +540,4 @@ class RulesExtractor:
                     vector=vectors[i] if vectors is not None else None,
                 )
             )
-        return facts[:_MAX_FACTS]
-
-
-# ------------------------------------------------------------------ LLM extractor
-
-_SUBJECT_PREFIX = re.compile(r"^(?:the\s+user|user|they|he|she|the\s+writer|writer)\s+", re.I)
-_STOPWORDS = frozenset(
-    [
-        "the",
-        "a",
-        "an",
-        "and",
-        "or",
-        "of",
-        "to",
-        "in",
-        "on",
-        "at",
-        "for",
-        "with",
-        "from",
-        "is",
-        "are",
-        "was",
-        "has",
-        "have",
-        "their",
-        "they",
-        "them",
-        "works",
-        "work",
-        "very",
-        "really",
-        "about",
-        "into",
-        "as",
-        "by",
-        "it",
-        "this",
-        "that",
-    ]
-)
-
-
-def _grounded(text: str, message: str) -> bool:
-    """At least one content word of the fact (by 4-letter stem) occurs in the message."""
-    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOPWORDS]
-    lowered = message.lower()
-    return any(w[:4] in lowered for w in words if len(w) >= 2)
-
-
-def _first_json_object(text: str) -> str:
-    text = re.sub(r"^```(?:json)?|```$", "", text.strip(), flags=re.MULTILINE).strip()
-    start = text.find("{")
-    if start < 0:
-        raise InvalidExtraction("no JSON object in the output")
-    depth = 0
-    in_string = escape = False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start : i + 1]
-    raise InvalidExtraction("unterminated JSON object")
-
-
-def parse_llm_facts(output: str, message: str | None = None) -> list[ExtractedFact]:
-    """Validate the extraction JSON; raise `InvalidExtraction` when it is not usable.
-
-    Items with a valid shape but empty or ungrounded text (no content word in `message`)
-    are dropped rather than failing the whole output.
-    """
-    try:
-        data = json.loads(_first_json_object(output))
-    except json.JSONDecodeError as exc:
-        raise InvalidExtraction(f"not JSON: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("facts"), list):
-        raise InvalidExtraction('expected {"facts": [...]}')
-    facts: list[ExtractedFact] = []
-    for item in data["facts"]:
-        if not isinstance(item, dict):
-            raise InvalidExtraction("each fact must be an object")
-        category, key, text = item.get("category"), item.get("key", ""), item.get("text")
-        if category not in MEMORY_CATEGORIES:
-            raise InvalidExtraction(f"unknown category {category!r}")
-        if not isinstance(text, str) or not isinstance(key, str):
-            raise InvalidExtraction("text and key must be strings")
-        text = _SUBJECT_PREFIX.sub("", re.sub(r"\s+", " ", text).strip()).rstrip(".")
-        if not text or len(text) > _MAX_TEXT_CHARS:
-            continue
-        if message is not None and not _grounded(text, message):
-            log.info("dropping ungrounded extracted fact")
-            continue
-        facts.append(ExtractedFact(category, normalise_key(key or category, category), text))
-    return facts[:_MAX_FACTS]
-
-
-class LLMExtractor:
-    """Typed-JSON extraction with a capable `ChatModel`; the rules are the fallback."""
-
-    def __init__(
-        self,
-        model: ChatModel,
-        *,
-        fallback: FactExtractor,
-        params: GenerationParams | None = None,
-    ):
-        self.model = model
-        self.fallback = fallback
-        self.params = params or GenerationParams(max_new_tokens=256, temperature=0.0)
-        self.prompt = load_prompt("memory_extract")
-
-    def extract(self, message: str) -> list[ExtractedFact]:
-        if not message.strip():
-            return []
-        messages: Sequence[ChatMessage] = [
-            ChatMessage("user", self.prompt.fill(message=message.replace("</message>", "")))
-        ]
-        try:
-            completion = self.model.generate(messages, self.params)
-            return parse_llm_facts(completion.text, message)
-        except (ModelError, InvalidExtraction) as exc:
-            log.warning("LLM memory extraction unusable (%s); using the rules extractor", exc)
-            return self.fallback.extract(message)
+        return facts[:MAX_FACTS]

@@ -13,7 +13,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from chatbot.decoding import DecodeRow, decode_rows
-from chatbot.types import (
+from core.decoding import DecodeRow, PrefixCache, decode_rows
+from core.devices import pick_device_and_dtype, worth_quantizing
+from core.types import (
     BASE_ADAPTER,
     ChatMessage,
     Completion,
@@ -33,13 +34,7 @@ from chatbot.types import (
     ModelTimeoutError,
 )
 
-__all__ = [
-    "AdapterLoadError",
-    "LocalModel",
-    "cpu_has_native_bf16",
-    "pick_device_and_dtype",
-    "worth_quantizing",
-]
+__all__ = ["AdapterLoadError", "LocalModel"]
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +43,6 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 class AdapterLoadError(ModelError):
     """An adapter directory was refused (unsafe format, missing files, wrong base)."""
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype != "auto":
-        return device, getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return device, torch.bfloat16
-    # Decoding is memory-bound, so bf16 helps where the CPU has native bf16 instructions
-    # (bench/chat_latency.py: 19.9 vs 14.3 tokens/s here); elsewhere bf16 is far slower.
-    return device, torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 @dataclass
@@ -91,30 +66,31 @@ class _Exclusive:
 
 
 _STOP = object()
-_MIN_REUSE = 8  # shorter shared prefixes are not worth a cache lookup
 
 
-SMALL_BASE_BYTES = 2 * 2**30  # below this, 4-bit NF4 buys nothing but slowness
+@dataclass
+class _Rows:
+    """Per-row state of one decoded batch; a row is one prompt of one job."""
 
+    jobs: list[tuple[_Job, int]]
+    prompts: list[list[int]]
+    generated: list[list[int]]
+    emitted: list[str]  # text already sent to the row's stream
+    reasons: list[str]
+    first_token_at: list[float | None]
 
-def worth_quantizing(model_path: str | Path) -> bool:
-    """Whether 4-bit loading pays off: not for a local base under 2 GiB of weights.
-
-    An HF id that is not a local directory is assumed large (the cautious choice for CUDA).
-    """
-    path = Path(model_path)
-    if not path.is_dir():
-        return True
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return size == 0 or size >= SMALL_BASE_BYTES
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    limit = min(len(a), len(b))
-    i = 0
-    while i < limit and a[i] == b[i]:
-        i += 1
-    return i
+    @classmethod
+    def of(cls, batch: list[_Job]) -> _Rows:
+        jobs = [(job, i) for job in batch for i in range(len(job.prompts))]
+        n = len(jobs)
+        return cls(
+            jobs=jobs,
+            prompts=[job.prompts[i] for job, i in jobs],
+            generated=[[] for _ in range(n)],
+            emitted=[""] * n,
+            reasons=["length"] * n,
+            first_token_at=[None] * n,
+        )
 
 
 class LocalModel:
@@ -173,10 +149,7 @@ class LocalModel:
         self._adapters: dict[str, str] = {}
         self._retiring: set[str] = set()
         self._in_use: dict[str, int] = {}
-        # Recent single-request KV caches, keyed by insertion; the worker thread owns them.
-        self.prefix_cache_size = prefix_cache_size
-        self._prefixes: OrderedDict[int, tuple[list[int], Any, str | None]] = OrderedDict()
-        self._prefix_counter = 0
+        self._prefixes = PrefixCache(prefix_cache_size)
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -389,8 +362,7 @@ class LocalModel:
         for adapter_id in list(self._retiring):
             if self._in_use.get(adapter_id, 0) > 0:
                 continue
-            for key in [k for k, v in self._prefixes.items() if v[2] == adapter_id]:
-                del self._prefixes[key]
+            self._prefixes.drop_adapter(adapter_id)
             if adapter_id in self._adapters and hasattr(self.model, "delete_adapter"):
                 self.model.delete_adapter(adapter_id)
                 del self._adapters[adapter_id]
@@ -484,41 +456,6 @@ class LocalModel:
                 ]
             )
 
-    def _cached_prefix(self, prompts: list[list[int]], adapter: str | None) -> tuple[Any, int]:
-        """A KV cache holding the longest cached prefix of a single prompt, and its length.
-
-        Chat turns extend the previous turn's prompt and reply, so the next request from the
-        same conversation usually re-uses almost all of its prompt's keys and values.
-        """
-        from transformers import DynamicCache
-
-        if len(prompts) != 1 or not self._prefixes:
-            return DynamicCache(), 0
-        prompt = prompts[0]
-        best_key, best_len = None, 0
-        for key, (tokens, _cache, owner) in self._prefixes.items():
-            if owner != adapter:
-                continue
-            length = _common_prefix(tokens, prompt)
-            if length > best_len:
-                best_key, best_len = key, length
-        usable = min(best_len, len(prompt) - 1)
-        if best_key is None or usable < _MIN_REUSE:
-            return DynamicCache(), 0
-        _tokens, cache, _owner = self._prefixes.pop(best_key)
-        excess = cache.get_seq_length() - usable
-        if excess > 0:
-            cache.crop(-excess)
-        return cache, usable
-
-    def _store_prefix(self, tokens: list[int], cache: Any, adapter: str | None) -> None:
-        if self.prefix_cache_size <= 0 or len(tokens) < _MIN_REUSE:
-            return
-        self._prefix_counter += 1
-        self._prefixes[self._prefix_counter] = (tokens, cache, adapter)
-        while len(self._prefixes) > self.prefix_cache_size:
-            self._prefixes.popitem(last=False)
-
     def _adapter_context(self, adapter: str | None) -> Any:
         from contextlib import nullcontext
 
@@ -531,9 +468,8 @@ class LocalModel:
         return nullcontext()
 
     def _decode(self, batch: list[_Job]) -> None:
-        rows: list[tuple[_Job, int]] = [(job, i) for job in batch for i in range(len(job.prompts))]
-        prompts = [job.prompts[i] for job, i in rows]
-        n = len(rows)
+        rows = _Rows.of(batch)
+        prompts, n = rows.prompts, len(rows.jobs)
         started = time.perf_counter()
         specs = [
             DecodeRow(
@@ -547,36 +483,10 @@ class LocalModel:
                 seed=job.seeds[idx] if job.seeds else _row_seed(job.params.seed, idx),
                 streamed=job.sinks[idx] is not None,
             )
-            for job, idx in rows
+            for job, idx in rows.jobs
         ]
-        generated: list[list[int]] = [[] for _ in range(n)]
-        emitted_text = [""] * n
-
-        def on_token(r: int, token: int) -> None:
-            job, idx = rows[r]
-            sink = job.sinks[idx]
-            generated[r].append(token)
-            text = self.tokenizer.decode(generated[r], skip_special_tokens=True)
-            if (
-                sink is not None
-                and not text.endswith("\ufffd")
-                and len(text) > len(emitted_text[r])
-            ):
-                sink.put(text[len(emitted_text[r]) :])
-                emitted_text[r] = text
-
-        def check(live: list[int]) -> list[str | None]:
-            now = time.perf_counter()
-            out: list[str | None] = []
-            for r in live:
-                job = rows[r][0]
-                out.append(
-                    "stop" if job.cancelled.is_set() else "timeout" if now > job.deadline else None
-                )
-            return out
-
         adapter = batch[0].adapter
-        cache, reused = self._cached_prefix(prompts, adapter)
+        cache, reused = self._prefixes.take(prompts, adapter)
         with torch.inference_mode(), self._adapter_context(adapter):
             decoded = decode_rows(
                 self.model,
@@ -586,34 +496,68 @@ class LocalModel:
                 device=self.device,
                 cache=cache,
                 reused=reused,
-                check=check,
-                on_token=on_token,
+                check=lambda live: self._check(rows, live),
+                on_token=lambda r, token: self._stream(rows, r, token),
                 started=started,
             )
         elapsed = time.perf_counter() - started
+        for r, result in enumerate(decoded):
+            job = rows.jobs[r][0]
+            rows.generated[r] = result.tokens
+            rows.reasons[r] = result.reason
+            first = result.first_token_s
+            rows.first_token_at[r] = None if first is None else first + started - job.submitted_at
         if n == 1:
             fed = (prompts[0] + decoded[0].tokens)[: cache.get_seq_length()]
-            self._store_prefix(fed, cache, adapter)
+            self._prefixes.store(fed, cache, adapter)
+        extra = {"batch_size": n, "decode_s": elapsed, "cached_prompt_tokens": reused}
+        self._deliver(batch, rows, extra)
+
+    @staticmethod
+    def _check(rows: _Rows, live: list[int]) -> list[str | None]:
+        """Host checks at a sync point: a cancelled row stops, a late one times out."""
+        now = time.perf_counter()
+        out: list[str | None] = []
+        for r in live:
+            job = rows.jobs[r][0]
+            out.append(
+                "stop" if job.cancelled.is_set() else "timeout" if now > job.deadline else None
+            )
+        return out
+
+    def _stream(self, rows: _Rows, r: int, token: int) -> None:
+        """Send a streamed row's new text once it decodes to whole characters."""
+        job, idx = rows.jobs[r]
+        sink = job.sinks[idx]
+        rows.generated[r].append(token)
+        text = self.tokenizer.decode(rows.generated[r], skip_special_tokens=True)
+        if sink is not None and not text.endswith("\ufffd") and len(text) > len(rows.emitted[r]):
+            sink.put(text[len(rows.emitted[r]) :])
+            rows.emitted[r] = text
+
+    def _deliver(self, batch: list[_Job], rows: _Rows, extra: dict[str, Any]) -> None:
+        """Flush each stream's last text, then resolve every job with its completions."""
         results: dict[int, list[Completion]] = {id(job): [] for job in batch}
-        for r, (job, idx) in enumerate(rows):
-            full = self.tokenizer.decode(decoded[r].tokens, skip_special_tokens=True)
+        for r, (job, idx) in enumerate(rows.jobs):
+            generated = rows.generated[r]
+            text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
             sink = job.sinks[idx]
             if sink is not None:
-                if len(full) > len(emitted_text[r]):
-                    sink.put(full[len(emitted_text[r]) :])
+                full = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if len(full) > len(rows.emitted[r]):
+                    sink.put(full[len(rows.emitted[r]) :])
                 sink.put(_STOP)
-            first = decoded[r].first_token_s
             results[id(job)].append(
                 Completion(
-                    text=full.strip(),
+                    text=text,
                     model_id=self.model_id,
                     adapter_id=job.adapter or BASE_ADAPTER,
-                    prompt_tokens=len(prompts[r]),
-                    completion_tokens=len(decoded[r].tokens),
+                    prompt_tokens=len(rows.prompts[r]),
+                    completion_tokens=len(generated),
                     latency_s=time.perf_counter() - job.submitted_at,
-                    first_token_s=None if first is None else first + started - job.submitted_at,
-                    finish_reason=decoded[r].reason,  # type: ignore[arg-type]
-                    extra={"batch_size": n, "decode_s": elapsed, "cached_prompt_tokens": reused},
+                    first_token_s=rows.first_token_at[r],
+                    finish_reason=rows.reasons[r],  # type: ignore[arg-type]
+                    extra=dict(extra),
                 )
             )
         for job in batch:

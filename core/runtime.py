@@ -11,8 +11,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-from chatbot.settings import EMBEDDED_MODEL, ModelRoleSettings, Settings
-from chatbot.types import ChatModel
+from core.local_model import LocalModel
+from core.openai_model import OpenAIModel
+from core.settings import EMBEDDED_MODEL, ModelRoleSettings, Settings
+from core.types import ChatModel
 
 __all__ = [
     "EMBEDDED_DIR_NAME",
@@ -131,8 +133,6 @@ def build_model(
     role: ModelRoleSettings, settings: Settings, *, model_path: str | None = None
 ) -> ChatModel:
     if role.backend == "openai":
-        from chatbot.openai_model import OpenAIModel
-
         if not role.base_url:
             raise ValueError("the openai backend needs base_url")
         return OpenAIModel(
@@ -142,7 +142,6 @@ def build_model(
             max_retries=role.max_retries,
             concurrency=role.concurrency,
         )
-    from chatbot.local_model import LocalModel
 
     path = model_path or resolve_model_path(role, settings)
     model_id = EMBEDDED_MODEL if role.model.startswith("embedded:") else role.model

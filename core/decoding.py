@@ -1,4 +1,4 @@
-"""The batched decode loop of the local backend.
+"""The batched decode loop of the local backend, and its prefix KV cache.
 
 Everything per token stays on the device: sampling (repetition penalty, temperature, top-p
 and a counter-based Gumbel draw), end-of-turn detection and the token buffer. The host looks
@@ -9,18 +9,91 @@ prompt (best-of-n samples) prefill it once.
 Sampling noise is a hash of (row seed, step, token id), so a row's tokens depend on its seed
 and its logits, not on which other rows share the batch: the same seeds give the same corpus
 whether users are decoded together, apart, or on different GPUs.
+
+The prefix cache lets a chat turn re-use its previous turn's keys and values.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["DecodeResult", "DecodeRow", "decode_rows", "sample_tokens", "uniform_noise"]
+__all__ = [
+    "DecodeResult",
+    "DecodeRow",
+    "PrefixCache",
+    "decode_rows",
+    "sample_tokens",
+    "uniform_noise",
+]
+
+MIN_REUSE = 8  # shorter shared prefixes are not worth a cache lookup
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    limit = min(len(a), len(b))
+    i = 0
+    while i < limit and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    """Recent single-request KV caches, keyed by insertion, each tied to its adapter.
+
+    Not thread-safe: the model's worker thread owns it.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[int, tuple[list[int], Any, str | None]] = OrderedDict()
+        self._counter = 0
+
+    def take(self, prompts: list[list[int]], adapter: str | None) -> tuple[Any, int]:
+        """A KV cache holding the longest cached prefix of a single prompt, and its length.
+
+        Chat turns extend the previous turn's prompt and reply, so the next request from the
+        same conversation usually re-uses almost all of its prompt's keys and values.
+        """
+        from transformers import DynamicCache
+
+        if len(prompts) != 1 or not self._entries:
+            return DynamicCache(), 0
+        prompt = prompts[0]
+        best_key, best_len = None, 0
+        for key, (tokens, _cache, owner) in self._entries.items():
+            if owner != adapter:
+                continue
+            length = common_prefix(tokens, prompt)
+            if length > best_len:
+                best_key, best_len = key, length
+        # At least one prompt token is left to run, for the next token's logits.
+        usable = min(best_len, len(prompt) - 1)
+        if best_key is None or usable < MIN_REUSE:
+            return DynamicCache(), 0
+        _tokens, cache, _owner = self._entries.pop(best_key)
+        excess = cache.get_seq_length() - usable
+        if excess > 0:
+            cache.crop(-excess)
+        return cache, usable
+
+    def store(self, tokens: list[int], cache: Any, adapter: str | None) -> None:
+        if self.size <= 0 or len(tokens) < MIN_REUSE:
+            return
+        self._counter += 1
+        self._entries[self._counter] = (tokens, cache, adapter)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def drop_adapter(self, adapter_id: str) -> None:
+        for key in [k for k, v in self._entries.items() if v[2] == adapter_id]:
+            del self._entries[key]
+
 
 SYNC_EVERY = 8  # host checks every 8 steps when nothing streams
 COMPACT_AT = 0.25  # drop finished rows once a quarter of the batch is done

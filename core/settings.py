@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from core.learner_settings.critics import CriticSettings
+from core.learner_settings.gate import GateSettings
+from core.learner_settings.generate import GenerateSettings
+from core.learner_settings.logged import LoggedSettings
+from core.learner_settings.schedule import ScheduleSettings
+from core.learner_settings.select import SelectSettings
+from core.learner_settings.train import TrainSettings
+from core.types import GenerationParams
+
 __all__ = [
     "EMBEDDED_MODEL",
     "AuthSettings",
@@ -71,6 +80,12 @@ class GenerationSettings:
     repetition_penalty: float = 1.15
     timeout_s: float = 120.0
 
+    def params(self, **overrides: Any) -> GenerationParams:
+        """The serving sampling parameters (the one place they are made from settings)."""
+        values = dataclasses.asdict(self)
+        values.update(overrides)
+        return GenerationParams(**values)
+
 
 @dataclass
 class LimitSettings:
@@ -116,74 +131,19 @@ class MemorySettings:
 
 @dataclass
 class LearnerSettings:
-    # The training critic scores Algorithm 1's replies and the curriculum's selection.
-    critic: Literal["rubric", "llm", "embedding"] = "rubric"
-    # The evaluation critic: never seen by training or selection; its id is in every report.
-    eval_critic: Literal["spc", "rubric", "llm", "embedding"] = "spc"
-    # The gate's critic ("eval": the evaluation critic, on validation users).
-    gate_critic: Literal["eval", "spc", "rubric", "llm", "embedding"] = "eval"
-    # Plain resamples under the serving prompt, next to the critique-guided regenerations.
-    best_of_n: int = 2
-    # Each iteration retrains from the base on the cumulative selection, or continues.
-    retrain_from: Literal["base", "parent"] = "base"
-    holdout_ratio: float = 0.1
-    # Never train on a reply the reply checks flag as unusable (cut off, feedback talk,
-    # placeholders, role flip). The checks are English phrase lists: turn this off for
-    # other languages, where they misfire.
-    skip_flagged_targets: bool = True
-    # No more than this share of training targets may open with the same three words.
-    max_opener_share: float = 0.1
-    # A DPO pair (chosen = best attempt, rejected = worst) needs this mean-score gap.
-    pair_min_gap: float = 1.0
-    gate_seeds: int = 2
-    # Critic-free checks may not regress more than this (relative) for a promotion.
-    gate_tolerance: float = 0.10
-    turns: int = 5
-    max_regenerations: int = 3
-    accept_threshold: int = 4
-    alpha: int = 3
-    beta: int = 2
-    batch_size: int = 16
-    scheduler_enabled: bool = True
-    curriculum_interval_minutes: int = 0  # 0 = off
-    critique_interval_minutes: int = 5
-    retrain_min_examples: int = 64
-    idle_minutes: int = 30
-    real_data_ratio: float = 0.5
-    gate_margin: float = 0.0
-    gate_users: int = 10
-    dpo: bool = False
-    # Rank 16 keeps a 135M model's adapter under 25 MB (the paper's 64 suits a 32B base).
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    learning_rate: float = 2e-4
-    max_grad_norm: float = 0.3
-    epochs: int = 2
-    warmup_ratio: float = 0.1
-    max_seq_len: int = 1024
-    # > 0: pack each micro-batch into rows of this many tokens (fills a GPU; off on CPU).
-    pack_tokens: int = 0
-    # Per-turn examples are short: batches of 8, 2 epochs, warm-up 10% (capped at 100),
-    # cosine decay; each iteration retrains from the base on the cumulative selection.
-    train_batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_warmup_steps: int = 100
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    dpo_learning_rate: float = 1e-5
-    dpo_beta: float = 0.1
-    gate_seed: int = 1234
-    # Issue 7: the scheduler, learning from logged dialogues, the poisoning guard.
-    curriculum_cron: str = ""  # crontab expression; when set it replaces the interval
-    curriculum_users: int = 0  # users per scheduled iteration (0: the generator's default)
-    retrain_check_minutes: int = 10
-    scheduler_lease_seconds: int = 60
-    scheduler_poll_seconds: float = 2.0
-    misfire_grace_minutes: int = 60
-    logged_max_conversations: int = 50  # per critique run
-    guard_user_threshold: float = 0.3  # share of flagged user turns that excludes a user
-    guard_min_user_turns: int = 3
+    """The learning loop's settings, one component per stage or job (`core.learner_settings`).
+
+    A flat key still names its field wherever it lives: `UPC_LEARNER__GATE_MARGIN` and
+    `[learner] gate_margin` set `learner.gate.gate_margin`, as does `[learner.gate]`.
+    """
+
+    critics: CriticSettings = field(default_factory=CriticSettings)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+    select: SelectSettings = field(default_factory=SelectSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    logged: LoggedSettings = field(default_factory=LoggedSettings)
 
 
 @dataclass
@@ -268,52 +228,84 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
-def _apply(target: Any, values: dict[str, Any], prefix: str) -> None:
+SettingPath = tuple[str, ...]
+
+
+def _components(target: Any) -> dict[str, str]:
+    """For a section made only of components (`learner`): field name -> its component, so a
+    flat key still finds its field. Field names are unique across the components."""
+    sections = [getattr(target, f.name) for f in dataclasses.fields(target)]
+    if not all(dataclasses.is_dataclass(s) for s in sections):
+        return {}
+    return {
+        inner.name: f.name
+        for f in dataclasses.fields(target)
+        for inner in dataclasses.fields(getattr(target, f.name))
+    }
+
+
+def _apply(
+    target: Any, values: dict[str, Any], path: SettingPath, applied: set[SettingPath]
+) -> None:
+    """Set ``values`` on ``target``; record the full path of every field set in ``applied``."""
     hints = typing.get_type_hints(type(target))
     known = {f.name for f in dataclasses.fields(target)}
+    components = _components(target)
     for key, value in values.items():
+        name = ".".join((*path, key))
         if key not in known:
-            raise SettingsError(f"unknown setting {prefix}{key}")
+            if key not in components:
+                raise SettingsError(f"unknown setting {name}")
+            _apply(
+                getattr(target, components[key]), {key: value}, (*path, components[key]), applied
+            )
+            continue
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise SettingsError(f"{prefix}{key} must be a table")
-            _apply(current, value, f"{prefix}{key}.")
+                raise SettingsError(f"{name} must be a table")
+            _apply(current, value, (*path, key), applied)
         else:
-            setattr(target, key, _coerce(value, hints[key], f"{prefix}{key}"))
+            setattr(target, key, _coerce(value, hints[key], name))
+            applied.add((*path, key))
+
+
+def _nest(values: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        values = values.setdefault(part, {})
+    values[path[-1]] = value
 
 
 def _env_values(env: typing.Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, raw in env.items():
         if name in _ALIASES:
-            section, key = _ALIASES[name]
-            values.setdefault(section, {})[key] = raw
+            _nest(values, list(_ALIASES[name]), raw)
             continue
         if not name.startswith("UPC_") or name in ("UPC_CONFIG",):
             continue
         path = name[4:].lower().split("__")
-        if len(path) == 1:
-            if path[0] in {f.name for f in dataclasses.fields(Settings)}:
-                values[path[0]] = raw
-        elif len(path) == 2:
-            values.setdefault(path[0], {})[path[1]] = raw
+        if len(path) > 1 or path[0] in {f.name for f in dataclasses.fields(Settings)}:
+            _nest(values, path, raw)
     return values
 
 
-def _apply_mode_defaults(settings: Settings, explicit: dict[str, Any]) -> None:
+def _apply_mode_defaults(settings: Settings, explicit: set[SettingPath]) -> None:
     """Demo mode changes defaults, never values an operator set explicitly."""
     if settings.mode != "demo":
         return
-    defaults = {
+    defaults: dict[SettingPath, Any] = {
         ("auth", "mode"): "anonymous",
         ("limits", "max_message_chars"): 1000,
         ("limits", "messages_per_minute"): 10,
-        ("learner", "curriculum_interval_minutes"): 0,
+        ("learner", "schedule", "curriculum_interval_minutes"): 0,
     }
-    for (section, key), value in defaults.items():
-        if key not in explicit.get(section, {}):
-            setattr(getattr(settings, section), key, value)
+    for path, value in defaults.items():
+        if path not in explicit:
+            section = settings
+            for part in path[:-1]:
+                section = getattr(section, part)
+            setattr(section, path[-1], value)
 
 
 def load_settings(
@@ -321,10 +313,13 @@ def load_settings(
     env: typing.Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Build settings: defaults < TOML file (`UPC_CONFIG` or argument) < env < overrides."""
+    """Build settings: defaults < TOML file (`UPC_CONFIG` or argument) < env < overrides.
+
+    An override's key is a path with `__` (`learner__gate_margin=0.1`), like the env vars.
+    """
     env = os.environ if env is None else env
     settings = Settings()
-    explicit: dict[str, Any] = {}
+    explicit: set[SettingPath] = set()
     config_file = config_file or env.get("UPC_CONFIG")
     if config_file:
         path = Path(config_file)
@@ -334,31 +329,15 @@ def load_settings(
             raise SettingsError(f"cannot read config file {path}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
-        _apply(settings, file_values, "")
-        _merge(explicit, file_values)
-    env_values = _env_values(env)
-    _apply(settings, env_values, "")
-    _merge(explicit, env_values)
+        _apply(settings, file_values, (), explicit)
+    _apply(settings, _env_values(env), (), explicit)
     nested_overrides: dict[str, Any] = {}
     for key, value in overrides.items():
-        if "__" in key:
-            section, sub = key.split("__", 1)
-            nested_overrides.setdefault(section, {})[sub] = value
-        else:
-            nested_overrides[key] = value
-    _apply(settings, nested_overrides, "")
-    _merge(explicit, nested_overrides)
+        _nest(nested_overrides, key.split("__"), value)
+    _apply(settings, nested_overrides, (), explicit)
     _apply_mode_defaults(settings, explicit)
     _validate(settings)
     return settings
-
-
-def _merge(into: dict[str, Any], values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        if isinstance(value, dict):
-            _merge(into.setdefault(key, {}), value)
-        else:
-            into[key] = value
 
 
 def _validate(settings: Settings) -> None:

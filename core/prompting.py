@@ -29,7 +29,7 @@ class Prompt(str):
 
 
 @cache
-def load_prompt(name: str, package: str = "chatbot") -> Prompt:
+def load_prompt(name: str, package: str = "core") -> Prompt:
     """Load `<package>/prompts/<name>.md` (placeholders are written `{name}`)."""
     text = resources.files(package).joinpath("prompts", f"{name}.md").read_text(encoding="utf-8")
     return Prompt(text.strip() + "\n", f"{package}/{name}")

@@ -8,7 +8,7 @@ import time
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from chatbot.types import (
+from core.types import (
     BASE_ADAPTER,
     ChatMessage,
     Completion,
