@@ -130,6 +130,11 @@ def sft_examples(
         usable = next((a.usable for a in turn.attempts if a.reply == turn.final_reply), True)
         if (skip_flagged and not usable) or not turn.final_reply.strip():
             continue
+        # A reply cut at the token cap (then trimmed to its last sentence) ended where the
+        # cap fell, not where the model chose: such targets halve the questions asked
+        # (21% vs 43% in the first GPU corpus) and teach stopping short.
+        if turn.final_finish_reason == "length":
+            continue
         rows.append(
             {
                 "dialogue_id": dialogue.id,
@@ -175,7 +180,7 @@ def preference_pairs(
             Attempt("final", turn.final_reply, turn.final_score),
         ]
         scored = [a for a in attempts if a.score.mean() is not None]
-        usable = [a for a in scored if a.usable]
+        usable = [a for a in scored if a.usable and a.finish_reason != "length"]
         if not usable:
             continue
         best = max(usable, key=lambda a: a.score.mean())  # type: ignore[arg-type, return-value]

@@ -14,12 +14,10 @@ adapter, loaded trainable.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import resource
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -28,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from transformers import PrinterCallback, TrainerCallback
 
 from core.devices import worth_quantizing
 from core.learner_settings.train import TrainSettings
 from core.prompting import load_prompt
+from learner.dpo_loop import DpoPair, run_dpo
 from learner.sft_loop import StepHook, heldout_loss, run_sft
 from storage.adapter_models import TrainingRun
 from storage.db import Database
@@ -496,68 +494,6 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _trainer_args(config: TrainConfig, device: str, quantized: bool, out: str) -> dict[str, Any]:
-    import torch
-
-    cuda = device.startswith("cuda")
-    return {
-        "output_dir": out,
-        "per_device_train_batch_size": config.batch_size,
-        "gradient_accumulation_steps": config.grad_accum_steps,
-        "max_grad_norm": config.max_grad_norm,
-        "weight_decay": config.weight_decay,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": config.seed,
-        "optim": "paged_adamw_32bit" if quantized else "adamw_torch",
-        "gradient_checkpointing": _checkpointing(config, device),
-        "bf16": cuda and torch.cuda.is_bf16_supported(),
-        "fp16": False,
-        "use_cpu": not cuda,
-        "dataloader_num_workers": 0,
-    }
-
-
-class _ProgressCallback(TrainerCallback):
-    """Mirrors the trainer's state into the status row and collects the loss curve."""
-
-    def __init__(
-        self, store: TrainingStatusStore | None, run_id: str, stage: str, history: list
-    ) -> None:
-        self.store, self.run_id, self.stage, self.history = store, run_id, stage, history
-        self._last_write = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if self.store is not None:
-            self.store.update(self.run_id, stage=self.stage, step=0, total_steps=state.max_steps)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-        if not logs or "loss" not in logs:
-            return
-        loss = float(logs["loss"])
-        self.history.append({"stage": self.stage, "step": state.global_step, "loss": loss})
-        now = time.monotonic()
-        done = state.global_step >= state.max_steps
-        # Throttled: one row write per second is plenty for a polling UI.
-        if self.store is not None and (now - self._last_write >= 1.0 or done):
-            self._last_write = now
-            self.store.update(self.run_id, step=state.global_step, loss=loss)
-
-
-def _dataset(rows: list[dict[str, Any]]) -> Any:
-    """A `datasets.Dataset` with a content-hash fingerprint.
-
-    datasets otherwise fingerprints new tables by pickling them with dill, which fails on
-    some Python/pyarrow combinations (seen on Python 3.12 with pyarrow 26).
-    """
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
-
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
-    return Dataset(InMemoryTable.from_pylist(rows), fingerprint=digest[:16])
-
-
 def save_loss_curve(history: list[dict[str, Any]], out_dir: Path) -> None:
     """`loss.json` and `loss.png` next to the adapter files."""
     (out_dir / "loss.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
@@ -687,20 +623,9 @@ def train_adapter(
         after = heldout_loss(model, heldout, pad_id=pad_id, device=device)
         dpo_metrics = None
         if pairs:
-            with tempfile.TemporaryDirectory(prefix="upc-dpo-") as scratch:
-                dpo_metrics = _train_dpo(
-                    model,
-                    tokenizer,
-                    pairs,
-                    config,
-                    device,
-                    quantized,
-                    scratch,
-                    status,
-                    run_id,
-                    history,
-                    progress_bar,
-                )
+            dpo_metrics = _train_dpo(
+                model, tokenizer, pairs, config, device, status, run_id, history
+            )
         tokens = sum(len(ex.input_ids) for ex in examples)
         seen = loop.tokens
         model.save_pretrained(str(output_dir), selected_adapters=["default"])
@@ -752,50 +677,52 @@ def _train_dpo(
     pairs: list[dict[str, Any]],
     config: TrainConfig,
     device: str,
-    quantized: bool,
-    scratch: str,
     status: TrainingStatusStore | None,
     run_id: str,
     history: list[dict[str, Any]],
-    progress_bar: bool,
 ) -> dict[str, Any]:
-    """DPO on (first attempt = rejected, accepted regeneration = chosen) after SFT.
-
-    The trainer copies the SFT adapter into a frozen "ref" adapter as the reference policy;
-    only "default" is saved.
-    """
-    from trl import DPOConfig, DPOTrainer
-
+    """DPO on the recorded pairs (chosen = best attempt, rejected = worst) after SFT, with
+    the SFT policy as the reference. Plain torch (learner.dpo_loop): no trl needed."""
+    examples = []
+    for k, pair in enumerate(pairs):
+        made = [
+            build_example(
+                tokenizer, f"pair-{k}", [*pair["prompt"], *pair[side]], config.max_seq_len,
+                last_only=True,
+            )
+            for side in ("chosen", "rejected")
+        ]  # fmt: skip
+        if made[0] is not None and made[1] is not None:
+            examples.append(DpoPair(made[0], made[1]))
+    if not examples:
+        return {"pairs": 0, "steps": 0}
     dpo_config = dataclasses.replace(
         config, max_steps=-1, epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate
     )
-    steps, warmup = plan_steps(len(pairs), dpo_config)
-    args = DPOConfig(
-        **_trainer_args(dpo_config, device, quantized, scratch + "/dpo"),
-        learning_rate=dpo_config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=warmup,
-        num_train_epochs=dpo_config.epochs,
-        max_steps=steps,
+    steps, warmup = plan_steps(len(examples), dpo_config)
+    if status is not None:
+        status.update(run_id, stage="dpo", step=0, total_steps=steps)
+    result = run_dpo(
+        model,
+        examples,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
         beta=config.dpo_beta,
-        max_length=config.max_seq_len,
-        disable_tqdm=not progress_bar,
+        learning_rate=dpo_config.learning_rate,
+        total_steps=steps,
+        warmup_steps=warmup,
+        schedule=config.lr_scheduler,
+        batch_size=max(1, config.batch_size // 2),  # a pair is two sequences
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        on_step=_status_hook(status, run_id),
     )
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=_dataset(pairs),
-        processing_class=tokenizer,
-        callbacks=[_ProgressCallback(status, run_id, "dpo", history)],
-    )
-    trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    output = trainer.train()
-    if "ref" in getattr(trainer.model, "peft_config", {}):
-        trainer.model.delete_adapter("ref")
+    history.extend(result.loss_history)
     return {
-        "pairs": len(pairs),
-        "steps": steps,
-        "seconds": round(time.perf_counter() - started, 3),
-        "train_loss": float(output.training_loss),
+        "pairs": len(examples),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 3),
+        "train_loss": result.loss_history[-1]["loss"] if result.loss_history else None,
+        "pair_accuracy": round(result.accuracy, 4),
+        "mean_margin": round(result.mean_margin, 4),
     }

@@ -319,3 +319,19 @@ def test_cap_openers_keeps_the_best_scoring_share_per_opening():
     assert [r["score"] for r in glad] == [6.0, 7.0]  # ceil(0.2 * 10) = 2, the best two
     assert len(kept) == 4
     assert cap_openers(rows, 1.0) == rows
+
+
+def test_replies_cut_at_the_cap_are_never_targets_nor_chosen() -> None:
+    natural = T((4, 4, 4), index=2, first_reply="Which bikes do you restore?")
+    natural.attempts = [Attempt("first", "Which bikes do you restore?", S(4, 4, 4), "stop")]
+    capped = T((5, 5, 5), index=3, first_reply="I love engines. They are great.")
+    capped.final_finish_reason = "length"  # trimmed to its last sentence, still usable
+    capped.attempts = [
+        Attempt("first", "I love engines. They are great.", S(5, 5, 5), "length"),
+        Attempt("resample", "Do you ride them too?", S(4, 4, 4), "stop"),
+        Attempt("regen", "Here is my answer again.", S(1, 1, 1), "stop"),
+    ]
+    dialogue = _dialogue("d1", "p1", [natural, capped])
+    assert [r["turn"] for r in sft_examples(dialogue, "sys")] == [2]
+    [pair] = preference_pairs(dialogue, "sys", min_gap=1.0)
+    assert (pair.chosen, pair.rejected) == ("Do you ride them too?", "Here is my answer again.")

@@ -237,11 +237,13 @@ def test_dpo_stage_after_sft(tiny_model_dir, sft_file, tmp_path):
         tiny_model_dir,
         sft_file,
         out,
-        _fast(dpo=True, max_steps=2),
+        _fast(dpo=True, max_steps=2, dpo_learning_rate=1e-3),
         system_prompt=SYSTEM,
         pairs_path=pairs,
     )
     assert result.dpo is not None and result.dpo["pairs"] == 2 and result.dpo["steps"] == 1
+    # One step already moves the policy towards the chosen reply, against the SFT reference.
+    assert result.dpo["mean_margin"] > 0 and result.dpo["pair_accuracy"] == 1.0
     stages = {h["stage"] for h in json.loads((out / "loss.json").read_text())}
     assert stages == {"sft", "dpo"}
     weights = load_file(str(out / "adapter_model.safetensors"))

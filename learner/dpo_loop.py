@@ -1,0 +1,143 @@
+"""A plain PyTorch DPO loop over LoRA parameters (Rafailov et al., 2023).
+
+It needs only torch and peft, so DPO runs wherever SFT runs (a GPU machine without trl
+included). The reference policy is the model as it stands when DPO starts (after SFT, or
+the base): its log-probabilities of every chosen and rejected reply are computed once, up
+front, so no second copy of the model is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from learner.sft_loop import IGNORE_INDEX, StepHook, _collate, lr_at
+
+__all__ = ["DpoPair", "DpoResult", "reply_logps", "run_dpo"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DpoPair:
+    """One context with a chosen and a rejected reply, tokenized with labels on the reply."""
+
+    chosen: Any  # a TokenizedExample
+    rejected: Any
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+@dataclass
+class DpoResult:
+    steps: int
+    seconds: float
+    # After training: the share of pairs whose implicit reward prefers the chosen reply,
+    # and the mean policy-minus-reference margin (both 0 before training, by definition).
+    accuracy: float
+    mean_margin: float
+    loss_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def reply_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Summed log-probability of each row's labelled (reply) tokens."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE_INDEX
+    logits = base.get_output_embeddings()(out.last_hidden_state[:, :-1][keep]).float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(1, target[keep][:, None]).squeeze(1)
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(keep.shape[0], device=logits.device).index_add(0, rows, token_logps)
+
+
+def _pair_logps(
+    model: Any, pairs: Sequence[DpoPair], pad_id: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = _collate([*(p.chosen for p in pairs), *(p.rejected for p in pairs)], pad_id, device)
+    logps = reply_logps(model, batch)
+    return logps[: len(pairs)], logps[len(pairs) :]
+
+
+def _margins(
+    model: Any, pairs: Sequence[DpoPair], pad_id: int, device: str, size: int
+) -> list[float]:
+    """Policy-minus-reference log-ratio margins (chosen minus rejected), without gradients."""
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), size):
+            part = pairs[start : start + size]
+            chosen, rejected = _pair_logps(model, part, pad_id, device)
+            for p, c, r in zip(part, chosen.tolist(), rejected.tolist(), strict=True):
+                out.append((c - p.ref_chosen) - (r - p.ref_rejected))
+    return out
+
+
+def run_dpo(
+    model: Any,
+    pairs: list[DpoPair],
+    *,
+    pad_id: int,
+    device: str,
+    beta: float,
+    learning_rate: float,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    batch_size: int,
+    max_grad_norm: float,
+    seed: int,
+    on_step: StepHook | None = None,
+) -> DpoResult:
+    """Train the trainable (LoRA) parameters on ``pairs`` for ``total_steps`` steps."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            part = pairs[start : start + batch_size]
+            chosen, rejected = _pair_logps(model, part, pad_id, device)
+            for p, c, r in zip(part, chosen.tolist(), rejected.tolist(), strict=True):
+                p.ref_chosen, p.ref_rejected = c, r
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate)
+    rng = random.Random(seed)
+    order: list[int] = []
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for step in range(total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, warmup_steps, learning_rate, schedule)
+        if len(order) < batch_size:
+            fresh = list(range(len(pairs)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        part = [pairs[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        chosen, rejected = _pair_logps(model, part, pad_id, device)
+        ref_c = torch.tensor([p.ref_chosen for p in part], device=chosen.device)
+        ref_r = torch.tensor([p.ref_rejected for p in part], device=chosen.device)
+        margin = (chosen - ref_c) - (rejected - ref_r)
+        loss = -torch.nn.functional.logsigmoid(beta * margin).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        history.append({"stage": "dpo", "step": step + 1, "loss": value})
+        if on_step is not None:
+            on_step(step + 1, total_steps, value)
+    seconds = time.perf_counter() - started
+    model.eval()
+    after = _margins(model, pairs, pad_id, device, batch_size)
+    if was_training:
+        model.train()
+    accuracy = sum(m > 0 for m in after) / len(after) if after else 0.0
+    mean = sum(after) / len(after) if after else 0.0
+    return DpoResult(total_steps, seconds, accuracy, mean, history)
