@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from core.attention import use_grouped_attention
 from core.decoding import DecodeRow, PrefixCache, decode_rows
 from core.devices import pick_device_and_dtype, worth_quantizing
 from core.types import (
@@ -144,6 +145,7 @@ class LocalModel:
             if not self.quantized:
                 model.to(self.device)
         model.eval()
+        use_grouped_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
         self.model = model
         self._stop_ids = self._collect_stop_ids()
         self._adapters: dict[str, str] = {}

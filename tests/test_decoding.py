@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
+from core.attention import GROUPED_SDPA, use_grouped_attention
 from core.decoding import DecodeRow, decode_rows, sample_tokens, uniform_noise
 from core.local_model import LocalModel
 from core.types import ChatMessage
@@ -107,3 +108,30 @@ def test_rows_decode_the_same_alone_as_in_a_batch_that_compacts(tiny):
         shared[1].tokens
         == _decode(tiny, [DecodeRow(same[0], 16, 1, 1.0, 1.0, 1.0, seed=2)])[0].tokens
     )
+
+
+def test_grouped_attention_matches_the_stock_path(tiny_model_dir):
+    """The tiny model has 4 query heads over 2 key/value heads: the grouped decode path must
+    give the stock SDPA logits, padding included, step after step."""
+    stock = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    grouped = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert use_grouped_attention(grouped)
+    assert grouped.config._attn_implementation == GROUPED_SDPA
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [DynamicCache(), DynamicCache()]
+    with torch.inference_mode():
+        outs = [
+            m(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=c)
+            for m, c in zip((stock, grouped), caches, strict=True)
+        ]
+        for step in range(3):
+            nxt = outs[0].logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones((2, 1), dtype=mask.dtype)], dim=1)
+            pos = positions[:, -1:] + step + 1
+            outs = [
+                m(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=c)
+                for m, c in zip((stock, grouped), caches, strict=True)
+            ]
+            assert torch.allclose(outs[0].logits, outs[1].logits, atol=1e-5)
