@@ -11,7 +11,7 @@ fi
 scripts/setup.sh --dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ANONYMIZED_TELEMETRY=False
 echo "==> ruff"
-.venv/bin/ruff check chatbot learner personas storage tests bench app.py
-.venv/bin/ruff format --check chatbot learner personas storage tests bench app.py
+.venv/bin/ruff check core chatbot learner personas storage tests bench app.py
+.venv/bin/ruff format --check core chatbot learner personas storage tests bench app.py
 echo "==> pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
