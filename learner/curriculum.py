@@ -122,7 +122,8 @@ def sft_examples(
 ) -> list[dict[str, Any]]:
     """One example per scored bot turn: the dialogue before it, the loss on that reply only.
 
-    A reply the reply checks flagged as unusable is never a target (``skip_flagged``)."""
+    A reply the reply checks flagged as unusable, or one cut at the token cap, is never a
+    target (``skip_flagged``)."""
     messages = dialogue.messages(system_prompt)
     rows = []
     # messages: system, greeting, intro, then (reply, answer) per turn.
@@ -133,7 +134,7 @@ def sft_examples(
         # A reply cut at the token cap (then trimmed to its last sentence) ended where the
         # cap fell, not where the model chose: such targets halve the questions asked
         # (21% vs 43% in the first GPU corpus) and teach stopping short.
-        if turn.final_finish_reason == "length":
+        if skip_flagged and turn.final_finish_reason == "length":
             continue
         rows.append(
             {

@@ -335,3 +335,5 @@ def test_replies_cut_at_the_cap_are_never_targets_nor_chosen() -> None:
     assert [r["turn"] for r in sft_examples(dialogue, "sys")] == [2]
     [pair] = preference_pairs(dialogue, "sys", min_gap=1.0)
     assert (pair.chosen, pair.rejected) == ("Do you ride them too?", "Here is my answer again.")
+    # With the checks off (other languages, random test models) a capped reply may train.
+    assert [r["turn"] for r in sft_examples(dialogue, "sys", skip_flagged=False)] == [2, 3]
