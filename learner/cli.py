@@ -20,6 +20,7 @@ from core.runtime import ModelPool
 from core.settings import Settings
 from learner import stages
 from learner.critic import build_critic, critic_kind
+from learner.distributed import current_rank, setup, teardown
 from learner.records import IterationStats
 from learner.sanity import (
     AdversarialReport,
@@ -150,6 +151,9 @@ class CorpusBars:
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
+    # Under torchrun each process decodes its share of the users (learner/distributed.py).
+    rank = current_rank()
+    setup(rank)
     parts = LoopParts.from_settings(settings)
     try:
         iteration = _pick_iteration(parts.corpus, args.iteration)
@@ -168,13 +172,16 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
             alpha=settings.learner.select.alpha,
             beta=settings.learner.select.beta,
             split=args.split,
-            progress=None if args.no_progress else CorpusBars(),
+            progress=None if args.no_progress or not rank.main else CorpusBars(),
         )
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
     finally:
         parts.close()
+        teardown()
+    if not rank.main:
+        return 0
     print(format_stats(result.stats))
     if result.resumed:
         print(f"  resumed: {result.resumed} dialogues were already finished")

@@ -207,15 +207,29 @@ class CorpusGenerator:
         }
 
     # ------------------------------------------------------------------ entry
-    def run(self, personas: Sequence[PersonaLike], run_id: str | None = None) -> RunResult:
-        """Generate (or resume) one dialogue per persona; a store needs ``run_id``."""
+    def run(
+        self,
+        personas: Sequence[PersonaLike],
+        run_id: str | None = None,
+        only: Sequence[int] | None = None,
+    ) -> RunResult:
+        """Generate (or resume) one dialogue per persona; a store needs ``run_id``.
+
+        ``only`` limits the work to those positions of ``personas`` (one rank's share in a
+        data-parallel run); copies of a user are still counted over the whole list, so the
+        seeds match a run over all of it."""
         if self.store is not None and run_id is None:
             raise ValueError("a run_id is needed to store the run")
         started = time.perf_counter()
         lives: list[_Live] = []
         skipped = 0
         copies: Counter[str] = Counter()
+        mine = set(range(len(personas)) if only is None else only)
         for position, persona in enumerate(personas):
+            replica = copies[persona.id]
+            copies[persona.id] += 1
+            if position not in mine:
+                continue
             record = DialogueRecord(
                 id=uuid.uuid4().hex,
                 persona_id=persona.id,
@@ -227,8 +241,7 @@ class CorpusGenerator:
                 record = self.store.begin_dialogue(run_id, position, record)
             if record.status != "running":
                 skipped += 1
-            lives.append(_Live(persona, record, replica=copies[persona.id]))
-            copies[persona.id] += 1
+            lives.append(_Live(persona, record, replica=replica))
         todo = [live for live in lives if live.active]
         size = max(1, self.config.batch_size)
         for start in range(0, len(todo), size):

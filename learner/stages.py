@@ -38,6 +38,7 @@ from learner.curriculum import (
     personas_for_iteration,
     select_iteration,
 )
+from learner.distributed import barrier, current_rank, shard_positions
 from learner.gate import GateDecision, ensure_adapter, run_gate
 from learner.generate import CorpusGenerator, GenerationConfig, run_dialogues
 from learner.logged_export import MixResult, build_logged_training_set, mix_into_training_set
@@ -260,6 +261,9 @@ def generate(
     """
     if users < 1:
         raise ValueError("users must be 1 or more")
+    rank = current_rank()
+    if not rank.main:
+        barrier(rank)  # the first rank picks the users and opens the run
     existing = corpus.get_run(iteration)
     if existing is not None:
         personas = [catalog.get(pid) for pid in existing.config.get("persona_ids", [])]
@@ -289,15 +293,20 @@ def generate(
         config={**config.to_dict(), "persona_ids": [p.id for p in personas]},
         models={**generator.model_ids(), "prompt_versions": generator.prompt_versions},
     )
+    if rank.main:
+        barrier(rank)
+    share = shard_positions(personas, rank)
     if progress is not None:
-        progress.start(len(personas), len(personas) * config.turns)
+        progress.start(len(share), len(share) * config.turns)
     try:
-        result = generator.run(personas, run.id)
+        result = generator.run(personas, run.id, only=share)
     finally:
         if progress is not None:
             progress.close()
+    barrier(rank)  # every rank's share is stored
     stats = compute_stats(corpus.dialogues(run.id), iteration, alpha, beta)
-    corpus.finish_run(run.id, stats.to_dict(), stats.tokens)
+    if rank.main:
+        corpus.finish_run(run.id, stats.to_dict(), stats.tokens)
     return GenerationStats(
         iteration=iteration,
         run_id=run.id,

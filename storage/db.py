@@ -85,6 +85,9 @@ def _prepare_data_dir(data_dir: Path, db_path: Path) -> None:
     if db_path.exists():
         _check_sqlite_file(db_path)
     data_dir.mkdir(parents=True, exist_ok=True)
+    # The database file first, then the marker: a process starting beside this one never
+    # sees a marked data dir without its database.
+    sqlite3.connect(db_path).close()
     marker.write_text(json.dumps({"format": 1}), encoding="utf-8")
 
 
