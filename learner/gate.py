@@ -233,25 +233,28 @@ def run_variant(
     turns: int = 5,
     runner: DialogueRunner | None = None,
 ) -> list[DialogueRecord]:
-    """T-turn dialogues (no regeneration) with one adapter, once per seed."""
+    """T-turn dialogues (no regeneration) with one adapter, one per user and seed.
+
+    All of them run in one lockstep batch: each seed after the first is a copy of every
+    user, and a copy samples from its own row seeds (`learner.generate`), so the copies are
+    the independent samples that separate seeds would be, and both adapters get the same
+    ones."""
     if runner is None:
         runner = run_dialogues
-    out: list[DialogueRecord] = []
-    for seed in seeds:
-        out.extend(
-            runner(
-                chatbot,
-                user_model,
-                critic,
-                personas,
-                turns=turns,
-                regenerate=False,
-                adapter=None if adapter == BASE_ADAPTER else adapter,
-                seed=seed,
-                batch_size=max(1, len(personas)),  # every user in flight at once
-            )
+    copies = [p for _ in seeds for p in personas]
+    return list(
+        runner(
+            chatbot,
+            user_model,
+            critic,
+            copies,
+            turns=turns,
+            regenerate=False,
+            adapter=None if adapter == BASE_ADAPTER else adapter,
+            seed=seeds[0],
+            batch_size=max(1, len(copies)),  # every dialogue in flight at once
         )
-    return out
+    )
 
 
 def record_decision(

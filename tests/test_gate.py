@@ -134,7 +134,15 @@ def _runner_with(table: dict[str, tuple[int, int, int]], calls: list):
 
     def run(chatbot, user_model, critic, personas, *, turns, regenerate, adapter, seed, batch_size):
         assert batch_size == len(personas)
-        calls.append({"adapter": adapter, "seed": seed, "turns": turns, "regenerate": regenerate})
+        calls.append(
+            {
+                "adapter": adapter,
+                "seed": seed,
+                "turns": turns,
+                "regenerate": regenerate,
+                "users": list(personas),
+            }
+        )
         score = table[adapter or "base"]
         return [_dialogue(p, [score] * (turns - 1)) for p in personas]
 
@@ -163,9 +171,11 @@ def test_run_gate_records_and_promotes_only_the_better(tmp_path, peft_dir):
     first = run_gate(registry, "good", iteration=1, **common)
     assert first.promote and first.baseline_id == "base"
     assert registry.active_id() == "good"
-    # Paired: the same users and the same two seeds for candidate and baseline.
-    assert {c["seed"] for c in calls} == {7, 8} and all(not c["regenerate"] for c in calls)
-    assert [c["adapter"] for c in calls] == ["good", "good", None, None]
+    # Paired: the same users and the same two seeds for candidate and baseline, both seeds
+    # in one lockstep batch (a copy of each user per seed).
+    assert [c["seed"] for c in calls] == [7, 7] and all(not c["regenerate"] for c in calls)
+    assert [c["adapter"] for c in calls] == ["good", None]
+    assert all(c["users"] == ["v1", "v2", "v1", "v2"] for c in calls)
     assert first.n_users == 2 and first.seeds == (7, 8) and first.lower == pytest.approx(1.0)
 
     second = run_gate(registry, "bad", iteration=2, **common)
