@@ -23,7 +23,7 @@ from chatbot.console import build_console
 from chatbot.console.context import UserOf
 from chatbot.demo_mode import build_operator_signin, console_enabled
 from chatbot.memory import MemoryService
-from chatbot.services import Services, session_secret
+from chatbot.services import Services, browser_state_key
 from core.settings import Settings
 from core.validation import InputError
 from personas.catalog import PersonaCatalog
@@ -145,7 +145,7 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
             services,
             user_of,
             browser_id=gr.BrowserState(
-                "", storage_key="upc-browser-id", secret=session_secret(settings)
+                "", storage_key="upc-browser-id", secret=browser_state_key(settings)
             ),
             conversation_id=gr.State(""),
             message_ids=gr.State([]),
@@ -308,9 +308,14 @@ def _wire_load(
     anonymous = services.settings.auth.mode == "anonymous"
 
     def on_load(bid: str, request: gr.Request) -> Updates:
-        if anonymous and not bid:
-            bid = services.accounts.new_browser_id()
-        user = page.user_of(request, bid)
+        if anonymous:
+            # Only secrets this server issued name a user; anything else gets a fresh one.
+            try:
+                user = services.accounts.anonymous(bid or "")
+            except AccountError:
+                bid, user = services.accounts.issue_anonymous()
+        else:
+            user = page.user_of(request, bid)
         choices = page.choices(user)
         extra = [gr.update(value=user.learning_opt_in), gr.update(value=user.memory_enabled)]
         if admin_tab is not None:

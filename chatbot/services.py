@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -20,7 +22,13 @@ from core.types import ChatModel, GenerationParams
 from learner.registry import AdapterRegistry
 from storage import Database
 
-__all__ = ["Services", "build_services", "build_worker_memory", "session_secret"]
+__all__ = [
+    "Services",
+    "browser_state_key",
+    "build_services",
+    "build_worker_memory",
+    "session_secret",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,33 @@ def session_secret(settings: Settings) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
+def browser_state_key(settings: Settings) -> str:
+    """The key Gradio encrypts the browser's stored state with.
+
+    Gradio hands this key to every browser (in /config), so it must not be the session
+    secret itself: it is derived from it, one way, and stays stable across restarts.
+    """
+    secret = session_secret(settings).encode("utf-8")
+    return hmac.new(secret, b"upc browser-state key v1", hashlib.sha256).hexdigest()[:32]
+
+
+def _ensure_admins(settings: Settings, accounts: Accounts) -> None:
+    """Create listed admins that have no account from the admin password in the env."""
+    if settings.auth.mode != "password" or not settings.admin_user_names:
+        return
+    made = accounts.ensure_admins(os.environ.get(settings.auth.admin_password_env))
+    if made:
+        log.info("created admin account(s) %s", ", ".join(made))
+    missing = [n for n in sorted(settings.admin_user_names) if accounts.by_name(n) is None]
+    if missing:
+        log.warning(
+            "admin name(s) %s have no account and can't be claimed by sign-up: create them "
+            "with `upc users add NAME --admin`, or set %s before the first start",
+            ", ".join(missing),
+            settings.auth.admin_password_env,
+        )
+
+
 def generation_params(settings: Settings) -> GenerationParams:
     return settings.generation.params()
 
@@ -95,6 +130,7 @@ def build_worker_memory(settings: Settings, db: Database) -> MemoryService | Non
 def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None) -> Services:
     db = Database.from_settings(settings)
     accounts = Accounts(db, admin_names=settings.admin_user_names)
+    _ensure_admins(settings, accounts)
     models = ModelPool(settings)
     model = chatbot_model or models.get(settings.chatbot)
     registry = AdapterRegistry(settings.adapters_dir, db)

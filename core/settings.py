@@ -96,6 +96,10 @@ class LimitSettings:
     history_turns: int = 12
     # Demo-mode rate limit: messages per minute per user (0 = unlimited).
     messages_per_minute: int = 0
+    # The model's context window: every prompt is cut to fit it with room for the reply.
+    context_tokens: int = 8192
+    # The most messages one /v1 request may carry.
+    api_max_messages: int = 64
 
 
 @dataclass
@@ -107,6 +111,15 @@ class AuthSettings:
     # Env var with the admin secret for demo mode (an admin password).
     admin_secret_env: str = "UPC_ADMIN_SECRET"
     session_secret_env: str = "UPC_SESSION_SECRET"
+    # Env var with the password the listed admins get at first start when they have no
+    # account (sign-up can never claim an admin name).
+    admin_password_env: str = "UPC_ADMIN_PASSWORD"
+    # Sign-in throttle: failures allowed before a wait, per account and per client address;
+    # the wait starts at `login_backoff_s` and doubles with each further failure.
+    login_free_failures: int = 5
+    login_ip_free_failures: int = 20
+    login_backoff_s: float = 2.0
+    login_backoff_max_s: float = 900.0
 
 
 @dataclass
@@ -117,6 +130,9 @@ class ServerSettings:
     # Env var that holds the bearer key for the /v1 OpenAI-compatible API.
     api_key_env: str = "UPC_API_KEY"
     allowed_origins: str = ""
+    # Host names the server answers to (comma-separated), besides the bind address,
+    # localhost and 127.0.0.1; any other Host header gets 403 (DNS rebinding).
+    allowed_hosts: str = ""
 
 
 @dataclass
