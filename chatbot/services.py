@@ -139,6 +139,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         source=registry.active_id,
         resolve=registry.verified_path,
         ab_source=lambda: load_ab_split(settings.adapters_dir),
+        on_failure=lambda wanted, serving, exc: registry.revert_failed(wanted, serving, str(exc)),
     )
     embedder = Embedder()
     memory = _build_memory(settings, db, model, embedder)
