@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from chatbot.accounts import AccountError, UserRecord
-from chatbot.chat import ChatService, MessageRecord, NotFoundError, ReplyEvent
+from chatbot.chat import ChatService, MessageRecord, NotFoundError, ReplyEvent, StorageError
 from chatbot.console import build_console
 from chatbot.console.context import UserOf
 from chatbot.demo_mode import build_operator_signin, console_enabled
@@ -410,7 +410,7 @@ def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
             if not cid:
                 cid = chat.create_conversation(user.id)
             events = chat.send(user.id, cid, text)
-        except (InputError, NotFoundError) as exc:
+        except (InputError, NotFoundError, StorageError) as exc:
             gr.Warning(str(exc))
             yield gr.update(), cid, history, gr.update(), f"⚠️ {exc}", gr.update()
             return
@@ -442,7 +442,7 @@ def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
         user = page.user_of(request, bid)
         try:
             events = chat.regenerate(user.id, cid)
-        except (InputError, NotFoundError) as exc:
+        except (InputError, NotFoundError, StorageError) as exc:
             yield history, gr.update(), f"⚠️ {exc}"
             return
         base = history[:-1] if history and history[-1]["role"] == "assistant" else history

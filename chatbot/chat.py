@@ -17,9 +17,9 @@ from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from core.prompting import load_prompt
+from core.prompting import PromptTooLongError, fit_prompt, load_prompt
 from core.types import (
     BASE_ADAPTER,
     ChatMessage,
@@ -41,6 +41,7 @@ __all__ = [
     "NotFoundError",
     "RateLimitError",
     "ReplyEvent",
+    "StorageError",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class NotFoundError(LookupError):
 
 class RateLimitError(InputError):
     pass
+
+
+class StorageError(RuntimeError):
+    """The database refused a write (locked, full...); the message is safe to show, the
+    details (SQL, parameters) are only in the log."""
 
 
 class MemoryHooks(Protocol):
@@ -134,6 +140,7 @@ class ChatService:
         memory: MemoryHooks | None = None,
         memory_top_k: int = 5,
         memory_token_budget: int = 160,
+        context_tokens: int = 8192,
     ):
         self.db = db
         self.model = model
@@ -144,6 +151,8 @@ class ChatService:
         self.memory = memory
         self.memory_top_k = memory_top_k
         self.memory_token_budget = memory_token_budget
+        # Prompt tokens allowed: the context window less room for the longest reply.
+        self.prompt_budget = context_tokens - params.max_new_tokens
         self._limiter = _RateLimiter(messages_per_minute)
         self._system = load_prompt("upc_system")
 
@@ -234,6 +243,12 @@ class ChatService:
         cleaned = clean_message(text, self.max_message_chars)
         with self.db.session() as s:
             self._owned(s, user_id, conversation_id)
+        # Refused before anything is stored if it could never fit the context window.
+        fit_prompt(
+            [ChatMessage("system", str(self._system)), ChatMessage("user", cleaned)],
+            self.model.count_tokens,
+            self.prompt_budget,
+        )
         self._limiter.check(user_id)
         message_id = self._append(conversation_id, role="user", content=cleaned, status="complete")
         self._remember_async(user_id, cleaned, message_id, conversation_id)
@@ -316,6 +331,12 @@ class ChatService:
                 if attempt == _APPEND_RETRIES - 1:
                     raise
                 time.sleep(0.01 * (attempt + 1))
+            except SQLAlchemyError as exc:
+                log.error("could not store a message of conversation %s: %s", conversation_id, exc)
+                raise StorageError(
+                    "Your message could not be saved just now (the server is busy); "
+                    "please try again in a moment."
+                ) from exc
         raise AssertionError("unreachable")
 
     def _prompt(self, user_id: str, conversation_id: str) -> list[ChatMessage]:
@@ -333,7 +354,16 @@ class ChatService:
         block = self._memory_context(user_id, last_user)
         if block:
             system = f"{system}\n{block}"
-        return [ChatMessage("system", system), *history]
+        try:
+            return fit_prompt(
+                [ChatMessage("system", system), *history],
+                self.model.count_tokens,
+                self.prompt_budget,
+            )
+        except PromptTooLongError:
+            # The memory block is what pushed it over: answer without it.
+            plain = [ChatMessage("system", str(self._system)), *history]
+            return fit_prompt(plain, self.model.count_tokens, self.prompt_budget)
 
     def _memory_enabled(self, user_id: str) -> bool:
         if self.memory is None:

@@ -154,6 +154,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         memory=memory,
         memory_top_k=settings.memory.top_k,
         memory_token_budget=settings.memory.token_budget,
+        context_tokens=settings.limits.context_tokens,
     )
     adapters.start()
     return Services(

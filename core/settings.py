@@ -363,6 +363,10 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("limits.max_message_chars must be positive")
     if settings.limits.queue_size < 1:
         raise SettingsError("limits.queue_size must be positive")
+    if settings.limits.context_tokens <= settings.generation.max_new_tokens:
+        raise SettingsError("limits.context_tokens must exceed generation.max_new_tokens")
+    if settings.limits.api_max_messages < 1:
+        raise SettingsError("limits.api_max_messages must be positive")
     for role in ("chatbot", "critic", "user_sim"):
         role_settings: ModelRoleSettings = getattr(settings, role)
         if role_settings.backend == "openai" and not role_settings.base_url:

@@ -22,6 +22,7 @@ ADMIN = ("boss", "boss-pass-123")
 USER = ("plainuser", "user-pass-123")
 RESERVED_ADMIN = "root"  # listed in UPC_AUTH__ADMIN_USERS, no account
 ADMIN_SECRET = "operator-secret-" + "5" * 16
+CONTEXT_TOKENS = 512  # anon_app's context window: small, so long prompts are quick to make
 
 
 def cli(app: RunningApp, *args: str) -> subprocess.CompletedProcess:
@@ -96,13 +97,15 @@ def password_app(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def anon_app(tmp_path_factory, tiny_model_dir):
-    """Anonymous (demo-style) mode with an operator secret, so the console exists."""
+    """Anonymous (demo-style) mode with an operator secret, so the console exists, and a
+    small context window."""
     root = tmp_path_factory.mktemp("sec-anon")
     app = tiny_app(
         root,
         tiny_model_dir,
         UPC_AUTH__MODE="anonymous",
         UPC_ADMIN_SECRET=ADMIN_SECRET,
+        UPC_LIMITS__CONTEXT_TOKENS=str(CONTEXT_TOKENS),
     )
     app.start()
     yield app
