@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import gradio as gr
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
 from gradio.routes import App as GradioApp
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from chatbot.accounts import UserRecord
 from chatbot.api import build_api_router
 from chatbot.app import create_app
+from chatbot.downloads import DOWNLOAD_ROUTE
 from chatbot.services import Services
 from chatbot.signin import CLIENT_ADDRESS, SessionTokens, SignIn
 from core.settings import Settings, masked_dict
@@ -96,6 +100,9 @@ def build_server(services: Services) -> FastAPI:
     def healthz() -> dict:
         return {"ok": services.db.ping(), "adapter": services.adapters.active}
 
+    mounted = _Mounted()
+    _add_download_route(app, services, mounted)
+
     blocks = create_app(settings, services)
     blocks.queue(default_concurrency_limit=settings.limits.queue_size)
     password = settings.auth.mode == "password"
@@ -113,9 +120,57 @@ def build_server(services: Services) -> FastAPI:
         # Only gr.Error messages reach the page; other exceptions (SQL, paths) stay in the log.
         show_error=False,
     )
+    mounted.gradio = _gradio_app(server)
     if password:
-        _gradio_app(server).tokens = SessionTokens(services.accounts)
+        mounted.gradio.tokens = SessionTokens(services.accounts)
     return server
+
+
+@dataclass
+class _Mounted:
+    """The Gradio app once mounted: its session cookie names the signed-in user."""
+
+    gradio: GradioApp | None = None
+
+    def session_user(self, services: Services, request: Request) -> UserRecord | None:
+        if self.gradio is None:
+            return None
+        cookie_id = self.gradio.cookie_id
+        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+            token = request.cookies.get(name)
+            username = self.gradio.tokens.get(token) if token else None
+            if username:
+                return services.accounts.by_name(username)
+        return None
+
+
+def _add_download_route(app: FastAPI, services: Services, mounted: _Mounted) -> None:
+    """Operator exports: one download per link, for the admin it was made for only."""
+
+    def refused() -> Response:
+        return JSONResponse({"error": "operators only"}, status_code=403)
+
+    @app.get(DOWNLOAD_ROUTE + "/{token}")
+    def download(token: str, request: Request) -> Response:
+        offer = services.downloads.peek(token)
+        if offer is None:
+            return JSONResponse({"error": "no such download (used or expired)"}, status_code=404)
+        owner = services.accounts.by_id(offer.user_id)
+        if owner is None or not owner.is_admin:
+            return refused()
+        if services.settings.auth.mode == "password":
+            caller = mounted.session_user(services, request)
+            if caller is None or caller.id != owner.id:
+                log.warning("export download refused for %s", caller.id if caller else "nobody")
+                return refused()
+        offer = services.downloads.take(token)
+        if offer is None:
+            return JSONResponse({"error": "no such download (used or expired)"}, status_code=404)
+        return FileResponse(
+            offer.path,
+            filename=offer.name,
+            background=BackgroundTask(offer.path.unlink, missing_ok=True),
+        )
 
 
 def _gradio_app(server: FastAPI) -> GradioApp:

@@ -14,6 +14,7 @@ from typing import Any
 from chatbot.accounts import Accounts
 from chatbot.adapters import AdapterManager, load_ab_split
 from chatbot.chat import ChatService
+from chatbot.downloads import Downloads
 from chatbot.memory import MemoryService
 from core.embeddings import Embedder
 from core.runtime import ModelPool
@@ -45,10 +46,13 @@ class Services:
     registry: AdapterRegistry
     embedder: Embedder | None = None
     memory: MemoryService | None = None
+    # Export copies waiting for their one download through the authenticated route.
+    downloads: Downloads = field(default_factory=Downloads)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         self.adapters.stop()
+        self.downloads.close()
         if self.memory is not None:
             self.memory.close()
         self.models.close()
