@@ -10,6 +10,7 @@ from core.types import ChatMessage, GenerationParams, ModelError
 
 pytestmark = pytest.mark.slow
 
+
 def _client(app):
     return Client(app.base_url, verbose=False)
 
