@@ -6,7 +6,10 @@ import json
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from chatbot.accounts import Accounts
+from storage import Database
 from tests.security.conftest import ADMIN_SECRET, client
 
 pytestmark = pytest.mark.slow
@@ -66,3 +69,25 @@ def test_probe10_config_sends_no_secret_to_the_browser(anon_app):
     assert len(session_key) >= 32
     for secret in (session_key, ADMIN_SECRET, anon_app.api_key):
         assert secret not in config
+
+
+def test_probe4_old_databases_move_browser_secrets_to_hashes(tmp_path):
+    """A database from before the fix named anonymous users after their browser's secret."""
+    secret = "old-browser-secret-" + "3" * 20
+    db = Database(f"sqlite:///{tmp_path / 'upc.db'}", data_dir=tmp_path)
+    with db.engine.begin() as con:
+        con.execute(
+            text("INSERT INTO users (id, username, anonymous, is_admin, memory_enabled, "
+                 "learning_opt_in, excluded_from_training, generation, created_at) VALUES "
+                 "('u1', :name, 1, 0, 1, 1, 0, 0, CURRENT_TIMESTAMP)"),
+            {"name": f"anon-{secret}"},
+        )  # fmt: skip
+        con.execute(text("DELETE FROM schema_migrations WHERE id = '0009_account_security'"))
+    db.dispose()
+    db = Database(f"sqlite:///{tmp_path / 'upc.db'}", data_dir=tmp_path)
+    try:
+        user = Accounts(db).anonymous(secret)
+        assert user.id == "u1" and secret not in user.username
+    finally:
+        db.dispose()
+    assert secret.encode() not in (tmp_path / "upc.db").read_bytes()
