@@ -24,6 +24,7 @@ from chatbot.console.context import UserOf
 from chatbot.demo_mode import build_operator_signin, console_enabled
 from chatbot.memory import MemoryService
 from chatbot.services import Services, browser_state_key
+from chatbot.signin import client_address
 from core.settings import Settings
 from core.validation import InputError
 from personas.catalog import PersonaCatalog
@@ -409,7 +410,7 @@ def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
         try:
             if not cid:
                 cid = chat.create_conversation(user.id)
-            events = chat.send(user.id, cid, text)
+            events = chat.send(user.id, cid, text, client=client_address(request))
         except (InputError, NotFoundError, StorageError) as exc:
             gr.Warning(str(exc))
             yield gr.update(), cid, history, gr.update(), f"⚠️ {exc}", gr.update()
@@ -441,7 +442,7 @@ def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
     def on_regenerate(cid: str, history: History, bid: str, request: gr.Request) -> Updates:
         user = page.user_of(request, bid)
         try:
-            events = chat.regenerate(user.id, cid)
+            events = chat.regenerate(user.id, cid, client=client_address(request))
         except (InputError, NotFoundError, StorageError) as exc:
             yield history, gr.update(), f"⚠️ {exc}"
             return

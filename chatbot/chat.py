@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -105,25 +105,31 @@ class ReplyEvent:
 
 
 class _RateLimiter:
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
+    """Sliding one-minute windows, one per key (a user, a client address)."""
+
+    def __init__(self) -> None:
         self._hits: dict[str, deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()
 
-    def check(self, user_id: str) -> None:
-        if self.per_minute <= 0:
-            return
+    def check(self, limits: Sequence[tuple[str, int, str]]) -> None:
+        """Count one message against every (key, per minute, what) limit, or refuse and count
+        nothing; a limit of 0 is off."""
         now = time.monotonic()
         with self._lock:
-            hits = self._hits[user_id]
-            while hits and now - hits[0] > 60:
-                hits.popleft()
-            if len(hits) >= self.per_minute:
-                wait = int(60 - (now - hits[0])) + 1
-                raise RateLimitError(
-                    f"You can send {self.per_minute} messages a minute; please wait {wait}s."
-                )
-            hits.append(now)
+            for key, per_minute, what in limits:
+                if per_minute <= 0:
+                    continue
+                hits = self._hits[key]
+                while hits and now - hits[0] > 60:
+                    hits.popleft()
+                if len(hits) >= per_minute:
+                    wait = int(60 - (now - hits[0])) + 1
+                    raise RateLimitError(
+                        f"{what} can send {per_minute} messages a minute; please wait {wait}s."
+                    )
+            for key, per_minute, _ in limits:
+                if per_minute > 0:
+                    self._hits[key].append(now)
 
 
 class ChatService:
@@ -136,6 +142,7 @@ class ChatService:
         max_message_chars: int = 4000,
         history_turns: int = 12,
         messages_per_minute: int = 0,
+        address_messages_per_minute: int = 0,
         adapter_for: Callable[[str], str] | None = None,
         memory: MemoryHooks | None = None,
         memory_top_k: int = 5,
@@ -153,7 +160,11 @@ class ChatService:
         self.memory_token_budget = memory_token_budget
         # Prompt tokens allowed: the context window less room for the longest reply.
         self.prompt_budget = context_tokens - params.max_new_tokens
-        self._limiter = _RateLimiter(messages_per_minute)
+        # Sends and regenerations count against the user and the client's address: a new
+        # anonymous identity is free to make, an address is not.
+        self.messages_per_minute = messages_per_minute
+        self.address_messages_per_minute = address_messages_per_minute
+        self._limiter = _RateLimiter()
         self._system = load_prompt("upc_system")
 
     # ------------------------------------------------------------ conversations
@@ -235,10 +246,13 @@ class ChatService:
         messages = [ChatMessage("system", f"{self._system}\n{instruction}")]
         yield from self._stream_reply(user_id, conversation_id, messages)
 
-    def send(self, user_id: str, conversation_id: str, text: object) -> Generator[ReplyEvent]:
+    def send(
+        self, user_id: str, conversation_id: str, text: object, *, client: str = ""
+    ) -> Generator[ReplyEvent]:
         """Validate and store the user's message, then stream and store the reply.
 
-        Raises InputError (nothing stored) or NotFoundError before yielding anything.
+        `client` is the caller's address (for the rate limit). Raises InputError (nothing
+        stored) or NotFoundError before yielding anything.
         """
         cleaned = clean_message(text, self.max_message_chars)
         with self.db.session() as s:
@@ -249,15 +263,18 @@ class ChatService:
             self.model.count_tokens,
             self.prompt_budget,
         )
-        self._limiter.check(user_id)
+        self._check_limits(user_id, client)
         message_id = self._append(conversation_id, role="user", content=cleaned, status="complete")
         self._remember_async(user_id, cleaned, message_id, conversation_id)
         return self._stream_reply(user_id, conversation_id, self._prompt(user_id, conversation_id))
 
-    def regenerate(self, user_id: str, conversation_id: str) -> Generator[ReplyEvent]:
+    def regenerate(
+        self, user_id: str, conversation_id: str, *, client: str = ""
+    ) -> Generator[ReplyEvent]:
         """Replace the last bot reply with a new one (the old one is kept, superseded)."""
         with self.db.session() as s:
             self._owned(s, user_id, conversation_id)
+            self._check_limits(user_id, client)
             last = s.scalar(
                 select(Message)
                 .where(Message.conversation_id == conversation_id)
@@ -301,6 +318,13 @@ class ChatService:
                 existing.rating, existing.reason, existing.created_at = rating, reason, utcnow()
 
     # ------------------------------------------------------------ internals
+    def _check_limits(self, user_id: str, client: str) -> None:
+        limits = [(f"user:{user_id}", self.messages_per_minute, "You")]
+        if client:
+            what = "Your network"
+            limits.append((f"addr:{client}", self.address_messages_per_minute, what))
+        self._limiter.check(limits)
+
     def _owned(self, s, user_id: str, conversation_id: str) -> Conversation:  # type: ignore[no-untyped-def]
         _require_user(user_id)
         conversation = s.get(Conversation, conversation_id) if conversation_id else None

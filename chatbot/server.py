@@ -188,4 +188,10 @@ def launch(settings: Settings, services: Services) -> None:
     log.info("effective settings:\n%s", json.dumps(masked_dict(settings), indent=2))
     app = build_server(services)
     log.info("UPC Chat on http://%s:%d", settings.server.host, settings.server.port)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level="warning",
+        forwarded_allow_ips=settings.server.trusted_proxies,
+    )

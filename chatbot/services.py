@@ -154,6 +154,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         max_message_chars=settings.limits.max_message_chars,
         history_turns=settings.limits.history_turns,
         messages_per_minute=settings.limits.messages_per_minute,
+        address_messages_per_minute=settings.limits.address_messages_per_minute,
         adapter_for=adapters.adapter_for,
         memory=memory,
         memory_top_k=settings.memory.top_k,

@@ -25,7 +25,7 @@ from fastapi import HTTPException
 from chatbot.accounts import MAX_PASSWORD_BYTES, AccountError, Accounts
 from core.settings import AuthSettings
 
-__all__ = ["CLIENT_ADDRESS", "LoginThrottle", "SessionTokens", "SignIn"]
+__all__ = ["CLIENT_ADDRESS", "LoginThrottle", "SessionTokens", "SignIn", "client_address"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ CLIENT_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar(
 )
 _HASH_SLOTS = 4  # bcrypt checks at once; more wait their turn instead of starving the CPU
 _MAX_TRACKED = 50_000
+
+
+def client_address(request: object) -> str:
+    """The address of a Gradio event's caller (behind a trusted proxy, the forwarded one)."""
+    client = getattr(request, "client", None)
+    return str(getattr(client, "host", "") or "")
 
 
 @dataclass

@@ -94,8 +94,10 @@ class LimitSettings:
     max_batch_size: int = 8
     batch_window_ms: int = 15
     history_turns: int = 12
-    # Demo-mode rate limit: messages per minute per user (0 = unlimited).
+    # Demo-mode rate limit: messages (sends and regenerations) per minute per user, and per
+    # client address, which a visitor can't reset by starting a new identity (0 = unlimited).
     messages_per_minute: int = 0
+    address_messages_per_minute: int = 0
     # The model's context window: every prompt is cut to fit it with room for the reply.
     context_tokens: int = 8192
     # The most messages one /v1 request may carry.
@@ -133,6 +135,9 @@ class ServerSettings:
     # Host names the server answers to (comma-separated), besides the bind address,
     # localhost and 127.0.0.1; any other Host header gets 403 (DNS rebinding).
     allowed_hosts: str = ""
+    # Proxies whose X-Forwarded-For names the real client (uvicorn's forwarded_allow_ips);
+    # rate limits and the sign-in throttle key on that address.
+    trusted_proxies: str = "127.0.0.1"
 
 
 @dataclass
@@ -314,6 +319,7 @@ def _apply_mode_defaults(settings: Settings, explicit: set[SettingPath]) -> None
         ("auth", "mode"): "anonymous",
         ("limits", "max_message_chars"): 1000,
         ("limits", "messages_per_minute"): 10,
+        ("limits", "address_messages_per_minute"): 30,
         ("learner", "schedule", "curriculum_interval_minutes"): 0,
     }
     for path, value in defaults.items():
