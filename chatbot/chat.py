@@ -2,7 +2,9 @@
 
 Ordering guarantees: a user message is committed before generation starts; a bot reply is
 committed when it completes, or with status `interrupted` (and its partial text) when the
-model fails, times out or the client goes away.
+model fails, times out or the client goes away. A reply that streams for longer than a
+second is also saved as it grows (status `streaming`), so a killed process loses at most a
+second of it; the next start marks such rows `interrupted` (`mark_interrupted_streams`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _APPEND_RETRIES = 8
+_PARTIAL_FLUSH_S = 1.0  # how often a growing reply is saved
+_STORAGE_ERROR = (
+    "Your message could not be saved just now (the server is busy); please try again in a moment."
+)
 
 
 class NotFoundError(LookupError):
@@ -357,11 +363,51 @@ class ChatService:
                 time.sleep(0.01 * (attempt + 1))
             except SQLAlchemyError as exc:
                 log.error("could not store a message of conversation %s: %s", conversation_id, exc)
-                raise StorageError(
-                    "Your message could not be saved just now (the server is busy); "
-                    "please try again in a moment."
-                ) from exc
+                raise StorageError(_STORAGE_ERROR) from exc
         raise AssertionError("unreachable")
+
+    def _update(self, message_id: str, **fields: object) -> None:
+        try:
+            with self.db.session() as s:
+                message = s.get(Message, message_id)
+                if message is None:
+                    raise NotFoundError("no such message")
+                for name, value in fields.items():
+                    setattr(message, name, value)
+        except SQLAlchemyError as exc:
+            log.error("could not update message %s: %s", message_id, exc)
+            raise StorageError(_STORAGE_ERROR) from exc
+
+    def _save_partial(
+        self, conversation_id: str, message_id: str | None, text: str, adapter: str | None
+    ) -> str | None:
+        """Save the reply so far; a failure only costs this snapshot, never the stream."""
+        try:
+            if message_id is not None:
+                self._update(message_id, content=text)
+                return message_id
+            return self._append(
+                conversation_id,
+                role="assistant",
+                content=text,
+                status="streaming",
+                model_id=self.model.model_id,
+                adapter_id=adapter or BASE_ADAPTER,
+            )
+        except (StorageError, NotFoundError):
+            log.warning("could not save a partial reply of %s", conversation_id, exc_info=True)
+            return message_id
+
+    def mark_interrupted_streams(self) -> int:
+        """Replies still `streaming` from a process that died: mark them interrupted."""
+        with self.db.session() as s:
+            rows = s.scalars(select(Message).where(Message.status == "streaming")).all()
+            for message in rows:
+                message.status = "interrupted"
+                message.error = "The server stopped in the middle of this reply."
+        if rows:
+            log.warning("marked %d reply(ies) cut off by a stop as interrupted", len(rows))
+        return len(rows)
 
     def _prompt(self, user_id: str, conversation_id: str) -> list[ChatMessage]:
         with self.db.session() as s:
@@ -443,7 +489,8 @@ class ChatService:
         pieces: list[str] = []
         completion: Completion | None = None
         error: str | None = None
-        started = time.perf_counter()
+        started = flushed = time.perf_counter()
+        partial_id: str | None = None
         stream = self.model.stream(messages, self.params, adapter=adapter)
         try:
             while True:
@@ -453,6 +500,10 @@ class ChatService:
                     completion = stop.value
                     break
                 pieces.append(piece)
+                if time.perf_counter() - flushed >= _PARTIAL_FLUSH_S:
+                    text = "".join(pieces).strip()
+                    partial_id = self._save_partial(conversation_id, partial_id, text, adapter)
+                    flushed = time.perf_counter()
                 yield ReplyEvent("delta", piece)
         except ModelBusyError as exc:
             error = str(exc)
@@ -465,21 +516,22 @@ class ChatService:
             status = "complete" if completion is not None and error is None else "interrupted"
             if status == "interrupted" and error is None:
                 error = "The reply was interrupted (the page was closed or reloaded)."
-            message_id = None
-            if text or status == "interrupted":
-                message_id = self._append(
-                    conversation_id,
-                    role="assistant",
-                    content=text,
-                    status=status,
-                    error=error,
-                    model_id=completion.model_id if completion else self.model.model_id,
-                    adapter_id=(completion.adapter_id if completion else adapter) or BASE_ADAPTER,
-                    gen_params=self.params.to_dict(),
-                    latency_ms=1000 * (time.perf_counter() - started),
-                    prompt_tokens=completion.prompt_tokens if completion else None,
-                    completion_tokens=completion.completion_tokens if completion else None,
-                )
+            message_id = partial_id
+            fields = {
+                "content": text,
+                "status": status,
+                "error": error,
+                "model_id": completion.model_id if completion else self.model.model_id,
+                "adapter_id": (completion.adapter_id if completion else adapter) or BASE_ADAPTER,
+                "gen_params": self.params.to_dict(),
+                "latency_ms": 1000 * (time.perf_counter() - started),
+                "prompt_tokens": completion.prompt_tokens if completion else None,
+                "completion_tokens": completion.completion_tokens if completion else None,
+            }
+            if partial_id is not None:
+                self._update(partial_id, **fields)
+            elif text or status == "interrupted":
+                message_id = self._append(conversation_id, role="assistant", **fields)
             stream.close()
         if error is not None:
             yield ReplyEvent("error", error, message_id, status)

@@ -161,6 +161,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         memory_token_budget=settings.memory.token_budget,
         context_tokens=settings.limits.context_tokens,
     )
+    chat.mark_interrupted_streams()
     adapters.start()
     return Services(
         settings=settings,
