@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 _LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+# No part of the app takes files, so Gradio's upload route is closed to everyone (it would
+# store any caller's file where any other caller could fetch it by path).
+_CLOSED_PATHS = ("/gradio_api/upload", "/upload")
 
 
 def _host_name(host_header: str) -> str:
@@ -59,7 +62,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        reason = self._refusal(headers, scope.get("method", "GET"))
+        reason = self._refusal(headers, scope.get("method", "GET"), scope.get("path", ""))
         if reason is not None:
             log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), reason)
             if scope["type"] == "websocket":
@@ -74,10 +77,12 @@ class RequestGuard:
         finally:
             CLIENT_ADDRESS.reset(token)
 
-    def _refusal(self, headers: Headers, method: str) -> str | None:
+    def _refusal(self, headers: Headers, method: str, path: str) -> str | None:
         host = headers.get("host", "")
         if _host_name(host) not in self.hosts:
             return "unknown host"
+        if path.rstrip("/") in _CLOSED_PATHS:
+            return "uploads are off"
         origin = headers.get("origin")
         if origin is None:
             return None
@@ -119,6 +124,7 @@ def build_server(services: Services) -> FastAPI:
         ssr_mode=False,
         # Only gr.Error messages reach the page; other exceptions (SQL, paths) stay in the log.
         show_error=False,
+        max_file_size="1mb",  # a second line of defence: uploads are refused above
     )
     mounted.gradio = _gradio_app(server)
     if password:
