@@ -40,6 +40,7 @@ class AdapterManager:
         resolve: Callable[[str], Path] | None = None,
         ab_source: Callable[[], ABSplit | None] | None = None,
         poll_s: float = 2.0,
+        on_failure: Callable[[str, str, Exception], None] | None = None,
     ):
         self.model = model
         # `source` names the wanted adapter cheaply; `resolve` verifies it and gives its
@@ -48,6 +49,9 @@ class AdapterManager:
         self.resolve = resolve
         self.ab_source = ab_source
         self.poll_s = poll_s
+        # Told (wanted, still served, error) when the wanted adapter can't be loaded, so the
+        # registry can point back at what is really served.
+        self.on_failure = on_failure
         self._active = BASE_ADAPTER
         self._ab: ABSplit | None = None
         self._lock = threading.Lock()
@@ -107,7 +111,7 @@ class AdapterManager:
             if self.source is not None:
                 wanted = self.source()
                 if wanted != self._active:
-                    self.activate(wanted)
+                    self._activate_or_report(wanted)
             if self.ab_source is not None:
                 split = self.ab_source()
                 if split != self._ab:
@@ -117,6 +121,17 @@ class AdapterManager:
             if str(exc) != self.last_error:
                 log.error("adapter sync failed, still serving %s: %s", self._active, exc)
             self.last_error = str(exc)
+
+    def _activate_or_report(self, wanted: str) -> None:
+        try:
+            self.activate(wanted)
+        except Exception as exc:
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(wanted, self._active, exc)
+                except Exception:
+                    log.exception("could not report the failed load of %s", wanted)
+            raise
 
     def start(self) -> None:
         if self._thread is not None or self.source is None:

@@ -19,6 +19,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from chatbot.services import Services
+from core.prompting import fit_prompt
 from core.types import (
     BASE_ADAPTER,
     ChatMessage,
@@ -88,14 +89,20 @@ def build_api_router(services: Services) -> APIRouter:
             return _error(400, "the body is not valid JSON")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
+        limits = settings.limits
+        model = services.chatbot_model
         try:
-            messages = _parse_messages(body.get("messages"), settings.limits.max_message_chars)
+            messages = _parse_messages(
+                body.get("messages"), limits.max_message_chars, limits.api_max_messages
+            )
             params = _parse_params(body, settings.generation.timeout_s)
+            # Oldest turns go first; the system prompt and the last message stay.
+            budget = limits.context_tokens - params.max_new_tokens
+            messages = fit_prompt(messages, model.count_tokens, budget)
         except InputError as exc:
             return _error(400, str(exc))
         name = str(body.get("model") or UPC_MODEL_NAME)
         adapter = adapter_of(name)
-        model = services.chatbot_model
         created = int(time.time())
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if not body.get("stream"):
@@ -193,9 +200,11 @@ def _sse(stream, first, final, completion_id, created, name, include_usage) -> I
     yield "data: [DONE]\n\n"
 
 
-def _parse_messages(raw: object, max_chars: int) -> list[ChatMessage]:
+def _parse_messages(raw: object, max_chars: int, max_count: int) -> list[ChatMessage]:
     if not isinstance(raw, list) or not raw:
         raise InputError("messages must be a non-empty list")
+    if len(raw) > max_count:
+        raise InputError(f"at most {max_count} messages per request ({len(raw)} given)")
     messages = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or item.get("role") not in _ROLES:

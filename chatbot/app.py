@@ -18,12 +18,13 @@ from typing import Any
 import gradio as gr
 
 from chatbot.accounts import AccountError, UserRecord
-from chatbot.chat import ChatService, MessageRecord, NotFoundError, ReplyEvent
+from chatbot.chat import ChatService, MessageRecord, NotFoundError, ReplyEvent, StorageError
 from chatbot.console import build_console
 from chatbot.console.context import UserOf
 from chatbot.demo_mode import build_operator_signin, console_enabled
 from chatbot.memory import MemoryService
-from chatbot.services import Services, session_secret
+from chatbot.services import Services, browser_state_key
+from chatbot.signin import client_address
 from core.settings import Settings
 from core.validation import InputError
 from personas.catalog import PersonaCatalog
@@ -145,7 +146,7 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
             services,
             user_of,
             browser_id=gr.BrowserState(
-                "", storage_key="upc-browser-id", secret=session_secret(settings)
+                "", storage_key="upc-browser-id", secret=browser_state_key(settings)
             ),
             conversation_id=gr.State(""),
             message_ids=gr.State([]),
@@ -308,9 +309,14 @@ def _wire_load(
     anonymous = services.settings.auth.mode == "anonymous"
 
     def on_load(bid: str, request: gr.Request) -> Updates:
-        if anonymous and not bid:
-            bid = services.accounts.new_browser_id()
-        user = page.user_of(request, bid)
+        if anonymous:
+            # Only secrets this server issued name a user; anything else gets a fresh one.
+            try:
+                user = services.accounts.anonymous(bid or "")
+            except AccountError:
+                bid, user = services.accounts.issue_anonymous()
+        else:
+            user = page.user_of(request, bid)
         choices = page.choices(user)
         extra = [gr.update(value=user.learning_opt_in), gr.update(value=user.memory_enabled)]
         if admin_tab is not None:
@@ -404,8 +410,8 @@ def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
         try:
             if not cid:
                 cid = chat.create_conversation(user.id)
-            events = chat.send(user.id, cid, text)
-        except (InputError, NotFoundError) as exc:
+            events = chat.send(user.id, cid, text, client=client_address(request))
+        except (InputError, NotFoundError, StorageError) as exc:
             gr.Warning(str(exc))
             yield gr.update(), cid, history, gr.update(), f"⚠️ {exc}", gr.update()
             return
@@ -436,8 +442,8 @@ def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
     def on_regenerate(cid: str, history: History, bid: str, request: gr.Request) -> Updates:
         user = page.user_of(request, bid)
         try:
-            events = chat.regenerate(user.id, cid)
-        except (InputError, NotFoundError) as exc:
+            events = chat.regenerate(user.id, cid, client=client_address(request))
+        except (InputError, NotFoundError, StorageError) as exc:
             yield history, gr.update(), f"⚠️ {exc}"
             return
         base = history[:-1] if history and history[-1]["role"] == "assistant" else history

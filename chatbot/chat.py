@@ -2,7 +2,9 @@
 
 Ordering guarantees: a user message is committed before generation starts; a bot reply is
 committed when it completes, or with status `interrupted` (and its partial text) when the
-model fails, times out or the client goes away.
+model fails, times out or the client goes away. A reply that streams for longer than a
+second is also saved as it grows (status `streaming`), so a killed process loses at most a
+second of it; the next start marks such rows `interrupted` (`mark_interrupted_streams`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from core.prompting import load_prompt
+from core.prompting import PromptTooLongError, fit_prompt, load_prompt
 from core.types import (
     BASE_ADAPTER,
     ChatMessage,
@@ -41,11 +43,16 @@ __all__ = [
     "NotFoundError",
     "RateLimitError",
     "ReplyEvent",
+    "StorageError",
 ]
 
 log = logging.getLogger(__name__)
 
 _APPEND_RETRIES = 8
+_PARTIAL_FLUSH_S = 1.0  # how often a growing reply is saved
+_STORAGE_ERROR = (
+    "Your message could not be saved just now (the server is busy); please try again in a moment."
+)
 
 
 class NotFoundError(LookupError):
@@ -54,6 +61,11 @@ class NotFoundError(LookupError):
 
 class RateLimitError(InputError):
     pass
+
+
+class StorageError(RuntimeError):
+    """The database refused a write (locked, full...); the message is safe to show, the
+    details (SQL, parameters) are only in the log."""
 
 
 class MemoryHooks(Protocol):
@@ -99,25 +111,31 @@ class ReplyEvent:
 
 
 class _RateLimiter:
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
+    """Sliding one-minute windows, one per key (a user, a client address)."""
+
+    def __init__(self) -> None:
         self._hits: dict[str, deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()
 
-    def check(self, user_id: str) -> None:
-        if self.per_minute <= 0:
-            return
+    def check(self, limits: Sequence[tuple[str, int, str]]) -> None:
+        """Count one message against every (key, per minute, what) limit, or refuse and count
+        nothing; a limit of 0 is off."""
         now = time.monotonic()
         with self._lock:
-            hits = self._hits[user_id]
-            while hits and now - hits[0] > 60:
-                hits.popleft()
-            if len(hits) >= self.per_minute:
-                wait = int(60 - (now - hits[0])) + 1
-                raise RateLimitError(
-                    f"You can send {self.per_minute} messages a minute; please wait {wait}s."
-                )
-            hits.append(now)
+            for key, per_minute, what in limits:
+                if per_minute <= 0:
+                    continue
+                hits = self._hits[key]
+                while hits and now - hits[0] > 60:
+                    hits.popleft()
+                if len(hits) >= per_minute:
+                    wait = int(60 - (now - hits[0])) + 1
+                    raise RateLimitError(
+                        f"{what} can send {per_minute} messages a minute; please wait {wait}s."
+                    )
+            for key, per_minute, _ in limits:
+                if per_minute > 0:
+                    self._hits[key].append(now)
 
 
 class ChatService:
@@ -130,10 +148,12 @@ class ChatService:
         max_message_chars: int = 4000,
         history_turns: int = 12,
         messages_per_minute: int = 0,
+        address_messages_per_minute: int = 0,
         adapter_for: Callable[[str], str] | None = None,
         memory: MemoryHooks | None = None,
         memory_top_k: int = 5,
         memory_token_budget: int = 160,
+        context_tokens: int = 8192,
     ):
         self.db = db
         self.model = model
@@ -144,7 +164,13 @@ class ChatService:
         self.memory = memory
         self.memory_top_k = memory_top_k
         self.memory_token_budget = memory_token_budget
-        self._limiter = _RateLimiter(messages_per_minute)
+        # Prompt tokens allowed: the context window less room for the longest reply.
+        self.prompt_budget = context_tokens - params.max_new_tokens
+        # Sends and regenerations count against the user and the client's address: a new
+        # anonymous identity is free to make, an address is not.
+        self.messages_per_minute = messages_per_minute
+        self.address_messages_per_minute = address_messages_per_minute
+        self._limiter = _RateLimiter()
         self._system = load_prompt("upc_system")
 
     # ------------------------------------------------------------ conversations
@@ -226,23 +252,35 @@ class ChatService:
         messages = [ChatMessage("system", f"{self._system}\n{instruction}")]
         yield from self._stream_reply(user_id, conversation_id, messages)
 
-    def send(self, user_id: str, conversation_id: str, text: object) -> Generator[ReplyEvent]:
+    def send(
+        self, user_id: str, conversation_id: str, text: object, *, client: str = ""
+    ) -> Generator[ReplyEvent]:
         """Validate and store the user's message, then stream and store the reply.
 
-        Raises InputError (nothing stored) or NotFoundError before yielding anything.
+        `client` is the caller's address (for the rate limit). Raises InputError (nothing
+        stored) or NotFoundError before yielding anything.
         """
         cleaned = clean_message(text, self.max_message_chars)
         with self.db.session() as s:
             self._owned(s, user_id, conversation_id)
-        self._limiter.check(user_id)
+        # Refused before anything is stored if it could never fit the context window.
+        fit_prompt(
+            [ChatMessage("system", str(self._system)), ChatMessage("user", cleaned)],
+            self.model.count_tokens,
+            self.prompt_budget,
+        )
+        self._check_limits(user_id, client)
         message_id = self._append(conversation_id, role="user", content=cleaned, status="complete")
         self._remember_async(user_id, cleaned, message_id, conversation_id)
         return self._stream_reply(user_id, conversation_id, self._prompt(user_id, conversation_id))
 
-    def regenerate(self, user_id: str, conversation_id: str) -> Generator[ReplyEvent]:
+    def regenerate(
+        self, user_id: str, conversation_id: str, *, client: str = ""
+    ) -> Generator[ReplyEvent]:
         """Replace the last bot reply with a new one (the old one is kept, superseded)."""
         with self.db.session() as s:
             self._owned(s, user_id, conversation_id)
+            self._check_limits(user_id, client)
             last = s.scalar(
                 select(Message)
                 .where(Message.conversation_id == conversation_id)
@@ -286,6 +324,13 @@ class ChatService:
                 existing.rating, existing.reason, existing.created_at = rating, reason, utcnow()
 
     # ------------------------------------------------------------ internals
+    def _check_limits(self, user_id: str, client: str) -> None:
+        limits = [(f"user:{user_id}", self.messages_per_minute, "You")]
+        if client:
+            what = "Your network"
+            limits.append((f"addr:{client}", self.address_messages_per_minute, what))
+        self._limiter.check(limits)
+
     def _owned(self, s, user_id: str, conversation_id: str) -> Conversation:  # type: ignore[no-untyped-def]
         _require_user(user_id)
         conversation = s.get(Conversation, conversation_id) if conversation_id else None
@@ -316,7 +361,53 @@ class ChatService:
                 if attempt == _APPEND_RETRIES - 1:
                     raise
                 time.sleep(0.01 * (attempt + 1))
+            except SQLAlchemyError as exc:
+                log.error("could not store a message of conversation %s: %s", conversation_id, exc)
+                raise StorageError(_STORAGE_ERROR) from exc
         raise AssertionError("unreachable")
+
+    def _update(self, message_id: str, **fields: object) -> None:
+        try:
+            with self.db.session() as s:
+                message = s.get(Message, message_id)
+                if message is None:
+                    raise NotFoundError("no such message")
+                for name, value in fields.items():
+                    setattr(message, name, value)
+        except SQLAlchemyError as exc:
+            log.error("could not update message %s: %s", message_id, exc)
+            raise StorageError(_STORAGE_ERROR) from exc
+
+    def _save_partial(
+        self, conversation_id: str, message_id: str | None, text: str, adapter: str | None
+    ) -> str | None:
+        """Save the reply so far; a failure only costs this snapshot, never the stream."""
+        try:
+            if message_id is not None:
+                self._update(message_id, content=text)
+                return message_id
+            return self._append(
+                conversation_id,
+                role="assistant",
+                content=text,
+                status="streaming",
+                model_id=self.model.model_id,
+                adapter_id=adapter or BASE_ADAPTER,
+            )
+        except (StorageError, NotFoundError):
+            log.warning("could not save a partial reply of %s", conversation_id, exc_info=True)
+            return message_id
+
+    def mark_interrupted_streams(self) -> int:
+        """Replies still `streaming` from a process that died: mark them interrupted."""
+        with self.db.session() as s:
+            rows = s.scalars(select(Message).where(Message.status == "streaming")).all()
+            for message in rows:
+                message.status = "interrupted"
+                message.error = "The server stopped in the middle of this reply."
+        if rows:
+            log.warning("marked %d reply(ies) cut off by a stop as interrupted", len(rows))
+        return len(rows)
 
     def _prompt(self, user_id: str, conversation_id: str) -> list[ChatMessage]:
         with self.db.session() as s:
@@ -333,7 +424,16 @@ class ChatService:
         block = self._memory_context(user_id, last_user)
         if block:
             system = f"{system}\n{block}"
-        return [ChatMessage("system", system), *history]
+        try:
+            return fit_prompt(
+                [ChatMessage("system", system), *history],
+                self.model.count_tokens,
+                self.prompt_budget,
+            )
+        except PromptTooLongError:
+            # The memory block is what pushed it over: answer without it.
+            plain = [ChatMessage("system", str(self._system)), *history]
+            return fit_prompt(plain, self.model.count_tokens, self.prompt_budget)
 
     def _memory_enabled(self, user_id: str) -> bool:
         if self.memory is None:
@@ -389,7 +489,8 @@ class ChatService:
         pieces: list[str] = []
         completion: Completion | None = None
         error: str | None = None
-        started = time.perf_counter()
+        started = flushed = time.perf_counter()
+        partial_id: str | None = None
         stream = self.model.stream(messages, self.params, adapter=adapter)
         try:
             while True:
@@ -399,6 +500,10 @@ class ChatService:
                     completion = stop.value
                     break
                 pieces.append(piece)
+                if time.perf_counter() - flushed >= _PARTIAL_FLUSH_S:
+                    text = "".join(pieces).strip()
+                    partial_id = self._save_partial(conversation_id, partial_id, text, adapter)
+                    flushed = time.perf_counter()
                 yield ReplyEvent("delta", piece)
         except ModelBusyError as exc:
             error = str(exc)
@@ -411,21 +516,22 @@ class ChatService:
             status = "complete" if completion is not None and error is None else "interrupted"
             if status == "interrupted" and error is None:
                 error = "The reply was interrupted (the page was closed or reloaded)."
-            message_id = None
-            if text or status == "interrupted":
-                message_id = self._append(
-                    conversation_id,
-                    role="assistant",
-                    content=text,
-                    status=status,
-                    error=error,
-                    model_id=completion.model_id if completion else self.model.model_id,
-                    adapter_id=(completion.adapter_id if completion else adapter) or BASE_ADAPTER,
-                    gen_params=self.params.to_dict(),
-                    latency_ms=1000 * (time.perf_counter() - started),
-                    prompt_tokens=completion.prompt_tokens if completion else None,
-                    completion_tokens=completion.completion_tokens if completion else None,
-                )
+            message_id = partial_id
+            fields = {
+                "content": text,
+                "status": status,
+                "error": error,
+                "model_id": completion.model_id if completion else self.model.model_id,
+                "adapter_id": (completion.adapter_id if completion else adapter) or BASE_ADAPTER,
+                "gen_params": self.params.to_dict(),
+                "latency_ms": 1000 * (time.perf_counter() - started),
+                "prompt_tokens": completion.prompt_tokens if completion else None,
+                "completion_tokens": completion.completion_tokens if completion else None,
+            }
+            if partial_id is not None:
+                self._update(partial_id, **fields)
+            elif text or status == "interrupted":
+                message_id = self._append(conversation_id, role="assistant", **fields)
             stream.close()
         if error is not None:
             yield ReplyEvent("error", error, message_id, status)

@@ -79,6 +79,18 @@ def _users_add(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _users_passwd(args: argparse.Namespace, settings: Settings) -> int:
+    password = args.password or getpass.getpass(f"new password for {args.name}: ")
+    accounts = Accounts(Database.from_settings(settings), admin_names=settings.admin_user_names)
+    try:
+        accounts.change_password(args.name, password)
+    except AccountError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"password of {args.name} changed; its open sessions are signed out")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upc", description="UPC Chat: a chatbot that keeps learning."
@@ -108,6 +120,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--password", help="(default: prompt)")
     add.add_argument("--admin", action="store_true")
     add.set_defaults(func=_users_add)
+    passwd = users.add_parser("passwd", help="change a password (ends the user's sessions)")
+    passwd.add_argument("name")
+    passwd.add_argument("--password", help="(default: prompt)")
+    passwd.set_defaults(func=_users_passwd)
 
     personas_cli.register(sub)
     register_iterate(learner_cli.register(sub))

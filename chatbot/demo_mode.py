@@ -31,6 +31,7 @@ import gradio as gr
 
 from chatbot.accounts import UserRecord
 from chatbot.services import Services
+from chatbot.signin import client_address
 from core.settings import Settings
 from storage.db import Database
 from storage.models import User
@@ -123,10 +124,13 @@ def build_operator_signin(
         expected = admin_secret(settings)
         if expected is None:
             raise gr.Error("Operator sign-in is not enabled on this server.")
-        if limiter.blocked(user.id):
+        # Keyed on the address too: a fresh browser identity costs nothing to make.
+        keys = (f"user:{user.id}", f"addr:{client_address(request) or 'unknown'}")
+        if any(limiter.blocked(key) for key in keys):
             raise gr.Error("Too many wrong attempts; try again in a few minutes.")
         if not hmac.compare_digest((secret or "").encode("utf-8"), expected.encode("utf-8")):
-            limiter.fail(user.id)
+            for key in keys:
+                limiter.fail(key)
             log.warning("wrong admin secret from user %s", user.id)
             raise gr.Error("That is not the admin secret.")
         grant_admin(services.db, user.id)

@@ -4,81 +4,115 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import gradio as gr
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from starlette.middleware.base import BaseHTTPMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from gradio.routes import App as GradioApp
+from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from chatbot.accounts import AccountError
+from chatbot.accounts import UserRecord
 from chatbot.api import build_api_router
 from chatbot.app import create_app
+from chatbot.downloads import DOWNLOAD_ROUTE
 from chatbot.services import Services
+from chatbot.signin import CLIENT_ADDRESS, SessionTokens, SignIn
 from core.settings import Settings, masked_dict
 
-__all__ = ["build_server", "launch"]
+__all__ = ["RequestGuard", "allowed_host_names", "build_server", "launch"]
 
 log = logging.getLogger(__name__)
 
 _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+_LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+# No part of the app takes files, so Gradio's upload route is closed to everyone (it would
+# store any caller's file where any other caller could fetch it by path).
+_CLOSED_PATHS = ("/gradio_api/upload", "/upload")
 
 
-class OriginGuard(BaseHTTPMiddleware):
-    """Refuse state-changing calls from foreign origins, and any call with `Origin: null`."""
-
-    def __init__(self, app, allowed: set[str]):  # type: ignore[no-untyped-def]
-        super().__init__(app)
-        self.allowed = allowed
-
-    async def dispatch(self, request: Request, call_next):  # type: ignore[no-untyped-def]
-        origin = request.headers.get("origin")
-        if origin is not None:
-            host = request.headers.get("host", "")
-            parsed = urlparse(origin)
-            same = parsed.netloc == host
-            if origin == "null" or (
-                not same and origin not in self.allowed and request.method not in _SAFE_METHODS
-            ):
-                return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
-        return await call_next(request)
+def _host_name(host_header: str) -> str:
+    """The name part of a Host header: no port, no IPv6 brackets, lower case."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def _auth_callable(services: Services):  # type: ignore[no-untyped-def]
-    accounts = services.accounts
-    allow_signup = services.settings.auth.allow_signup
+def allowed_host_names(settings: Settings) -> frozenset[str]:
+    """The bind address, localhost, 127.0.0.1 and any configured `server.allowed_hosts`."""
+    extra = {_host_name(h) for h in settings.server.allowed_hosts.split(",") if h.strip()}
+    return frozenset({settings.server.host.lower(), *_LOCAL_NAMES, *extra})
 
-    def check(username: str, password: str) -> bool:
-        if accounts.verify(username, password) is not None:
-            return True
-        if allow_signup and accounts.by_name(username) is None:
-            # First sign-in with a new name registers it (the login page has no sign-up form).
-            try:
-                accounts.create(username, password)
-            except AccountError as exc:
-                log.info("sign-up refused for %r: %s", username, exc)
-                return False
-            return True
-        return False
 
-    return check
+class RequestGuard:
+    """Refuse foreign Host headers (DNS rebinding), state-changing calls from foreign
+    origins and anything with `Origin: null`; remember the caller's address for sign-in."""
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[str], origins: frozenset[str]):
+        self.app = app
+        self.hosts = hosts
+        self.origins = origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        reason = self._refusal(headers, scope.get("method", "GET"), scope.get("path", ""))
+        if reason is not None:
+            log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), reason)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await JSONResponse({"error": reason}, status_code=403)(scope, receive, send)
+            return
+        client = scope.get("client")
+        token = CLIENT_ADDRESS.set(client[0] if client else "unknown")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            CLIENT_ADDRESS.reset(token)
+
+    def _refusal(self, headers: Headers, method: str, path: str) -> str | None:
+        host = headers.get("host", "")
+        if _host_name(host) not in self.hosts:
+            return "unknown host"
+        if path.rstrip("/") in _CLOSED_PATHS:
+            return "uploads are off"
+        origin = headers.get("origin")
+        if origin is None:
+            return None
+        if origin == "null":
+            return "cross-origin request refused"
+        same = urlparse(origin).netloc.lower() == host.lower()
+        if not same and origin not in self.origins and method not in _SAFE_METHODS:
+            return "cross-origin request refused"
+        return None
 
 
 def build_server(services: Services) -> FastAPI:
     settings = services.settings
     app = FastAPI(title="UPC Chat", docs_url=None, redoc_url=None)
-    allowed = {o.strip() for o in settings.server.allowed_origins.split(",") if o.strip()}
-    app.add_middleware(OriginGuard, allowed=allowed)
+    origins = frozenset(o.strip() for o in settings.server.allowed_origins.split(",") if o.strip())
+    app.add_middleware(RequestGuard, hosts=allowed_host_names(settings), origins=origins)
     app.include_router(build_api_router(services))
 
     @app.get("/healthz")
     def healthz() -> dict:
         return {"ok": services.db.ping(), "adapter": services.adapters.active}
 
+    mounted = _Mounted()
+    _add_download_route(app, services, mounted)
+
     blocks = create_app(settings, services)
     blocks.queue(default_concurrency_limit=settings.limits.queue_size)
-    auth = _auth_callable(services) if settings.auth.mode == "password" else None
-    return gr.mount_gradio_app(
+    password = settings.auth.mode == "password"
+    auth = SignIn(services.accounts, settings.auth).check if password else None
+    server = gr.mount_gradio_app(
         app,
         blocks,
         path="",
@@ -88,7 +122,70 @@ def build_server(services: Services) -> FastAPI:
         allowed_paths=[],
         footer_links=[],
         ssr_mode=False,
+        # Only gr.Error messages reach the page; other exceptions (SQL, paths) stay in the log.
+        show_error=False,
+        max_file_size="1mb",  # a second line of defence: uploads are refused above
     )
+    mounted.gradio = _gradio_app(server)
+    if password:
+        mounted.gradio.tokens = SessionTokens(services.accounts)
+    return server
+
+
+@dataclass
+class _Mounted:
+    """The Gradio app once mounted: its session cookie names the signed-in user."""
+
+    gradio: GradioApp | None = None
+
+    def session_user(self, services: Services, request: Request) -> UserRecord | None:
+        if self.gradio is None:
+            return None
+        cookie_id = self.gradio.cookie_id
+        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+            token = request.cookies.get(name)
+            username = self.gradio.tokens.get(token) if token else None
+            if username:
+                return services.accounts.by_name(username)
+        return None
+
+
+def _add_download_route(app: FastAPI, services: Services, mounted: _Mounted) -> None:
+    """Operator exports: one download per link, for the admin it was made for only."""
+
+    def refused() -> Response:
+        return JSONResponse({"error": "operators only"}, status_code=403)
+
+    @app.get(DOWNLOAD_ROUTE + "/{token}")
+    def download(token: str, request: Request) -> Response:
+        offer = services.downloads.peek(token)
+        if offer is None:
+            return JSONResponse({"error": "no such download (used or expired)"}, status_code=404)
+        owner = services.accounts.by_id(offer.user_id)
+        if owner is None or not owner.is_admin:
+            return refused()
+        if services.settings.auth.mode == "password":
+            caller = mounted.session_user(services, request)
+            if caller is None or caller.id != owner.id:
+                log.warning("export download refused for %s", caller.id if caller else "nobody")
+                return refused()
+        offer = services.downloads.take(token)
+        if offer is None:
+            return JSONResponse({"error": "no such download (used or expired)"}, status_code=404)
+        return FileResponse(
+            offer.path,
+            filename=offer.name,
+            background=BackgroundTask(offer.path.unlink, missing_ok=True),
+        )
+
+
+def _gradio_app(server: FastAPI) -> GradioApp:
+    """The Gradio app mounted inside `server` (its session table lives there)."""
+    for route in server.routes:
+        inner = getattr(route, "app", None)
+        if isinstance(inner, GradioApp):
+            return inner
+    raise RuntimeError("no Gradio app is mounted")
 
 
 def launch(settings: Settings, services: Services) -> None:
@@ -97,4 +194,10 @@ def launch(settings: Settings, services: Services) -> None:
     log.info("effective settings:\n%s", json.dumps(masked_dict(settings), indent=2))
     app = build_server(services)
     log.info("UPC Chat on http://%s:%d", settings.server.host, settings.server.port)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level="warning",
+        forwarded_allow_ips=settings.server.trusted_proxies,
+    )

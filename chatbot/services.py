@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -12,6 +14,7 @@ from typing import Any
 from chatbot.accounts import Accounts
 from chatbot.adapters import AdapterManager, load_ab_split
 from chatbot.chat import ChatService
+from chatbot.downloads import Downloads
 from chatbot.memory import MemoryService
 from core.embeddings import Embedder
 from core.runtime import ModelPool
@@ -20,7 +23,13 @@ from core.types import ChatModel, GenerationParams
 from learner.registry import AdapterRegistry
 from storage import Database
 
-__all__ = ["Services", "build_services", "build_worker_memory", "session_secret"]
+__all__ = [
+    "Services",
+    "browser_state_key",
+    "build_services",
+    "build_worker_memory",
+    "session_secret",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +46,13 @@ class Services:
     registry: AdapterRegistry
     embedder: Embedder | None = None
     memory: MemoryService | None = None
+    # Export copies waiting for their one download through the authenticated route.
+    downloads: Downloads = field(default_factory=Downloads)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         self.adapters.stop()
+        self.downloads.close()
         if self.memory is not None:
             self.memory.close()
         self.models.close()
@@ -57,6 +69,33 @@ def session_secret(settings: Settings) -> str:
         path.write_text(secrets.token_urlsafe(32), encoding="utf-8")
         path.chmod(0o600)
     return path.read_text(encoding="utf-8").strip()
+
+
+def browser_state_key(settings: Settings) -> str:
+    """The key Gradio encrypts the browser's stored state with.
+
+    Gradio hands this key to every browser (in /config), so it must not be the session
+    secret itself: it is derived from it, one way, and stays stable across restarts.
+    """
+    secret = session_secret(settings).encode("utf-8")
+    return hmac.new(secret, b"upc browser-state key v1", hashlib.sha256).hexdigest()[:32]
+
+
+def _ensure_admins(settings: Settings, accounts: Accounts) -> None:
+    """Create listed admins that have no account from the admin password in the env."""
+    if settings.auth.mode != "password" or not settings.admin_user_names:
+        return
+    made = accounts.ensure_admins(os.environ.get(settings.auth.admin_password_env))
+    if made:
+        log.info("created admin account(s) %s", ", ".join(made))
+    missing = [n for n in sorted(settings.admin_user_names) if accounts.by_name(n) is None]
+    if missing:
+        log.warning(
+            "admin name(s) %s have no account and can't be claimed by sign-up: create them "
+            "with `upc users add NAME --admin`, or set %s before the first start",
+            ", ".join(missing),
+            settings.auth.admin_password_env,
+        )
 
 
 def generation_params(settings: Settings) -> GenerationParams:
@@ -95,6 +134,7 @@ def build_worker_memory(settings: Settings, db: Database) -> MemoryService | Non
 def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None) -> Services:
     db = Database.from_settings(settings)
     accounts = Accounts(db, admin_names=settings.admin_user_names)
+    _ensure_admins(settings, accounts)
     models = ModelPool(settings)
     model = chatbot_model or models.get(settings.chatbot)
     registry = AdapterRegistry(settings.adapters_dir, db)
@@ -103,6 +143,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         source=registry.active_id,
         resolve=registry.verified_path,
         ab_source=lambda: load_ab_split(settings.adapters_dir),
+        on_failure=lambda wanted, serving, exc: registry.revert_failed(wanted, serving, str(exc)),
     )
     embedder = Embedder()
     memory = _build_memory(settings, db, model, embedder)
@@ -113,11 +154,14 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         max_message_chars=settings.limits.max_message_chars,
         history_turns=settings.limits.history_turns,
         messages_per_minute=settings.limits.messages_per_minute,
+        address_messages_per_minute=settings.limits.address_messages_per_minute,
         adapter_for=adapters.adapter_for,
         memory=memory,
         memory_top_k=settings.memory.top_k,
         memory_token_budget=settings.memory.token_budget,
+        context_tokens=settings.limits.context_tokens,
     )
+    chat.mark_interrupted_streams()
     adapters.start()
     return Services(
         settings=settings,

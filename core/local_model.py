@@ -25,6 +25,7 @@ import torch
 from core.attention import use_grouped_attention
 from core.decoding import DecodeRow, PrefixCache, decode_rows
 from core.devices import pick_device_and_dtype, worth_quantizing
+from core.peft_loading import AdapterLoadError, check_adapter_dir, undo_failed_load
 from core.types import (
     BASE_ADAPTER,
     ChatMessage,
@@ -38,12 +39,6 @@ from core.types import (
 __all__ = ["AdapterLoadError", "LocalModel"]
 
 log = logging.getLogger(__name__)
-
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-class AdapterLoadError(ModelError):
-    """An adapter directory was refused (unsafe format, missing files, wrong base)."""
 
 
 @dataclass
@@ -243,28 +238,38 @@ class LocalModel:
         return sorted(self._adapters)
 
     def load_adapter(self, adapter_id: str, path: str | Path) -> None:
-        """Load a LoRA adapter next to the others (safetensors only); does not activate it."""
+        """Load a LoRA adapter next to the others (safetensors only); does not activate it.
+
+        All or nothing: if loading fails part-way, the layers it injected are taken out
+        again, so the model keeps serving exactly what it served before.
+        """
         path = Path(path)
-        _check_adapter_dir(path)
+        check_adapter_dir(path)
 
         def _load(model: Any, _tok: Any) -> None:
             from peft import PeftModel
 
             if adapter_id in self._adapters:
                 return
-            if not hasattr(model, "peft_config"):
-                self.model = PeftModel.from_pretrained(
-                    model, str(path), adapter_name=adapter_id, is_trainable=False
-                )
-                self.model.eval()
-            else:
-                model.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
+            first = not hasattr(model, "peft_config")
+            try:
+                if first:
+                    wrapped = PeftModel.from_pretrained(
+                        model, str(path), adapter_name=adapter_id, is_trainable=False
+                    )
+                    wrapped.eval()
+                    self.model = wrapped
+                else:
+                    model.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
+            except Exception:
+                undo_failed_load(model, adapter_id, first=first)
+                raise
             self._adapters[adapter_id] = str(path)
 
         started = time.perf_counter()
         try:
             self.run_exclusive(_load)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        except Exception as exc:  # safetensors, peft and torch each raise their own kinds
             raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
         log.info("adapter %s loaded in %.0f ms", adapter_id, 1000 * (time.perf_counter() - started))
 
@@ -569,17 +574,3 @@ class LocalModel:
 def _row_seed(seed: int | None, index: int) -> int:
     """A row's sampling seed: the request's seed plus the row index, else a fresh random one."""
     return secrets.randbits(62) if seed is None else seed + index
-
-
-def _check_adapter_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise AdapterLoadError(f"adapter directory {path} does not exist")
-    unsafe = [p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES]
-    if unsafe:
-        raise AdapterLoadError(
-            f"adapter {path.name} contains pickle files ({', '.join(unsafe)}); "
-            "only safetensors adapters are accepted"
-        )
-    for required in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (path / required).is_file():
-            raise AdapterLoadError(f"adapter {path.name} is missing {required}")

@@ -94,8 +94,14 @@ class LimitSettings:
     max_batch_size: int = 8
     batch_window_ms: int = 15
     history_turns: int = 12
-    # Demo-mode rate limit: messages per minute per user (0 = unlimited).
+    # Demo-mode rate limit: messages (sends and regenerations) per minute per user, and per
+    # client address, which a visitor can't reset by starting a new identity (0 = unlimited).
     messages_per_minute: int = 0
+    address_messages_per_minute: int = 0
+    # The model's context window: every prompt is cut to fit it with room for the reply.
+    context_tokens: int = 8192
+    # The most messages one /v1 request may carry.
+    api_max_messages: int = 64
 
 
 @dataclass
@@ -107,6 +113,15 @@ class AuthSettings:
     # Env var with the admin secret for demo mode (an admin password).
     admin_secret_env: str = "UPC_ADMIN_SECRET"
     session_secret_env: str = "UPC_SESSION_SECRET"
+    # Env var with the password the listed admins get at first start when they have no
+    # account (sign-up can never claim an admin name).
+    admin_password_env: str = "UPC_ADMIN_PASSWORD"
+    # Sign-in throttle: failures allowed before a wait, per account and per client address;
+    # the wait starts at `login_backoff_s` and doubles with each further failure.
+    login_free_failures: int = 5
+    login_ip_free_failures: int = 20
+    login_backoff_s: float = 2.0
+    login_backoff_max_s: float = 900.0
 
 
 @dataclass
@@ -117,6 +132,12 @@ class ServerSettings:
     # Env var that holds the bearer key for the /v1 OpenAI-compatible API.
     api_key_env: str = "UPC_API_KEY"
     allowed_origins: str = ""
+    # Host names the server answers to (comma-separated), besides the bind address,
+    # localhost and 127.0.0.1; any other Host header gets 403 (DNS rebinding).
+    allowed_hosts: str = ""
+    # Proxies whose X-Forwarded-For names the real client (uvicorn's forwarded_allow_ips);
+    # rate limits and the sign-in throttle key on that address.
+    trusted_proxies: str = "127.0.0.1"
 
 
 @dataclass
@@ -298,6 +319,7 @@ def _apply_mode_defaults(settings: Settings, explicit: set[SettingPath]) -> None
         ("auth", "mode"): "anonymous",
         ("limits", "max_message_chars"): 1000,
         ("limits", "messages_per_minute"): 10,
+        ("limits", "address_messages_per_minute"): 30,
         ("learner", "schedule", "curriculum_interval_minutes"): 0,
     }
     for path, value in defaults.items():
@@ -347,6 +369,10 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("limits.max_message_chars must be positive")
     if settings.limits.queue_size < 1:
         raise SettingsError("limits.queue_size must be positive")
+    if settings.limits.context_tokens <= settings.generation.max_new_tokens:
+        raise SettingsError("limits.context_tokens must exceed generation.max_new_tokens")
+    if settings.limits.api_max_messages < 1:
+        raise SettingsError("limits.api_max_messages must be positive")
     for role in ("chatbot", "critic", "user_sim"):
         role_settings: ModelRoleSettings = getattr(settings, role)
         if role_settings.backend == "openai" and not role_settings.base_url:

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import struct
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -31,6 +32,15 @@ from typing import Any
 from sqlalchemy import select
 
 from core.types import BASE_ADAPTER
+from learner.adapter_files import (
+    PICKLE_SUFFIXES,
+    REQUIRED_FILES,
+    AdapterError,
+    AdapterVerificationError,
+    check_payload,
+    payload_files,
+    refuse_pickles,
+)
 from storage.adapter_models import AdapterActivation, AdapterRow
 from storage.db import Database
 from storage.models import utcnow
@@ -55,28 +65,18 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 ACTIVE_FILE = "ACTIVE"
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 STATUSES = ("candidate", "active", "retired")
 _TMP_PREFIX = ".tmp-"
 _MANIFEST_TMP = ".manifest.json.tmp"
+_LOCK_FILE = ".registry.lock"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _STALE_TMP_S = 3600.0
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 PublishHook = Callable[[str], None]
 
 
-class AdapterError(ValueError):
-    """An adapter operation cannot be done; nothing was changed."""
-
-
 class AdapterNotFoundError(AdapterError):
     """No adapter with that id is published."""
-
-
-class AdapterVerificationError(AdapterError):
-    """An adapter directory failed its checks (pickle file, hash mismatch, missing file...)."""
 
 
 @dataclass
@@ -209,75 +209,14 @@ def _atomic_write(path: Path, data: bytes, tmp_name: str | None = None) -> None:
     _fsync_dir(path.parent)
 
 
-def _refuse_pickles(path: Path, label: str) -> None:
-    """Raise if `path` holds a pickle file; judged by name only, so none is ever opened."""
-    pickles = sorted(
-        str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES
-    )
-    if pickles:
-        raise AdapterVerificationError(
-            f"{label} contains pickle files ({', '.join(pickles)}); only safetensors "
-            "adapters are accepted and pickle files are never loaded"
-        )
-
-
-def _check_safetensors(path: Path) -> None:
-    """Parse the header only (8-byte length + JSON): proves the format, runs nothing."""
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise AdapterVerificationError(f"{path.name} is not a safetensors file")
-            (length,) = struct.unpack("<Q", raw)
-            if length > _MAX_SAFETENSORS_HEADER:
-                raise AdapterVerificationError(f"{path.name} has an implausible header")
-            header = json.loads(fh.read(length))
-    except (OSError, ValueError) as exc:
-        raise AdapterVerificationError(
-            f"{path.name} is not a valid safetensors file: {exc}"
-        ) from exc
-    if not isinstance(header, dict) or not any(k != "__metadata__" for k in header):
-        raise AdapterVerificationError(f"{path.name} holds no tensors")
-
-
-def _check_payload(path: Path, files: Iterable[str]) -> None:
-    names = set(files)
-    missing = [name for name in REQUIRED_FILES if name not in names]
-    if missing:
-        raise AdapterVerificationError(
-            f"adapter {path.name} is missing {', '.join(missing)} (a PEFT LoRA adapter needs both)"
-        )
-    try:
-        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AdapterVerificationError(f"adapter_config.json is unreadable: {exc}") from exc
-    for name in names:
-        if name.endswith(".safetensors"):
-            _check_safetensors(path / name)
-
-
-def _payload_files(path: Path) -> list[str]:
-    """Adapter files of a directory: regular files except the manifest and its temp file."""
-    out = []
-    for p in sorted(path.iterdir()):
-        if p.name in (MANIFEST_FILE, _MANIFEST_TMP):
-            continue
-        if p.is_dir() or p.is_symlink():
-            raise AdapterVerificationError(
-                f"adapter {path.name} contains {p.name}, which is not a plain file"
-            )
-        out.append(p.name)
-    return out
-
-
 def verify_adapter_dir(path: Path, *, manifest: AdapterManifest | None = None) -> AdapterManifest:
     """All checks on one directory; returns its manifest. Never unpickles anything."""
     if not path.is_dir():
         raise AdapterNotFoundError(f"adapter directory {path} does not exist")
-    _refuse_pickles(path, f"adapter {path.name}")
+    refuse_pickles(path, f"adapter {path.name}")
     if manifest is None:
         manifest = _read_manifest(path)
-    present = set(_payload_files(path))
+    present = set(payload_files(path, skip=(MANIFEST_FILE, _MANIFEST_TMP)))
     listed = set(manifest.files)
     missing = sorted(listed - present)
     if missing:
@@ -294,7 +233,7 @@ def verify_adapter_dir(path: Path, *, manifest: AdapterManifest | None = None) -
                 f"adapter {path.name}: {name} does not match its manifest hash "
                 f"(expected {expected[:12]}..., found {actual[:12]}...): changed or corrupted"
             )
-    _check_payload(path, listed)
+    check_payload(path, listed)
     return manifest
 
 
@@ -326,6 +265,11 @@ class AdapterRegistry:
         self.adapters_dir = Path(adapters_dir)
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self.db = db
+        # Activation and manifest rewrites are serialized across processes (the app's
+        # watcher may roll back while `upc adapters activate` is still writing).
+        self._lock = threading.RLock()
+        self._lock_depth = 0
+        self._lock_fd: int | None = None
         self._cleanup_stale()
 
     # ----------------------------------------------------------------- reading
@@ -388,9 +332,9 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {manifest.id!r} already exists")
         if not source.is_dir():
             raise AdapterNotFoundError(f"{source} is not a directory")
-        _refuse_pickles(source, str(source))
-        names = _payload_files(source)
-        _check_payload(source, names)
+        refuse_pickles(source, str(source))
+        names = payload_files(source, skip=(MANIFEST_FILE, _MANIFEST_TMP))
+        check_payload(source, names)
         tmp = self.adapters_dir / f"{_TMP_PREFIX}{manifest.id}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -426,12 +370,12 @@ class AdapterRegistry:
         source = Path(source_dir)
         if not source.is_dir():
             raise AdapterNotFoundError(f"{source} is not a directory")
-        _refuse_pickles(source, str(source))
+        refuse_pickles(source, str(source))
         if (source / MANIFEST_FILE).exists():
             manifest = verify_adapter_dir(source)
         else:
-            names = _payload_files(source)
-            _check_payload(source, names)
+            names = payload_files(source, skip=(MANIFEST_FILE, _MANIFEST_TMP))
+            check_payload(source, names)
             config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
             weights_hash = hash_file(source / "adapter_model.safetensors")
             manifest = AdapterManifest(
@@ -453,13 +397,14 @@ class AdapterRegistry:
 
     def update_manifest(self, adapter_id: str, **changes: Any) -> AdapterManifest:
         """Rewrite fields of a published manifest atomically (the files' hashes never change)."""
-        if "files" in changes or "id" in changes:
-            raise AdapterError("an adapter's id and files cannot change after publishing")
-        path = self.path(adapter_id)
-        manifest = dataclasses.replace(self.get(adapter_id), **changes)
-        _atomic_write(path / MANIFEST_FILE, _manifest_bytes(manifest), _MANIFEST_TMP)
-        self._index(manifest)
-        return manifest
+        with self._locked():
+            if "files" in changes or "id" in changes:
+                raise AdapterError("an adapter's id and files cannot change after publishing")
+            path = self.path(adapter_id)
+            manifest = dataclasses.replace(self.get(adapter_id), **changes)
+            _atomic_write(path / MANIFEST_FILE, _manifest_bytes(manifest), _MANIFEST_TMP)
+            self._index(manifest)
+            return manifest
 
     # ---------------------------------------------------------------- activation
     def active_id(self) -> str:
@@ -476,63 +421,83 @@ class AdapterRegistry:
         self, adapter_id: str, *, reason: str | None = None, action: str = "activate"
     ) -> str:
         """Make `adapter_id` (or "base") the served adapter; refused if it fails verification."""
-        previous = self.active_id()
-        if adapter_id != BASE_ADAPTER:
-            manifest = self.verify(adapter_id)
-            if manifest.status == "retired":
-                raise AdapterError(
-                    f"adapter {adapter_id} is retired ({manifest.status_reason or 'no reason'}); "
-                    "it cannot be activated"
+        with self._locked():
+            previous = self.active_id()
+            if adapter_id != BASE_ADAPTER:
+                manifest = self.verify(adapter_id)
+                if manifest.status == "retired":
+                    why = manifest.status_reason or "no reason"
+                    raise AdapterError(
+                        f"adapter {adapter_id} is retired ({why}); it cannot be activated"
+                    )
+            if adapter_id == previous:
+                return adapter_id
+            _atomic_write(self.adapters_dir / ACTIVE_FILE, f"{adapter_id}\n".encode())
+            with self.db.session() as session:
+                session.add(
+                    AdapterActivation(
+                        adapter_id=adapter_id, previous_id=previous, action=action, reason=reason
+                    )
                 )
-        if adapter_id == previous:
-            return adapter_id
-        _atomic_write(self.adapters_dir / ACTIVE_FILE, f"{adapter_id}\n".encode())
-        with self.db.session() as session:
-            session.add(
-                AdapterActivation(
-                    adapter_id=adapter_id, previous_id=previous, action=action, reason=reason
-                )
-            )
-        if previous != BASE_ADAPTER and self.exists(previous):
-            old = self.get(previous)
-            if old.status == "active":
+            if previous != BASE_ADAPTER and self.exists(previous):
+                old = self.get(previous)
+                if old.status == "active":
+                    self.update_manifest(
+                        previous, status="candidate", status_reason=f"replaced by {adapter_id}"
+                    )
+            if adapter_id != BASE_ADAPTER:
                 self.update_manifest(
-                    previous, status="candidate", status_reason=f"replaced by {adapter_id}"
+                    adapter_id, status="active", status_reason=reason or f"{action} by operator"
                 )
-        if adapter_id != BASE_ADAPTER:
-            self.update_manifest(
-                adapter_id, status="active", status_reason=reason or f"{action} by operator"
-            )
-        log.info("active adapter: %s -> %s (%s)", previous, adapter_id, action)
-        return adapter_id
+            log.info("active adapter: %s -> %s (%s)", previous, adapter_id, action)
+            return adapter_id
 
     def rollback(self, *, reason: str | None = None) -> str:
         """Go back to the adapter that was active before the current one."""
-        stack = self._activation_stack()
-        current = stack.pop()
-        while stack:
-            target = stack.pop()
-            if target == current:
-                continue
-            if target == BASE_ADAPTER:
-                return self.activate(BASE_ADAPTER, reason=reason or "rollback", action="rollback")
-            try:
-                manifest = self.verify(target)
-            except AdapterError as exc:
-                log.warning("rollback skips %s: %s", target, exc)
-                continue
-            if manifest.status == "retired":
-                continue
-            return self.activate(target, reason=reason or "rollback", action="rollback")
-        raise AdapterError("nothing to roll back to: no earlier active adapter in the history")
+        with self._locked():
+            stack = self._activation_stack()
+            current = stack.pop()
+            while stack:
+                target = stack.pop()
+                if target == current:
+                    continue
+                if target == BASE_ADAPTER:
+                    return self.activate(
+                        BASE_ADAPTER, reason=reason or "rollback", action="rollback"
+                    )
+                try:
+                    manifest = self.verify(target)
+                except AdapterError as exc:
+                    log.warning("rollback skips %s: %s", target, exc)
+                    continue
+                if manifest.status == "retired":
+                    continue
+                return self.activate(target, reason=reason or "rollback", action="rollback")
+            raise AdapterError("nothing to roll back to: no earlier active adapter in the history")
+
+    def revert_failed(self, adapter_id: str, serving: str, error: str) -> bool:
+        """The app could not load `adapter_id`: point ACTIVE back at what it still serves.
+
+        Only if ACTIVE still names that adapter (another activation may have come since).
+        """
+        with self._locked():
+            if self.active_id() != adapter_id or serving == adapter_id:
+                return False
+            reason = f"{adapter_id} failed to load: {error[:300]}"
+            self.activate(serving, reason=reason, action="rollback")
+            if self.exists(adapter_id):
+                self.update_manifest(adapter_id, status_reason=f"failed to load: {error[:300]}")
+            log.error("ACTIVE rolled back to %s: %s", serving, reason)
+            return True
 
     def retire(self, adapter_id: str, reason: str = "retired by operator") -> AdapterManifest:
-        if self.active_id() == adapter_id:
-            raise AdapterError(
-                f"adapter {adapter_id} is active; activate another one or roll back first"
-            )
-        self.get(adapter_id)
-        return self.update_manifest(adapter_id, status="retired", status_reason=reason)
+        with self._locked():
+            if self.active_id() == adapter_id:
+                raise AdapterError(
+                    f"adapter {adapter_id} is active; activate another one or roll back first"
+                )
+            self.get(adapter_id)
+            return self.update_manifest(adapter_id, status="retired", status_reason=reason)
 
     def history(self) -> list[ActivationRecord]:
         with self.db.session() as session:
@@ -543,6 +508,24 @@ class AdapterRegistry:
             ]
 
     # ---------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive, re-entrant lock on the registry, shared with other processes."""
+        with self._lock:
+            if self._lock_depth == 0:
+                fd = os.open(self.adapters_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._lock_fd = fd
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0 and self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
     def _activation_stack(self) -> list[str]:
         stack = [BASE_ADAPTER]
         for record in self.history():

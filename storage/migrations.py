@@ -6,6 +6,7 @@ A migration either creates whole tables (given by their ORM classes) or runs a f
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,35 @@ def _add_turn_attempt_columns(conn: Connection) -> None:
     if "final_finish_reason" not in have:
         conn.execute(
             text("ALTER TABLE learn_turns ADD COLUMN final_finish_reason VARCHAR(16) DEFAULT ''")
+        )
+
+
+def _add_account_security_columns(conn: Connection) -> None:
+    """Account generations (sessions die with a password change) and hashed anonymous secrets.
+
+    Older databases named an anonymous user `anon-<browser secret>`, so anyone who could see
+    a user name could take over the browser; the secret moves to a hash, the name to the id.
+    """
+    have = {c["name"] for c in inspect(conn).get_columns("users")}
+    if "generation" not in have:
+        conn.execute(text("ALTER TABLE users ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"))
+    if "token_hash" not in have:
+        conn.execute(text("ALTER TABLE users ADD COLUMN token_hash VARCHAR(64)"))
+        conn.execute(
+            text("CREATE UNIQUE INDEX IF NOT EXISTS ix_users_token_hash ON users (token_hash)")
+        )
+    rows = conn.execute(
+        text("SELECT id, username FROM users WHERE anonymous AND token_hash IS NULL")
+    ).all()
+    for user_id, username in rows:
+        secret = username.removeprefix("anon-")
+        conn.execute(
+            text("UPDATE users SET token_hash = :h, username = :n WHERE id = :i"),
+            {
+                "h": hashlib.sha256(secret.encode()).hexdigest(),
+                "n": f"anon-{user_id}",
+                "i": user_id,
+            },
         )
 
 
@@ -86,6 +116,7 @@ MIGRATIONS: list[Migration] = [
         ),
     ),
     Migration("0008_turn_attempts", run=_add_turn_attempt_columns),
+    Migration("0009_account_security", run=_add_account_security_columns),
 ]
 
 

@@ -49,6 +49,10 @@ class User(Base):
     memory_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     learning_opt_in: Mapped[bool] = mapped_column(Boolean, default=True)
     excluded_from_training: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Bumped by a password change: sessions signed in under an older generation are void.
+    generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # sha256 of an anonymous browser's server-issued secret (the secret itself is never kept).
+    token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

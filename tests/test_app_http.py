@@ -10,12 +10,14 @@ from core.types import ChatMessage, GenerationParams, ModelError
 
 pytestmark = pytest.mark.slow
 
-BROWSER_A = "browser-a-" + "0" * 20
-BROWSER_B = "browser-b-" + "1" * 20
-
 
 def _client(app):
     return Client(app.base_url, verbose=False)
+
+
+def _new_browser(client: Client) -> tuple:
+    """A first visit: the server issues the browser's id (a secret only it hands out)."""
+    return client.predict("", api_name="/load")
 
 
 def text_of(message: dict) -> str:
@@ -27,27 +29,27 @@ def text_of(message: dict) -> str:
 
 def test_bot_speaks_first_and_a_turn_is_stored(running_app):
     client = _client(running_app)
-    bid, conversations, history, status, *_ = client.predict(BROWSER_A, api_name="/load")
-    assert bid == BROWSER_A and conversations["value"]
+    bid, conversations, history, status, *_ = _new_browser(client)
+    assert len(bid) >= 16 and conversations["value"]
     assert len(history) == 1 and history[0]["role"] == "assistant" and text_of(history[0])
     text, history, status, _ = client.predict(
         "Hi! I'm a pediatric nurse and I restore old motorbikes.",
         history,
-        BROWSER_A,
+        bid,
         api_name="/send",
     )
     assert text == "" and status == ""
     assert [m["role"] for m in history] == ["assistant", "user", "assistant"]
     assert text_of(history[2]).strip()
     # A new session of the same browser sees the same conversation (stored, not in memory).
-    again = _client(running_app).predict(BROWSER_A, api_name="/load")
+    again = _client(running_app).predict(bid, api_name="/load")
     assert [text_of(m) for m in again[2]] == [text_of(m) for m in history]
 
 
 def test_streaming_yields_growing_partial_replies(running_app):
     client = _client(running_app)
-    _, _, history, *_ = client.predict(BROWSER_A + "s", api_name="/load")
-    job = client.submit("Tell me about bread.", history, BROWSER_A + "s", api_name="/send")
+    bid, _, history, *_ = _new_browser(client)
+    job = client.submit("Tell me about bread.", history, bid, api_name="/send")
     seen = [text_of(out[1][-1]) for out in job if out[1] and out[1][-1]["role"] == "assistant"]
     assert len(seen) >= 3, "expected several streamed updates"
     assert len(set(seen)) >= 2
@@ -55,17 +57,16 @@ def test_streaming_yields_growing_partial_replies(running_app):
 
 def test_bad_input_is_refused_and_kept_in_the_box(running_app):
     client = _client(running_app)
-    _, _, history, *_ = client.predict(BROWSER_A + "x", api_name="/load")
+    bid, _, history, *_ = _new_browser(client)
     for bad in ["   ", "x" * 4001, "nul\x00byte"]:
-        _, new_history, status, _ = client.predict(bad, history, BROWSER_A + "x", api_name="/send")
+        _, new_history, status, _ = client.predict(bad, history, bid, api_name="/send")
         assert status.startswith("⚠️"), status
         assert len(new_history) == len(history)
 
 
 def test_regenerate_and_new_conversation(running_app):
     client = _client(running_app)
-    bid = BROWSER_A + "r"
-    _, _, history, *_ = client.predict(bid, api_name="/load")
+    bid, _, history, *_ = _new_browser(client)
     _, history, _, _ = client.predict("I like chess.", history, bid, api_name="/send")
     new_history, status = client.predict(history, bid, api_name="/regenerate")
     assert status == "" and len(new_history) == len(history) == 3
@@ -75,15 +76,15 @@ def test_regenerate_and_new_conversation(running_app):
 
 def test_other_browser_cannot_open_or_write_my_conversation(running_app):
     a = _client(running_app)
-    _, conv_a, history, *_ = a.predict(BROWSER_A + "i", api_name="/load")
-    _, history, _, _ = a.predict("my-canary-7781", history, BROWSER_A + "i", api_name="/send")
+    bid_a, conv_a, history, *_ = _new_browser(a)
+    _, history, _, _ = a.predict("my-canary-7781", history, bid_a, api_name="/send")
     b = _client(running_app)
-    _, conv_b, *_ = b.predict(BROWSER_B, api_name="/load")
+    bid_b, conv_b, *_ = _new_browser(b)
     assert conv_b["value"] != conv_a["value"]
     assert all(c[1] != conv_a["value"] for c in conv_b["choices"])
     with pytest.raises(Exception, match=r"does not exist|not in the list of choices"):
-        b.predict(conv_a["value"], BROWSER_B, api_name="/open_conversation")
-    mine, _ = a.predict(conv_a["value"], BROWSER_A + "i", api_name="/open_conversation")
+        b.predict(conv_a["value"], bid_b, api_name="/open_conversation")
+    mine, _ = a.predict(conv_a["value"], bid_a, api_name="/open_conversation")
     assert any("my-canary-7781" in text_of(m) for m in mine)
 
 

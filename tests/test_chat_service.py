@@ -162,10 +162,13 @@ def test_account_rules(env):
         accounts.create("dave", "short")
     with pytest.raises(AccountError):
         accounts.create("anon-sneaky", "password-x")
-    a1 = accounts.anonymous("browser-id-0123456789abcdef")
-    assert accounts.anonymous("browser-id-0123456789abcdef").id == a1.id
+    token, a1 = accounts.issue_anonymous()
+    assert accounts.anonymous(token).id == a1.id
+    assert token not in a1.username  # the name shows nothing of the browser's secret
     with pytest.raises(AccountError):
         accounts.anonymous("short")
+    with pytest.raises(AccountError):  # only secrets the server issued name a user
+        accounts.anonymous("browser-id-0123456789abcdef")
 
 
 def test_concurrent_sends_to_one_conversation_all_land(env):

@@ -249,23 +249,28 @@ def test_foreign_and_null_origins_are_refused(console_app):
     assert httpx.get(f"{console_app.base_url}/healthz").json()["adapter"] == "base"
 
 
-def test_admin_export_is_downloaded_through_gradio_only(console_app):
+def test_admin_export_is_downloaded_through_the_authenticated_route_only(console_app):
     import json
+    import re
 
     client = _client(console_app, ADMIN)
     with pytest.raises(Exception, match="date"):
         client.predict("jsonl", "all", True, "not-a-date", "", "", "", None, None, "any", "",
                        api_name="/console_export")  # fmt: skip
-    note, local = client.predict(
+    note, link = client.predict(
         "jsonl", "real", True, "", "", "", "", None, None, "any", "", api_name="/console_export"
     )
     assert "PII scrubbing on" in note and "Exported" in note
-    lines = Path(local).read_text().splitlines()
+    href = re.search(r'href="([^"]+)"', link).group(1)
+    cookies = _login_cookies(console_app, ADMIN)
+    r = httpx.get(console_app.base_url + href, cookies=cookies)
+    assert r.status_code == 200
+    lines = r.text.splitlines()
     assert lines and all(json.loads(line)["messages"] for line in lines)
-    # The export itself stays in the blocked data dir; only Gradio's copy is reachable.
+    assert httpx.get(console_app.base_url + href, cookies=cookies).status_code == 404  # used up
+    # The export itself stays in the blocked data dir; Gradio's file route never serves it.
     exported = list((console_app.data_dir / "exports").glob("*/dialogues.jsonl"))
     assert exported
-    cookies = _login_cookies(console_app, ADMIN)
     r = httpx.get(
         f"{console_app.base_url}/gradio_api/file={exported[0].resolve()}", cookies=cookies
     )

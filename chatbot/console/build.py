@@ -6,12 +6,8 @@ hiding the tab is only cosmetic.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -35,8 +31,6 @@ log = logging.getLogger(__name__)
 
 def build_console(services: Services, user_of: UserOf, browser_id: gr.BrowserState) -> None:
     """Create the console in the current Blocks context; all handlers are admin-only."""
-    downloads = Path(tempfile.mkdtemp(prefix="upc-console-downloads-"))
-    atexit.register(shutil.rmtree, downloads, ignore_errors=True)  # hand-over copies only
     outer = gr.context.get_render_context()
 
     with contextlib.suppress(Exception):
@@ -58,7 +52,7 @@ def build_console(services: Services, user_of: UserOf, browser_id: gr.BrowserSta
         build_learner_tab(ctx)
         loss_pick = build_plots_tab(ctx, initial[1:])
         build_dialogues_tab(ctx)
-        build_export_tab(ctx, services, downloads)
+        build_export_tab(ctx, services)
     _wire_refresh(ctx, adapters, loss_pick, outer)
 
 

@@ -1,9 +1,13 @@
-"""The "Export" tab: filtered dialogue exports, handed to the browser as a Gradio download."""
+"""The "Export" tab: filtered dialogue exports, handed to the operator as a one-time link.
+
+The link goes through the server's authenticated download route (`chatbot.downloads`),
+never through Gradio's file route, which would serve the file to anyone who knows its path.
+"""
 
 from __future__ import annotations
 
+import html
 import json
-import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -62,9 +66,9 @@ def export_for_download(
     filters: ExportFilters,
     scrub: bool,
     progress: gr.Progress | None,
-    downloads: Path,
-) -> tuple[Path, dict[str, Any]]:
-    """Run one export, then copy its file out of the (blocked) data dir for Gradio to serve.
+    user_id: str,
+) -> tuple[str, str, dict[str, Any]]:
+    """Run one export and offer its file to `user_id` alone: (link, file name, summary).
 
     The file is found again through `resolve_export_file`, which accepts only a file
     directly inside this export's directory: nothing a user types becomes a path.
@@ -86,15 +90,20 @@ def export_for_download(
     if produced is None:
         raise gr.Error("The export produced no file.")
     source = resolve_export_file(exports_dir, result.export_id, Path(produced).name)
-    for old in downloads.iterdir():  # only the latest export stays in the hand-over dir
-        old.unlink(missing_ok=True)
-    target = downloads / f"{result.export_id}-{source.name}"
-    shutil.copyfile(source, target)
-    return target, result.summary()
+    name = f"{result.export_id}-{source.name}"
+    link = services.downloads.offer(source, user_id)
+    return link, name, result.summary()
 
 
-def build_export_tab(ctx: ConsoleContext, services: Services, downloads: Path) -> None:
-    """The form; `downloads` is the private temp dir Gradio serves the finished file from."""
+def _link_html(link: str, name: str) -> str:
+    return (
+        f'<a href="{html.escape(link)}" download="{html.escape(name)}" id="export-download">'
+        f"Download {html.escape(name)}</a> (one download, within 10 minutes)"
+    )
+
+
+def build_export_tab(ctx: ConsoleContext, services: Services) -> None:
+    """The form; the finished file comes back as a one-time link for this operator."""
     with gr.Tab("Export", id="console-export"):
         with gr.Row():
             fmt = gr.Dropdown(
@@ -117,7 +126,7 @@ def build_export_tab(ctx: ConsoleContext, services: Services, downloads: Path) -
             )
         export_btn = gr.Button("Export", variant="primary")
         note = gr.Markdown("")
-        download = gr.File(label="Download", interactive=False)
+        download = gr.HTML("", elem_id="export-link")
 
     def on_export(
         fmt: str,
@@ -134,17 +143,17 @@ def build_export_tab(ctx: ConsoleContext, services: Services, downloads: Path) -
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress tracker
     ) -> tuple[str, str]:
-        ctx.admin(request, bid)
+        admin = ctx.admin(request, bid)
         filters = export_filters(
             source, since, until, users, adapter, min_score, max_score, feedback
         )
         try:
-            path, summary = export_for_download(
-                services, fmt, filters, bool(scrub), progress, downloads
+            link, name, summary = export_for_download(
+                services, fmt, filters, bool(scrub), progress, admin.id
             )
         except (ValueError, OSError) as exc:
             raise gr.Error(f"Export failed: {exc}") from exc
-        return _summary_note(summary), str(path)
+        return _summary_note(summary), _link_html(link, name)
 
     form = [fmt, source, scrub, since, until, users, adapter, min_score, max_score, feedback]
     export_btn.click(
