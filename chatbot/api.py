@@ -13,13 +13,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from chatbot.services import Services
 from core.prompting import fit_prompt
+from core.settings import Settings
 from core.types import (
     BASE_ADAPTER,
     ChatMessage,
@@ -42,18 +43,21 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
+def _check_key(request: Request, env_name: str) -> None:
+    expected = os.environ.get(env_name, "")
+    if not expected:
+        raise HTTPException(401, f"the API is disabled: set {env_name}")
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, "invalid API key")
+
+
 def build_api_router(services: Services) -> APIRouter:
     router = APIRouter(prefix="/v1")
     settings = services.settings
 
     def check_key(request: Request) -> None:
-        expected = os.environ.get(settings.server.api_key_env, "")
-        if not expected:
-            raise HTTPException(401, f"the API is disabled: set {settings.server.api_key_env}")
-        header = request.headers.get("authorization", "")
-        given = header.removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise HTTPException(401, "invalid API key")
+        _check_key(request, settings.server.api_key_env)
 
     def model_names() -> list[str]:
         loaded = getattr(services.chatbot_model, "adapters", [])
@@ -89,16 +93,9 @@ def build_api_router(services: Services) -> APIRouter:
             return _error(400, "the body is not valid JSON")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
-        limits = settings.limits
         model = services.chatbot_model
         try:
-            messages = _parse_messages(
-                body.get("messages"), limits.max_message_chars, limits.api_max_messages
-            )
-            params = _parse_params(body, settings.generation.timeout_s)
-            # Oldest turns go first; the system prompt and the last message stay.
-            budget = limits.context_tokens - params.max_new_tokens
-            messages = fit_prompt(messages, model.count_tokens, budget)
+            messages, params = _parse_request(body, settings, model.count_tokens)
         except InputError as exc:
             return _error(400, str(exc))
         name = str(body.get("model") or UPC_MODEL_NAME)
@@ -198,6 +195,19 @@ def _sse(stream, first, final, completion_id, created, name, include_usage) -> I
         }
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _parse_request(
+    body: dict, settings: Settings, count_tokens: Callable[[Sequence[ChatMessage]], int]
+) -> tuple[list[ChatMessage], GenerationParams]:
+    """The request's messages, cut to the context window, and its sampling parameters."""
+    limits = settings.limits
+    messages = _parse_messages(
+        body.get("messages"), limits.max_message_chars, limits.api_max_messages
+    )
+    params = _parse_params(body, settings.generation.timeout_s)
+    # Oldest turns go first; the system prompt and the last message stay.
+    return fit_prompt(messages, count_tokens, limits.context_tokens - params.max_new_tokens), params
 
 
 def _parse_messages(raw: object, max_chars: int, max_count: int) -> list[ChatMessage]:

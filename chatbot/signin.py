@@ -92,7 +92,11 @@ class LoginThrottle:
             self._failures.pop(key, None)
 
     def _forget_idle(self, now: float) -> None:
+        """Bound the table: drop keys idle past the longest wait, else the older half."""
         idle = [k for k, f in self._failures.items() if now - f.last > self.max_s]
+        if not idle:
+            by_age = sorted(self._failures, key=lambda k: self._failures[k].last)
+            idle = by_age[: len(by_age) // 2]
         for key in idle:
             del self._failures[key]
 

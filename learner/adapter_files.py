@@ -1,7 +1,7 @@
 """What may be inside an adapter directory, checked without running or unpickling anything.
 
 Only known files are accepted: PEFT's config and safetensors weights, tokenizer files, JSON
-metadata (the loss curve) and a README. Anything else (a pickle with no suffix, a script,
+metadata, the loss curve (`loss.json`, `loss.png`) and a README. Anything else (a pickle with no suffix, a script,
 a sub-directory, a link) is refused by name. Each safetensors file is parsed: its header
 must be sane and its data must be exactly as long as the header says, so a truncated or
 padded file is refused before a model ever tries to load it.
@@ -35,6 +35,7 @@ ALLOWED_FILES = frozenset(
         "adapter_config.json",
         "README.md",
         "loss.json",
+        "loss.png",  # the training curve the console plots
         "config.json",
         "generation_config.json",
         "tokenizer.json",
