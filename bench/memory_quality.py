@@ -90,8 +90,14 @@ def clauses(said: list[str]) -> list[str]:
     return [c for c in parts if len(c.split()) >= 2 and c not in said]
 
 
-def build_extractor(kind: str, embedder: Embedder, model_dir: Path | None) -> FactExtractor:
-    rules = RulesExtractor(embedder)
+def build_extractor(
+    kind: str, embedder: Embedder, model_dir: Path | None, min_similarity: float | None = None
+) -> FactExtractor:
+    rules = (
+        RulesExtractor(embedder)
+        if min_similarity is None
+        else RulesExtractor(embedder, min_similarity=min_similarity)
+    )
     if kind == "rules":
         return rules
     path = model_dir or ensure_embedded_model(Path.home() / ".cache" / "upc-models")
@@ -178,6 +184,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="first N speakers (0: all)")
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--model", type=Path, default=None, help="LLM extractor model dir")
+    parser.add_argument(
+        "--min-similarity",
+        type=float,
+        default=None,
+        help="rules: classifier floor (default: its own)",
+    )
     parser.add_argument("--dump", type=Path, default=None, help="per-speaker details (JSON)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -186,7 +198,7 @@ def main() -> None:
     if args.limit:
         people = people[: args.limit]
     embedder = Embedder()
-    extractor = build_extractor(args.extractor, embedder, args.model)
+    extractor = build_extractor(args.extractor, embedder, args.model, args.min_similarity)
     extractor.extract("I'm a nurse and I love hiking.")  # load the models before timing
     tally = Tally()
     details = []

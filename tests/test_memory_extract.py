@@ -216,6 +216,67 @@ def test_categories_and_slots(
     assert facts(extractor, message) == expected
 
 
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "I'm retired from banking.",
+            [("occupation", "occupation", "is retired from banking")],
+        ),  # SPC
+        (  # SPC
+            "I'm going to hairdresser school.",
+            [("education", "studies", "is going to hairdresser school")],
+        ),
+        ("Hi, my name is Lucy!", [("other", "name", "their name is Lucy")]),  # SPC
+        (  # SPC
+            "I'm thinking about majoring in biology.",
+            [("concern", "concern", "is thinking about majoring in biology")],
+        ),
+        (  # SPC
+            "I'm not really into exercise.",
+            [("preference", "preference", "is not really into exercise")],
+        ),
+        (  # SPC
+            "I was raised by my uncle and aunt.",
+            [
+                ("family", "family", "was raised by their uncle"),
+                ("family", "family", "was raised by aunt"),
+            ],
+        ),
+    ],
+)
+def test_more_self_disclosure_forms(
+    extractor: RulesExtractor, message: str, expected: list[tuple[str, str, str]]
+) -> None:
+    assert facts(extractor, message) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("I'm in the army.", ["is in the army"]),  # SPC
+        ("I do bodybuilding.", ["does bodybuilding"]),  # SPC
+        ("I am interested in biology.", ["is interested in biology"]),  # SPC
+        (  # SPC
+            "I've been to Europe, Asia, and South America.",
+            ["has been to Europe", "has been to Asia", "has been to South America"],
+        ),
+        ("I don't eat meat.", ["doesn't eat meat"]),
+        ("I'm colorblind, so I can't make crafts.", ["is colorblind"]),  # SPC
+    ],
+)
+def test_open_forms_are_classified_not_dropped(
+    extractor: RulesExtractor, message: str, expected: list[str]
+) -> None:
+    assert texts(extractor, message) == expected
+
+
+def test_a_cut_off_subordinate_clause_leaves_no_dangling_word(extractor: RulesExtractor) -> None:
+    # SPC
+    message = "My parents were always gone when I was growing up."
+    assert texts(extractor, message) == ["their parents were always gone"]
+
+
 # ----------------------------------------------------------------- the pieces
 
 

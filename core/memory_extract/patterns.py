@@ -64,7 +64,7 @@ TRANSIENT = re.compile(
     r"^(?:a\s+)?(?:bit|little|lot|tad|bot|ai|sure|not|fine|good|great|ok|okay|well|sorry|glad|"
     r"happy|here|back|tired|hungry|bored|confused|curious|wondering|asking|kidding|joking|"
     r"done|ready|listening|afraid (?:i|that)|going to|gonna|about to|trying to understand|"
-    r"doing|so|thinking|impressed|jealous|surprised|excited to|looking forward|interested|"
+    r"doing|so|impressed|jealous|surprised|"
     r"thankful|grateful|honored|flattered|pleased|delighted|sorry|really|very|always up|"
     r"all ears|with you|on it|off|up for|down for|game|new here)\b"
 )
@@ -76,10 +76,14 @@ class Rule:
     category: str | None  # None: classify with the embedder
     key: str | None  # None: the category (or `occupation` when classified so)
     template: str  # "head {0}", or "{verb}" (the first word of the group is the verb)
+    # An open "I <verb> ..." form: verbs of thinking, saying and wanting are no fact.
+    strict: bool = False
 
 
-def _r(pattern: str, category: str | None, key: str | None, template: str) -> Rule:
-    return Rule(re.compile(pattern, re.IGNORECASE), category, key, template)
+def _r(
+    pattern: str, category: str | None, key: str | None, template: str, *, strict: bool = False
+) -> Rule:
+    return Rule(re.compile(pattern, re.IGNORECASE), category, key, template, strict)
 
 
 RULES: tuple[Rule, ...] = (
@@ -142,7 +146,7 @@ RULES: tuple[Rule, ...] = (
         "family",
         "is {0}",
     ),
-    _r(r"(my\s+" + _FAMILY_WORD + r"(?:'s\s+\w+)?\s+[a-z]+\b.+)", "family", "family", "{0}"),
+    _r(r"(my\s+" + _FAMILY_WORD + r"(?:'s\s+\w+)?\s+[a-z']+\s.+)", "family", "family", "{0}"),
     _r(
         r"my\s+(?:favou?rite\s+)?(?:hobby|hobbies|pastime|pastimes|passion)\s+(?:is|are|include)"
         r"\s+(.+)",
@@ -150,7 +154,18 @@ RULES: tuple[Rule, ...] = (
         "hobby",
         "enjoys {0}",
     ),
-    _r(r"my\s+favou?rite\s+(\w+(?:\s+\w+)?)\s+(?:is|are)\s+(.+)", "preference", None, "favourite"),
+    _r(
+        r"my\s+favou?rite\s+(\w+(?:\s+\w+){0,3}?)\s+(?:is|are)\s+(.+)",
+        "preference",
+        None,
+        "favourite",
+    ),
+    _r(
+        r"my\s+name\s+is\s+([A-Za-z][\w-]*(?:\s+[A-Z][\w-]*)?)",
+        "other",
+        "name",
+        "their name is {0}",
+    ),
     _r(
         _I_AM + r"(?:really\s+|very\s+|quite\s+|so\s+|a\s+bit\s+|a\s+little\s+)?"
         r"((?:worried|anxious|nervous|stressed|concerned|scared|afraid|excited)\s+"
@@ -203,6 +218,60 @@ RULES: tuple[Rule, ...] = (
         "preference",
         "{verb}",
     ),
+    _r(_I_AM + r"(retired\b.*)", "occupation", "occupation", "is {0}"),
+    _r(
+        _I_AM + r"(in\s+(?:the\s+)?(?:army|navy|air\s+force|marines|military|college|school|"
+        r"high\s+school|university|grad\s+school|law\s+school|med(?:ical)?\s+school|nursing\s+school|"
+        r"a\s+band|a\s+relationship|love)\b.*)",
+        None,
+        None,
+        "is {0}",
+    ),
+    _r(
+        _I_AM + r"(going\s+to\s+(?:\w+\s+){0,2}(?:school|college|university)\b.*)",
+        "education",
+        "studies",
+        "is {0}",
+    ),
+    _r(
+        r"(?:" + _I_AM + r"|" + _I_HAVE + r"been\s+)((?:interested|fascinated|passionate)\s+"
+        r"(?:in|by|about)\s+.+)",
+        None,
+        None,
+        "is {0}",
+    ),
+    _r(
+        _I_AM
+        + r"(?:so\s+|really\s+|very\s+)?((?:thinking\s+(?:about|of)\s+\w+ing|excited\s+to\s+(?:start|finally|begin|get|"
+        r"move|go\s+back)|looking\s+forward\s+to\s+(?:starting|getting|moving|retiring|"
+        r"finishing|graduating))\b.+)",
+        "concern",
+        "concern",
+        "is {0}",
+    ),
+    _r(_I_HAVE + r"(been\s+to\s+.+)", None, None, "has {0}"),
+    _r(_I_HAVE + r"(been\s+(?:married|divorced|widowed)\b.*)", "family", "family", "has {0}"),
+    _r(
+        r"i\s+was\s+" + _ADV + r"((?:raised|adopted|homeschooled)\b.+)",
+        "family",
+        "family",
+        "was {0}",
+    ),
+    _r(
+        r"i\s+" + _ADV + r"(do\s+(?:a\s+lot\s+of\s+|some\s+)?(?:\w+ing|yoga|pilates|crossfit|"
+        r"karate|judo|taekwondo|jujitsu|martial\s+arts|web\s+\w+|graphic\s+design|\w+\s+work)\b.*)",
+        "hobby",
+        "hobby",
+        "{verb}",
+    ),
+    _r(_I_AM + r"((?:more\s+of\s+|kind\s+of\s+|sort\s+of\s+)(?:a|an)\s+.+)", None, None, "is {0}"),
+    _r(
+        _I_AM + r"(not\s+(?:really\s+|much\s+|very\s+)?(?:into|a\s+fan\s+of|a\s+big\s+fan\s+of)"
+        r"\s+.+)",
+        "preference",
+        "preference",
+        "is {0}",
+    ),
     _r(_I_AM + r"((?:a|an)\s+.+)", None, None, "is {0}"),
     _r(_I_AM + r"(the\s+.+)", None, None, "is {0}"),
     _r(
@@ -224,8 +293,8 @@ RULES: tuple[Rule, ...] = (
         None,
         "{verb}",
     ),
-    _r(r"i\s+" + _ADV + r"([a-z']+\s+.+)", None, None, "{verb}"),
-    _r(r"i\s+" + _ADV + r"([a-z]+)", None, None, "{verb}"),
+    _r(r"i\s+" + _ADV + r"([a-z']+\s+.+)", None, None, "{verb}", strict=True),
+    _r(r"i\s+" + _ADV + r"([a-z]+)", None, None, "{verb}", strict=True),
 )
 
 # Each category gets a few prototype phrases in the same subject-less third-person form as
@@ -303,4 +372,4 @@ PROTOTYPES: dict[str, tuple[str, ...]] = {
     ),
 }
 # Below this best-prototype cosine an open-ended clause is not considered background.
-OPEN_MIN_SIMILARITY = 0.35
+OPEN_MIN_SIMILARITY = 0.2

@@ -31,6 +31,7 @@ SINGLE_VALUED_KEYS = frozenset(
         "relationship",
         "diet",
         "studies",
+        "name",
     }
 )
 MAX_TEXT_CHARS = 200

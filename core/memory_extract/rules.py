@@ -38,6 +38,11 @@ _LEAD_IN = re.compile(
     r"\b[\s,!]*)+",
     re.IGNORECASE,
 )
+# Starts of "I'm ..." clauses that look like a passing state but state a fact.
+_NOT_TRANSIENT = re.compile(
+    r"(?:not\s+(?:really\s+|much\s+|very\s+)?(?:into|a\s+(?:big\s+)?fan\s+of)|"
+    r"going\s+to\s+(?:\w+\s+){0,2}(?:school|college|university)|excited\s+to)\b"
+)
 _ADVERBS = re.compile(
     r"^(?:(?:also|really|actually|currently|now|still|just|very|so|quite|pretty|too)\s+)+"
 )
@@ -75,11 +80,13 @@ def _facts_of(rule: Rule, groups: list[str]) -> list[Candidate]:
             return [Candidate("hobby", "hobby", third_person(verb, ""))]
         negated = verb.lower() in ("don't", "never")
         checked = rest.split()[0].lower() if negated and rest else verb.lower()
-        if (checked in NOT_DISCLOSURE and rule.category is None) or not rest:
+        if (checked in NOT_DISCLOSURE and rule.strict) or not rest:
             return []
         conjugated = third_person(verb, rest)
         head, _, rest = conjugated.partition(" ")
-        if head in ("doesn't", "does", "can't", "didn't", "never"):
+        if head in ("doesn't", "can't", "didn't", "never") or (
+            head == "does" and rest.startswith("not ")
+        ):
             head2, _, rest = rest.partition(" ")
             head = f"{head} {head2}"
         hobby_verb = verb.lower() in HOBBY_VERBS
@@ -108,7 +115,7 @@ def _facts_of(rule: Rule, groups: list[str]) -> list[Candidate]:
             rule.category,
             rule.key,
             text,
-            rule.category is None and text.startswith(("is a ", "is an ")),
+            rule.category is None and text.startswith(("is a ", "is an ", "is the ", "is more of")),
         )
         for text in texts
         if len(text.split()) >= 2
@@ -121,8 +128,10 @@ def match_clause(clause: str) -> list[Candidate]:
     if not re.match(r"(?:i\b|i'm\b|im\b|i've\b|my\b)", clause, re.IGNORECASE):
         return []
     after_am = _I_AM.match(clause)
-    if after_am and TRANSIENT.match(_ADVERBS.sub("", after_am.group(1).lower())):
-        return []
+    if after_am:
+        rest = _ADVERBS.sub("", after_am.group(1).lower())
+        if TRANSIENT.match(rest) and not _NOT_TRANSIENT.match(rest):
+            return []
     for rule in RULES:
         match = rule.pattern.fullmatch(clause)
         if match is None:

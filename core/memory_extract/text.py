@@ -35,7 +35,8 @@ _NOT_A_STATEMENT = re.compile(
 # Words that make a clause conditional, hypothetical or modal: not a standing fact.
 _MODAL = re.compile(
     r"\b(?:would|could|might|should|shall|must|i'd|i'll|gonna|wanna|"
-    r"(?:am|'m|are)\s+going\s+to\s+(?!(?:the|a|an|my|school|college|work|church|bed)\b)|"
+    r"(?:am|'m|are)\s+going\s+to\s+(?!(?:the|a|an|my|work|church|bed)\b|"
+    r"(?:\w+\s+){0,2}(?:school|college|university)\b)|"
     r"if|unless|wish|pretend|imagine|supposed\s+to)\b",
     re.I,
 )
@@ -60,7 +61,11 @@ _RELATIVE = re.compile(
     re.I,
 )
 # Subordinate clauses that set a condition or a time are dropped with what follows them.
-_SUBORDINATE = re.compile(r"\s*,?\s+(?:if|unless|when|whenever|once|until|before)\s+.*$", re.I)
+_SUBORDINATE = re.compile(
+    r"\s*,?\s+(?:if|unless|when|whenever|once|until|before)\s+.*$|"
+    r"\s+(?:when|if|because|since|while|that|as|where|until|before|after|so|and|but)$",
+    re.I,
+)
 # After "I ... and", a verb with the subject left out starts a new clause:
 # "I have three guns and love hunting".
 _ELIDED_VERBS = (
@@ -187,6 +192,7 @@ _FUNCTION_WORDS = words(
     "get getting got have has had having very really so too also just what how when "
     "way ways out up time times well"
 )
+_PRONOUN = re.compile(r"\b(?:it|them|those|these|him|her|he|she)\b", re.I)
 _DEICTIC_END = re.compile(r"\b(?:it|that|this|them|those|these|him|her|there|one)\s*$", re.I)
 _DEICTIC_START = re.compile(r"^(?:to\s+\w+\s+)?(?:that|this|those|these|it|them)\b", re.I)
 # Two-word phrases that are one thing, not a list ("rock and roll").
@@ -252,7 +258,7 @@ def strip_residue(text: str) -> str:
 
 def self_contained(rest: str) -> bool:
     """The fact's object says something without the conversation around it."""
-    if _DEICTIC_END.search(rest) or _DEICTIC_START.match(rest):
+    if _DEICTIC_END.search(rest) or _DEICTIC_START.match(rest) or _PRONOUN.search(rest):
         return False
     words = re.findall(r"[a-z0-9']+", rest.lower())
     content = [w for w in words if w not in _FUNCTION_WORDS and w not in _CONTEXT_WORDS]
@@ -327,6 +333,14 @@ def _attach(first: str, item: str, verbal_head: bool) -> tuple[str, bool]:
         return " ".join([*tokens[: _object_start(lower, 1)], item]), False
     if verbal_head and first_word in _LIST_VERBS:
         return third_person(first_word, " ".join(item.split()[1:])), True
+    if lower[0] in ("been", "being") and first_word != lower[0] and len(lower) > 1:
+        if lower[1] in _PREPOSITIONS and first_word not in _LIST_VERBS:
+            return " ".join([*tokens[:2], item]), False
+        return f"{lower[0]} {item}", False
+    shares_preposition = len(lower) > 1 and lower[1] in _PREPOSITIONS
+    noun_item = first_word not in _LIST_VERBS | _PREPOSITIONS and not first_word.endswith("ing")
+    if shares_preposition and noun_item:
+        return " ".join([*tokens[:2], item]), False
     if lower[0] in _PREPOSITIONS and first_word not in _PREPOSITIONS:
         return f"{lower[0]} {item}", False
     if lower[0] in ("a", "an") and first_word not in _DETERMINERS:
