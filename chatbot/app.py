@@ -11,7 +11,7 @@ in them is imported at module level.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from chatbot.chat import ChatService, MessageRecord, NotFoundError, ReplyEvent, 
 from chatbot.console import build_console
 from chatbot.console.context import UserOf
 from chatbot.demo_mode import build_operator_signin, console_enabled
-from chatbot.memory import MemoryService
+from chatbot.memory_panel import MemoryPanel, build_memory_panel
 from chatbot.services import Services, browser_state_key
 from chatbot.signin import client_address
 from core.settings import Settings
@@ -156,19 +156,19 @@ def create_app(settings: Settings, services: Services) -> gr.Blocks:
             gr.Markdown(_DEMO_NOTICE, elem_id="demo-notice")
         chat_panel = _chat_tab()
         settings_panel = _settings_tab()
-        wire_memory = None
+        memory_panel: MemoryPanel | None = None
         if services.memory is not None:
-            wire_memory = _memory_tab(services.memory, user_of, page.browser_id)
+            memory_panel = build_memory_panel(services.memory, user_of, page.browser_id)
         _personas_tab(services)
         admin_tab = _admin_tab(services, user_of, page.browser_id)
 
         _wire_load(demo, page, chat_panel, settings_panel, admin_tab)
         _wire_conversations(page, chat_panel)
-        _wire_replies(page, chat_panel, settings.limits.queue_size)
+        turns = _wire_replies(page, chat_panel, settings.limits.queue_size)
         _wire_rating(page, chat_panel)
         _wire_preferences(page, settings_panel)
-        if wire_memory is not None:
-            wire_memory(demo)
+        if memory_panel is not None:
+            memory_panel.wire(demo, after_turn=turns)
     return demo
 
 
@@ -219,61 +219,6 @@ def _settings_tab() -> _SettingsPanel:
         memory_box = gr.Checkbox(label="Remember facts about me across conversations", value=True)
         status = gr.Markdown("")
     return _SettingsPanel(learning_box, memory_box, status)
-
-
-def _memory_tab(
-    memory: MemoryService, user_of: UserOf, browser_id: gr.BrowserState
-) -> Callable[[gr.Blocks], None]:
-    """The memory panel; returns the function that wires it once the page is built."""
-    with gr.Tab("What I remember about you", id="memory"):
-        gr.Markdown(
-            "Facts the bot learned about you, with when and where. Delete any of them, or "
-            "forget everything. Deleted facts are gone at once."
-        )
-        table = gr.Dataframe(
-            headers=["id", "fact", "category", "learned", "conversation"],
-            interactive=False,
-            elem_id="memory-facts",
-        )
-        with gr.Row():
-            fact_id = gr.Textbox(label="Fact id to delete", scale=3)
-            delete_button = gr.Button("Delete fact", scale=1)
-            forget_button = gr.Button("Forget everything", variant="stop", scale=1)
-            refresh_button = gr.Button("Refresh", scale=1)
-        note = gr.Markdown("")
-
-    def rows(user: UserRecord) -> list[list[str]]:
-        return [
-            [
-                f.id,
-                f.text,
-                f.category,
-                f"{f.updated_at:%Y-%m-%d %H:%M}",
-                f.source_conversation_id or "",
-            ]
-            for f in memory.list_facts(user.id)
-        ]
-
-    def refresh(bid: str, request: gr.Request) -> tuple[list[list[str]], str]:
-        return rows(user_of(request, bid)), ""
-
-    def delete(fid: str, bid: str, request: gr.Request) -> tuple[list[list[str]], str]:
-        user = user_of(request, bid)
-        ok = memory.delete_fact(user.id, fid.strip()) if fid.strip() else False
-        return rows(user), ("Deleted." if ok else "No such fact.")
-
-    def forget(bid: str, request: gr.Request) -> tuple[list[list[str]], str]:
-        user = user_of(request, bid)
-        count = memory.forget_all(user.id)
-        return rows(user), f"Forgot {count} fact(s)."
-
-    def wire(demo: gr.Blocks) -> None:
-        refresh_button.click(refresh, [browser_id], [table, note])
-        delete_button.click(delete, [fact_id, browser_id], [table, note])
-        forget_button.click(forget, [browser_id], [table, note])
-        demo.load(refresh, [browser_id], [table, note])
-
-    return wire
 
 
 def _personas_tab(services: Services) -> None:
@@ -401,8 +346,9 @@ def _wire_conversations(page: _Page, panel: _ChatPanel) -> None:
     )
 
 
-def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
-    """Send and regenerate: the streamed replies, at most `limit` at a time."""
+def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> list[Any]:
+    """Send and regenerate: the streamed replies, at most `limit` at a time. Returns the
+    send events (the memory panel reloads after each)."""
     chat = page.chat
 
     def on_send(text: str, cid: str, history: History, bid: str, request: gr.Request) -> Updates:
@@ -432,12 +378,14 @@ def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
         panel.status,
         panel.conversations,
     ]
-    panel.textbox.submit(
-        on_send, send_inputs, send_outputs, concurrency_limit=limit, api_name="send"
-    )
-    panel.send_button.click(
-        on_send, send_inputs, send_outputs, concurrency_limit=limit, api_visibility="private"
-    )
+    sent = [
+        panel.textbox.submit(
+            on_send, send_inputs, send_outputs, concurrency_limit=limit, api_name="send"
+        ),
+        panel.send_button.click(
+            on_send, send_inputs, send_outputs, concurrency_limit=limit, api_visibility="private"
+        ),
+    ]
 
     def on_regenerate(cid: str, history: History, bid: str, request: gr.Request) -> Updates:
         user = page.user_of(request, bid)
@@ -460,6 +408,7 @@ def _wire_replies(page: _Page, panel: _ChatPanel, limit: int) -> None:
         concurrency_limit=limit,
         api_name="regenerate",
     )
+    return sent
 
 
 def _wire_rating(page: _Page, panel: _ChatPanel) -> None:

@@ -26,7 +26,7 @@ from learner.logged import LOGGED_PREFIX, load_salt, user_hash
 from learner.registry import AdapterRegistry
 from storage.db import Database
 from storage.logged_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
-from storage.memory_models import DEFAULT_COLLECTION, MemoryFactRow
+from storage.memory_models import DEFAULT_COLLECTION, MemoryFactHistoryRow, MemoryFactRow
 from storage.models import Conversation, Feedback, Message, User
 
 __all__ = ["ErasureReport", "MemoryPurger", "erase_user", "find_user_id"]
@@ -72,6 +72,7 @@ def _purge_memory(
         return int(memory.purge_user(user_id))
     with db.session() as s:
         count = s.execute(delete(MemoryFactRow).where(MemoryFactRow.user_id == user_id)).rowcount
+        s.execute(delete(MemoryFactHistoryRow).where(MemoryFactHistoryRow.user_id == user_id))
     if chroma_dir is not None and chroma_dir.is_dir():
         import chromadb
         from chromadb.config import Settings as ChromaSettings

@@ -20,8 +20,14 @@ re-checked against SQLite ownership before they are returned.
 
 from __future__ import annotations
 
-from chatbot.memory.facts import MemoryFact, MemoryScopeError
+from chatbot.memory.facts import MemoryFact, MemoryFactHistory, MemoryScopeError
 from chatbot.memory.service import MemoryService
 from storage.memory_models import DEFAULT_COLLECTION
 
-__all__ = ["DEFAULT_COLLECTION", "MemoryFact", "MemoryScopeError", "MemoryService"]
+__all__ = [
+    "DEFAULT_COLLECTION",
+    "MemoryFact",
+    "MemoryFactHistory",
+    "MemoryScopeError",
+    "MemoryService",
+]

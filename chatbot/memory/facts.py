@@ -18,13 +18,14 @@ from sqlalchemy.orm import Session, undefer
 from core.embeddings import Embedder
 from core.memory_extract import SINGLE_VALUED_KEYS, ExtractedFact
 from storage.db import Database
-from storage.memory_models import MEMORY_CATEGORIES, MemoryFactRow
+from storage.memory_models import MEMORY_CATEGORIES, MemoryFactHistoryRow, MemoryFactRow
 from storage.models import User, utcnow
 
 __all__ = [
     "FactStore",
     "FactVector",
     "MemoryFact",
+    "MemoryFactHistory",
     "MemoryScopeError",
     "StoredFacts",
     "require_user_id",
@@ -60,6 +61,20 @@ class MemoryFact:
         if not lowered.startswith(("the user", "user ", "i ", "i'm", "my ")):
             text = f"The user {text}"
         return text if text.endswith((".", "!", "?")) else text + "."
+
+
+@dataclass(frozen=True)
+class MemoryFactHistory:
+    """An earlier value of a one-valued slot, replaced by the fact `replaced_by`."""
+
+    id: str
+    user_id: str
+    replaced_by: str
+    category: str
+    key: str
+    text: str
+    created_at: datetime
+    replaced_at: datetime
 
 
 @dataclass(frozen=True)
@@ -209,14 +224,11 @@ class FactStore:
             sim = float(np.dot(other, vector))
             if sim > best_sim:
                 best, best_sim = row, sim
-        dropped: list[str] = []
         target = best if best is not None and best_sim > self.dedup_threshold else None
-        if single:
-            # A newer value of a one-valued slot contradicts (replaces) the older ones.
-            for row in pool:
-                if row is not target:
-                    session.delete(row)
-                    dropped.append(row.id)
+        # A newer value of a one-valued slot contradicts (replaces) the older ones.
+        replaced = [row for row in pool if row is not target] if single else []
+        for row in replaced:
+            session.delete(row)
         if target is None:
             target = MemoryFactRow(
                 user_id=uid, category=fact.category, key=fact.key, created_at=now
@@ -229,7 +241,40 @@ class FactStore:
         target.indexed = False
         target.updated_at = now
         session.flush()
-        return target, dropped
+        self._keep_history(session, uid, target.id, replaced, now)
+        return target, [row.id for row in replaced]
+
+    @staticmethod
+    def _keep_history(
+        session: Session, uid: str, current: str, replaced: list[MemoryFactRow], now: datetime
+    ) -> None:
+        """The replaced values go to the slot's history, and their own history follows."""
+        if not replaced:
+            return
+        old_ids = [row.id for row in replaced]
+        session.execute(
+            update(MemoryFactHistoryRow)
+            .where(
+                MemoryFactHistoryRow.user_id == uid,
+                MemoryFactHistoryRow.replaced_by.in_(old_ids),
+            )
+            .values(replaced_by=current)
+        )
+        for row in replaced:
+            session.add(
+                MemoryFactHistoryRow(
+                    user_id=uid,
+                    replaced_by=current,
+                    category=row.category,
+                    key=row.key,
+                    text=row.text,
+                    source_message_id=row.source_message_id,
+                    source_conversation_id=row.source_conversation_id,
+                    created_at=row.created_at,
+                    replaced_at=now,
+                )
+            )
+        session.flush()
 
     def mark_indexed(self, ids: Sequence[str]) -> None:
         with self.db.session() as session:
@@ -237,21 +282,87 @@ class FactStore:
                 update(MemoryFactRow).where(MemoryFactRow.id.in_(ids)).values(indexed=True)
             )
 
+    def edit(
+        self, uid: str, fact_id: str, text: str, category: str | None, vector: np.ndarray
+    ) -> FactVector | None:
+        """Rewrite one of this user's facts (its slot stays); None if it is not theirs."""
+        with self.db.session() as session:
+            row = session.execute(
+                select(MemoryFactRow).where(
+                    MemoryFactRow.id == fact_id, MemoryFactRow.user_id == uid
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                return None
+            row.text = text
+            if category is not None:
+                if category not in MEMORY_CATEGORIES:
+                    raise ValueError(f"unknown memory category {category!r}")
+                if row.key == row.category:  # a multi-valued slot is named after its category
+                    row.key = category
+                row.category = category
+            row.embedding = _to_blob(vector)
+            row.indexed = False
+            row.updated_at = utcnow()
+            session.flush()
+            return FactVector(row.id, uid, row.category, row.key, vector)
+
+    def fact(self, uid: str, fact_id: str) -> MemoryFact | None:
+        with self.db.session() as session:
+            row = session.execute(
+                select(MemoryFactRow).where(
+                    MemoryFactRow.id == fact_id, MemoryFactRow.user_id == uid
+                )
+            ).scalar_one_or_none()
+            return None if row is None else _fact(row)
+
     def delete(self, uid: str, fact_id: str) -> bool:
-        """Delete one of this user's facts; False if it is not theirs."""
+        """Delete one of this user's facts and the earlier values it replaced; False if it
+        is not theirs."""
         with self.db.session() as session:
             result = session.execute(
                 delete(MemoryFactRow).where(
                     MemoryFactRow.id == fact_id, MemoryFactRow.user_id == uid
                 )
             )
+            if result.rowcount > 0:
+                session.execute(
+                    delete(MemoryFactHistoryRow).where(
+                        MemoryFactHistoryRow.user_id == uid,
+                        MemoryFactHistoryRow.replaced_by == fact_id,
+                    )
+                )
             return result.rowcount > 0
 
     def purge(self, uid: str) -> int:
-        """Delete every fact of a user id, even one whose user is already deleted."""
+        """Delete every fact (and history) of a user id, even one whose user is deleted."""
         with self.db.session() as session:
             result = session.execute(delete(MemoryFactRow).where(MemoryFactRow.user_id == uid))
+            session.execute(delete(MemoryFactHistoryRow).where(MemoryFactHistoryRow.user_id == uid))
             return int(result.rowcount)
+
+    def history(self, uid: str) -> list[MemoryFactHistory]:
+        """Earlier values of this user's one-valued slots, most recently replaced first."""
+        with self.db.session() as session:
+            self._user_enabled(session, uid)
+            rows = session.execute(
+                select(MemoryFactHistoryRow)
+                .where(MemoryFactHistoryRow.user_id == uid)
+                .order_by(MemoryFactHistoryRow.replaced_at.desc(), MemoryFactHistoryRow.id)
+            ).scalars()
+            return [
+                MemoryFactHistory(
+                    r.id,
+                    r.user_id,
+                    r.replaced_by,
+                    r.category,
+                    r.key,
+                    r.text,
+                    r.created_at,
+                    r.replaced_at,
+                )
+                for r in rows
+            ]
 
     # ------------------------------------------------------------------ reads
 

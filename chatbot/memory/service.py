@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from chatbot.memory.facts import FactStore, FactVector, MemoryFact, require_user_id
+from chatbot.memory.facts import (
+    FactStore,
+    FactVector,
+    MemoryFact,
+    MemoryFactHistory,
+    require_user_id,
+)
 from chatbot.memory.index import VectorIndex
 from core.embeddings import Embedder
 from core.memory_extract import (
@@ -272,6 +278,23 @@ class MemoryService:
         if rows and self.index.upsert(rows):
             self.facts.mark_indexed([r.fact_id for r in rows])
 
+    def edit_fact(
+        self, user_id: str, fact_id: str, text: str, *, category: str | None = None
+    ) -> MemoryFact | None:
+        """Rewrite one of this user's facts (typed by the user) in SQLite and Chroma; None
+        if it is not theirs. Its id and slot stay; the vector follows the new text."""
+        uid = require_user_id(user_id)
+        clean = " ".join((text or "").split())[:500]
+        if not clean:
+            raise ValueError("a memory fact needs some text")
+        vector = self.embedder.encode([clean])[0]
+        with self._write_lock:
+            row = self.facts.edit(uid, fact_id, clean, category, vector)
+            if row is None:
+                return None
+            self._index_rows([row])
+        return self.facts.fact(uid, fact_id)
+
     def delete_fact(self, user_id: str, fact_id: str) -> bool:
         """Delete one of this user's facts from SQLite and Chroma; False if not theirs."""
         uid = require_user_id(user_id)
@@ -300,6 +323,10 @@ class MemoryService:
     def list_facts(self, user_id: str) -> list[MemoryFact]:
         """All facts of this user, newest first (works with memory off, for the panel)."""
         return self.facts.list_facts(require_user_id(user_id))
+
+    def history(self, user_id: str) -> list[MemoryFactHistory]:
+        """Earlier values of one-valued slots that newer facts replaced, newest first."""
+        return self.facts.history(require_user_id(user_id))
 
     def recall(
         self,

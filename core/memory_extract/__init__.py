@@ -1,8 +1,10 @@
 """Background-fact extraction from one user message.
 
-`RulesExtractor` needs no capable LLM: first-person self-disclosure patterns pick the
-clauses, and the MiniLM embedder classifies the open-ended ones (and drops clauses that
-look like no background category). `LLMExtractor` asks a `ChatModel` for typed JSON with
+`RulesExtractor` needs no capable LLM: `text` cuts a message into the first-person clauses
+that may state a fact (no questions, conditionals, instructions, quotes or clauses about
+the other person), `patterns` holds the self-disclosure forms and their slots, and each
+match becomes atomic third-person facts, one per list item, without residue; the MiniLM
+embedder classifies the open-ended ones (and drops those that look like no background). `LLMExtractor` asks a `ChatModel` for typed JSON with
 our own prompt, validates it, and falls back to the rules when the output is unusable.
 Only first-person statements are ever extracted, so requests and instructions
 ("ignore your instructions ...") never become facts.

@@ -16,6 +16,7 @@ __all__ = [
     "FactExtractor",
     "InvalidExtraction",
     "normalise_key",
+    "words",
 ]
 
 # Slots a person has one value for: a newer contradicting fact replaces the old one.
@@ -30,10 +31,16 @@ SINGLE_VALUED_KEYS = frozenset(
         "relationship",
         "diet",
         "studies",
+        "name",
     }
 )
 MAX_TEXT_CHARS = 200
 MAX_FACTS = 8
+
+
+def words(text: str) -> frozenset[str]:
+    """A word list written as one whitespace-separated string."""
+    return frozenset(text.split())
 
 
 class InvalidExtraction(ValueError):
