@@ -42,7 +42,7 @@ from bench._record import record
 from bench.spc import Speaker, load, speakers
 from core.embeddings import Embedder
 from core.local_model import LocalModel
-from core.memory_extract import FactExtractor, LLMExtractor, RulesExtractor
+from core.memory_extract import ExtractedFact, FactExtractor, LLMExtractor, RulesExtractor
 from core.runtime import ensure_embedded_model
 
 log = logging.getLogger("memory_quality")
@@ -90,6 +90,18 @@ def clauses(said: list[str]) -> list[str]:
     return [c for c in parts if len(c.split()) >= 2 and c not in said]
 
 
+class CountingExtractor:
+    """The rules as the LLM extractor's fallback, counting how often it was needed."""
+
+    def __init__(self, inner: RulesExtractor):
+        self.inner = inner
+        self.calls = 0
+
+    def extract(self, message: str) -> list[ExtractedFact]:
+        self.calls += 1
+        return self.inner.extract(message)
+
+
 def build_extractor(
     kind: str, embedder: Embedder, model_dir: Path | None, min_similarity: float | None = None
 ) -> FactExtractor:
@@ -102,7 +114,7 @@ def build_extractor(
         return rules
     path = model_dir or ensure_embedded_model(Path.home() / ".cache" / "upc-models")
     model = LocalModel(path, load_in_4bit=False, max_batch_size=1)
-    return LLMExtractor(model, fallback=rules)
+    return LLMExtractor(model, fallback=CountingExtractor(rules))
 
 
 def run_speaker(extractor: FactExtractor, speaker: Speaker, tally: Tally) -> list[str]:
@@ -200,6 +212,9 @@ def main() -> None:
     embedder = Embedder()
     extractor = build_extractor(args.extractor, embedder, args.model, args.min_similarity)
     extractor.extract("I'm a nurse and I love hiking.")  # load the models before timing
+    fallback = getattr(extractor, "fallback", None)
+    if isinstance(fallback, CountingExtractor):
+        fallback.calls = 0
     tally = Tally()
     details = []
     for speaker in people:
@@ -207,12 +222,17 @@ def main() -> None:
         details.append(score_speaker(embedder, speaker, facts, args.threshold, tally))
     if args.dump:
         args.dump.write_text(json.dumps([asdict(d) for d in details], indent=1))
+    extra = {}
+    if isinstance(fallback, CountingExtractor):
+        extra["llm_model"] = str(getattr(extractor, "model", None) and extractor.model.model_id)
+        extra["llm_fallback_rate"] = round(fallback.calls / max(tally.messages, 1), 3)
     result = {
         "benchmark": "memory_quality",
         "split": args.split,
         "extractor": args.extractor,
         "threshold": args.threshold,
         **summary(tally),
+        **extra,
     }
     record("Memory extraction quality (Synthetic-Persona-Chat)", result)
 

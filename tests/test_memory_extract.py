@@ -271,6 +271,35 @@ def test_open_forms_are_classified_not_dropped(
     assert texts(extractor, message) == expected
 
 
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (  # SPC
+            "I also like to go to the gym and read.",
+            ["likes to go to the gym", "likes to read"],
+        ),
+        ("I love the way it explores the themes of racism and prejudice.", []),  # SPC
+        (
+            "I live in a very small town, it's quiet and peaceful.",
+            ["lives in a very small town"],
+        ),  # SPC
+        (  # SPC
+            "I'm thinking about getting some fresh vegetables and meat.",
+            [
+                "is thinking about getting some fresh vegetables",
+                "is thinking about getting meat",
+            ],
+        ),
+        ("I want to be sure.", []),
+        ("I read a lot of books.", ["reads a lot of books"]),
+    ],
+)
+def test_list_items_and_trailing_clauses_stay_with_their_subject(
+    extractor: RulesExtractor, message: str, expected: list[str]
+) -> None:
+    assert texts(extractor, message) == expected
+
+
 def test_a_cut_off_subordinate_clause_leaves_no_dangling_word(extractor: RulesExtractor) -> None:
     # SPC
     message = "My parents were always gone when I was growing up."

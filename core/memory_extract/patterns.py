@@ -184,7 +184,7 @@ RULES: tuple[Rule, ...] = (
     ),
     _r(
         r"(?:i\s+" + _ADV + r"(?:want|hope|plan|intend|dream|aspire)\s+(?:to|of)|my\s+(?:goal|dream"
-        r"|plan)\s+is\s+to)\s+((?:be|become|have|own|open|start|retire|move|travel|visit|learn|"
+        r"|plan)\s+is\s+to)\s+((?:be\s+(?=a\b|an\b|the\b|\w+er\b|\w+ist\b)|become|have|own|open|start|retire|move|travel|visit|learn|"
         r"buy|write|publish|get\s+married|go\s+back|run|finish|graduate|adopt|work|teach|"
         r"becoming|being|owning|opening)\b.+)",
         "concern",

@@ -90,6 +90,8 @@ def _facts_of(rule: Rule, groups: list[str]) -> list[Candidate]:
             head2, _, rest = rest.partition(" ")
             head = f"{head} {head2}"
         hobby_verb = verb.lower() in HOBBY_VERBS
+        if verb.lower() in ACTIVITY_VERBS and reaction(rest):
+            return []
         out = []
         for text in atomic(head, rest, verbal_head=rule.category is None):
             liked = text[len(head) :].strip()

@@ -78,7 +78,8 @@ _ELIDED_VERBS = (
 _ELIDED_SPLIT = re.compile(r"\s+(?:and|but)\s+(?=(?:" + _ELIDED_VERBS + r")\b)", re.I)
 # "I like to read and watch TV": the verbs after "and" are a list of what they like.
 _TO_LIST = re.compile(
-    r"^i\s+(?:\w+ly\s+)?(?:really\s+)?(?:like|love|enjoy|prefer|hate|adore|want|hope|plan)\s+to\b",
+    r"^i\s+(?:(?:\w+ly|really|also|just|still|do)\s+)*"
+    r"(?:like|love|enjoy|prefer|hate|adore|want|hope|plan)\s+to\b",
     re.I,
 )
 
@@ -121,6 +122,14 @@ def _relative(piece: str) -> list[str]:
     return out
 
 
+# ", it's quiet" after "I live in a small town": a clause about something else.
+_OTHER_SUBJECT = re.compile(
+    r"\s*,\s*(?:and\s+|but\s+|so\s+)?(?:it|it's|that|that's|which|this|they|they're|he|she|"
+    r"we|there)\b.*$",
+    re.I,
+)
+
+
 def _clauses(sentence: str) -> list[str]:
     out = []
     pieces = [
@@ -130,7 +139,7 @@ def _clauses(sentence: str) -> list[str]:
         for p in _relative(inner)
     ]
     for piece in pieces:
-        piece = _SUBORDINATE.sub("", piece or "").strip(" ,;:")
+        piece = _SUBORDINATE.sub("", _OTHER_SUBJECT.sub("", piece or "")).strip(" ,;:")
         if not piece:
             continue
         if re.match(r"(?:i|i'm|i've|im)\b", piece, re.I) and not _TO_LIST.match(piece):
@@ -232,7 +241,7 @@ _THIRD_PERSON_IRREGULAR = {"have": "has", "do": "does", "go": "goes", "be": "is"
 _PAST_IRREGULAR = words(
     """
     was were had did went got made took saw met lost won left bought built grew became began
-    came ran swam rode drove wrote read taught brought thought found gave kept spent sold
+    came ran swam rode drove wrote taught brought thought found gave kept spent sold
     sent told fell felt knew grew used
     """
 )
@@ -351,7 +360,7 @@ def _attach(first: str, item: str, verbal_head: bool) -> tuple[str, bool]:
 def _object_start(lower: list[str], verb_end: int) -> int:
     """Where the object of the first item starts: after its last preposition, else its verb."""
     for i in range(len(lower) - 1, verb_end - 1, -1):
-        if lower[i] in _PREPOSITIONS:
+        if lower[i] in _PREPOSITIONS or (lower[i].endswith("ing") and len(lower[i]) > 4):
             return i + 1
     return verb_end
 
@@ -388,7 +397,7 @@ def third_person(verb: str, rest: str) -> str:
     if lower in ("didn't", "haven't", "never"):
         return f"{lower} {rest}"
     if lower in _PAST_IRREGULAR or (lower.endswith("ed") and len(lower) > 3):
-        return f"{lower} {rest}"
+        return f"{lower} {rest}".strip()
     return f"{_third_person_verb(lower)} {rest}".strip()
 
 
