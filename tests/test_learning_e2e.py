@@ -38,6 +38,9 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
             # the rule itself is tested at its defaults in test_curriculum.py.
             "UPC_LEARNER__ALPHA": "1",
             "UPC_LEARNER__BETA": "0",
+            # At 24 new tokens nearly every reply hits the cap, and capped replies are never
+            # targets by default; that rule is tested in test_curriculum.py.
+            "UPC_LEARNER__SKIP_FLAGGED_TARGETS": "false",
         }
     )
     parts = LoopParts.from_settings(settings)
