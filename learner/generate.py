@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 import uuid
 from collections import Counter
@@ -26,6 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from core.prompting import load_prompt
 from core.types import ChatMessage, ChatModel, Completion, GenerationParams, ModelError
+from learner.attempts import (
+    clean_text,
+    finished_text,
+    is_apology,
+    keep_best,
+    regeneration_request,
+)
 from learner.critic import Critic
 from learner.records import Attempt, CriticInput, DialogueRecord, PersonaLike, Score, TurnRecord
 from learner.reply_checks import check_reply, repeats_itself
@@ -45,57 +51,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_APOLOGY = re.compile(
-    r"^\W*(?:i(?:'m|\s+am)\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|sorry|my\s+apolog|"
-    r"i\s+apologi[sz]e|apologies)",
-    re.IGNORECASE,
-)
-# C0 control characters (not tab/newline) that a small model may emit: never keep them.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-_SENTENCE_END = re.compile(r"[.!?](?:[\"')\]]*)(?=\s|$)")
 _RETRYABLE = (ModelError, TimeoutError, ConnectionError, OSError)
 Progress = Callable[[str, int], None]
-
-
-def _clean(text: str) -> str:
-    return _CONTROL.sub("", text).strip()
-
-
-def _finished(completion: Completion) -> tuple[str, str]:
-    """The reply text and why it stopped; a reply cut at the token cap ends at its last
-    whole sentence when there is one (the cap is still recorded as its finish reason)."""
-    text = _clean(completion.text)
-    if completion.finish_reason == "length":
-        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-        if ends and ends[-1] >= 0.4 * len(text):
-            text = text[: ends[-1]].strip()
-    return text, completion.finish_reason
-
-
-def _keep_best(turn: TurnRecord) -> None:
-    """The final reply is the best-scoring usable attempt (the earliest on a tie)."""
-    usable = [a for a in turn.attempts if a.usable and a.score.mean() is not None]
-    if not usable:
-        return
-    best = max(usable, key=lambda a: (a.score.mean(), -turn.attempts.index(a)))
-    turn.final_reply, turn.final_score = best.reply, best.score
-    turn.final_finish_reason = best.finish_reason
-
-
-def is_apology(text: str) -> bool:
-    return bool(_APOLOGY.match(text))
-
-
-def regeneration_request(score: Score, threshold: int, last_user_message: str) -> str:
-    """The feedback message listing, per failing dimension, the critic's reason."""
-    names = {"rel": "relevance to them", "int": "their interest", "val": "value"}
-    problems = "\n".join(
-        f"- {names[d]} ({score.get(d)}/5): {score.reasons.get(d) or 'too low'}"
-        for d in score.failing(threshold)
-    )
-    return load_prompt("regenerate", "learner").fill(
-        problems=problems, last_user_message=last_user_message
-    )
 
 
 @dataclass
@@ -278,7 +235,7 @@ class CorpusGenerator:
             for _ in lives
         ]
         for live, completion in self._generate("chatbot", lives, convs):
-            text = _clean(completion.text)
+            text = clean_text(completion.text)
             if not text:
                 self._fail(live, "chatbot: empty greeting")
                 continue
@@ -305,7 +262,7 @@ class CorpusGenerator:
         for live, completion in made:
             kind = "first" if seen.get(id(live), 0) == 0 else "resample"
             seen[id(live)] = seen.get(id(live), 0) + 1
-            candidates.append((live, kind, *_finished(completion)))
+            candidates.append((live, kind, *finished_text(completion)))
         turns: dict[int, TurnRecord] = {}
         for (live, kind, reply, finish), score in zip(
             candidates, self._score_all([(c[0], c[2]) for c in candidates], histories), strict=True
@@ -325,7 +282,7 @@ class CorpusGenerator:
                     final_finish_reason=finish,
                 )
             turn.attempts.append(attempt)
-            _keep_best(turn)
+            keep_best(turn)
         while True:
             need = [
                 live
@@ -406,7 +363,7 @@ class CorpusGenerator:
             results = self._generate("chatbot", pending, [convs[id(x)] for x in pending])
             still = []
             for live, completion in results:
-                text, finish = _finished(completion)
+                text, finish = finished_text(completion)
                 if text and not is_apology(text):
                     made[id(live)] = (text, finish)
                     continue
@@ -426,7 +383,7 @@ class CorpusGenerator:
                 continue
             turn = turns[id(live)]
             turn.attempts.append(self._attempt(live, "regen", reply, finish, score, histories))
-            _keep_best(turn)
+            keep_best(turn)
 
     # --------------------------------------------------------------- helpers
     def _chat_messages(self, history: list[tuple[str, str]]) -> list[ChatMessage]:

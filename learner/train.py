@@ -1,14 +1,10 @@
-"""Fine-tune a LoRA adapter on the curriculum's easy dialogues (SFT, then optional DPO).
+"""Fine-tune a LoRA adapter on the curriculum's selected replies (SFT, then optional DPO).
 
-The loss falls only on the chatbot's reply tokens: every conversation is rendered with the
-model's own chat template and tokenized here into `input_ids`/`labels`, with -100 on every
-token except the content of assistant messages and the end-of-turn token that closes each.
-TRL's `SFTTrainer` takes such a pre-tokenized dataset and uses the labels as they are
-(its `assistant_only_loss` needs `{% generation %}` markers that SmolLM2's template lacks).
-
-On CUDA the base is loaded in 4-bit NF4 (QLoRA, paged AdamW 32-bit, gradient checkpointing);
-on CPU it trains full-precision LoRA with AdamW. Iteration k+1 continues from iteration k's
-adapter, loaded trainable.
+Plain PyTorch loops (`learner/sft_loop.py`, `learner/dpo_loop.py`) over examples built in
+`learner/sft_data.py`, with the loss on reply tokens only. On CUDA a small base trains in
+bf16 LoRA; a base over 2 GiB loads in 4-bit NF4 (QLoRA). On CPU it trains fp32 LoRA. Each
+iteration retrains from the base on the cumulative selection by default, or continues from
+the parent adapter, loaded trainable.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import math
 import resource
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +26,22 @@ from core.devices import worth_quantizing
 from core.learner_settings.train import TrainSettings
 from core.prompting import load_prompt
 from learner.dpo_loop import DpoPair, run_dpo
+from learner.sft_data import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    TrainingDataError,
+    build_example,
+    load_pairs,
+    load_sft_dialogues,
+    tokenize_all,
+)
 from learner.sft_loop import StepHook, heldout_loss, run_sft
 from storage.adapter_models import TrainingRun
 from storage.db import Database
 from storage.models import utcnow
 
 __all__ = [
+    "IGNORE_INDEX",
     "TokenizedExample",
     "TrainConfig",
     "TrainResult",
@@ -52,12 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-
-
-class TrainingDataError(ValueError):
-    """The training files are missing, malformed or hold nothing to learn from."""
 
 
 @dataclass
@@ -119,17 +118,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    dialogue_id: str
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def label_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
 @dataclass
@@ -280,75 +268,6 @@ def _status(row: TrainingRun) -> TrainingStatus:
 
 
 # --------------------------------------------------------------------------- data
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise TrainingDataError(f"{path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise TrainingDataError(f"{path}:{n} is not valid JSON: {exc}") from exc
-            if not isinstance(row, dict):
-                raise TrainingDataError(f"{path}:{n} is not a JSON object")
-            rows.append(row)
-    return rows
-
-
-def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise TrainingDataError(f"{where}: 'messages' must be a non-empty list")
-    out = []
-    for m in messages:
-        if (
-            not isinstance(m, dict)
-            or m.get("role") not in ("system", "user", "assistant")
-            or not isinstance(m.get("content"), str)
-        ):
-            raise TrainingDataError(f"{where}: malformed message {m!r}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def load_sft_dialogues(
-    path: Path, system_prompt: str
-) -> list[tuple[str, list[dict[str, str]], bool]]:
-    """(dialogue_id, messages, last_only) from `sft.jsonl`; a missing system message gets
-    the app's. Rows with `"loss": "last"` (logged real dialogues, where only the final reply
-    was judged) train on their last assistant reply alone."""
-    out = []
-    for n, row in enumerate(_read_jsonl(path), 1):
-        messages = _check_messages(row.get("messages"), f"{path}:{n}")
-        if messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        last_only = row.get("loss") == "last"
-        out.append((str(row.get("dialogue_id", f"line-{n}")), messages, last_only))
-    return out
-
-
-def load_pairs(path: Path, system_prompt: str) -> list[dict[str, Any]]:
-    """Preference pairs in TRL's conversational format (prompt / chosen / rejected)."""
-    out = []
-    for n, row in enumerate(_read_jsonl(path), 1):
-        prompt = _check_messages(row.get("prompt"), f"{path}:{n}")
-        if prompt[0]["role"] != "system":
-            prompt.insert(0, {"role": "system", "content": system_prompt})
-        chosen, rejected = row.get("chosen"), row.get("rejected")
-        if not isinstance(chosen, str) or not isinstance(rejected, str) or not chosen.strip():
-            raise TrainingDataError(f"{path}:{n}: 'chosen' and 'rejected' must be strings")
-        out.append(
-            {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-        )
-    return out
-
-
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
@@ -366,65 +285,6 @@ def _status_hook(store: TrainingStatusStore | None, run_id: str) -> StepHook | N
             store.update(run_id, step=step, loss=loss)
 
     return hook
-
-
-def _tokenize_all(
-    tokenizer: Any, rows: list[tuple[str, list[dict[str, str]], bool]], max_len: int
-) -> list[TokenizedExample]:
-    return [
-        ex
-        for did, messages, last_only in rows
-        if (ex := build_example(tokenizer, did, messages, max_len, last_only=last_only)) is not None
-    ]
-
-
-def _render(tokenizer: Any, messages: Sequence[dict[str, str]], gen_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=gen_prompt
-    )
-
-
-def build_example(
-    tokenizer: Any,
-    dialogue_id: str,
-    messages: Sequence[dict[str, str]],
-    max_len: int,
-    *,
-    last_only: bool = False,
-) -> TokenizedExample | None:
-    """Tokenize one conversation; labels are set on assistant content + its end-of-turn token.
-
-    Character spans of each assistant reply are found by rendering prefixes with the chat
-    template (so any template works), then mapped to tokens with the fast tokenizer's offsets.
-    Returns None when truncation leaves no labelled token.
-    """
-    full = _render(tokenizer, messages)
-    spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        head = _render(tokenizer, messages[:i], gen_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1])
-        if not full.startswith(upto) or not upto.startswith(head):
-            raise TrainingDataError("the chat template does not render conversations by prefix")
-        # Keep the end-of-turn token, drop the template's trailing newline after it.
-        end = len(upto.rstrip())
-        spans.append((len(head), end))
-    if last_only:
-        spans = spans[-1:]
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for k, (start, _stop) in enumerate(enc["offset_mapping"]):
-        if any(a <= start < b for a, b in spans):
-            labels[k] = input_ids[k]
-    if last_only and len(input_ids) > max_len:
-        # One target at the end: drop the oldest context, never the reply.
-        input_ids, labels = input_ids[-max_len:], labels[-max_len:]
-    input_ids, labels = input_ids[:max_len], labels[:max_len]
-    if all(x == IGNORE_INDEX for x in labels):
-        return None
-    return TokenizedExample(dialogue_id, input_ids, labels)
 
 
 def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int]:
@@ -551,11 +411,11 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = _tokenize_all(
+    examples = tokenize_all(
         tokenizer, load_sft_dialogues(Path(sft_path), system_prompt), config.max_seq_len
     )
     heldout = (
-        _tokenize_all(
+        tokenize_all(
             tokenizer, load_sft_dialogues(Path(heldout_path), system_prompt), config.max_seq_len
         )
         if heldout_path is not None and Path(heldout_path).is_file()
