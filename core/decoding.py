@@ -207,6 +207,41 @@ class _Batch:
             setattr(self, name, getattr(self, name)[keep])
 
 
+def _prefill(
+    model: Any, rows: Sequence[DecodeRow], pad_id: int, device: str, cache: Any, reused: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Run the prompts once; rows sharing a prompt (best-of-n) share its prefill, and the
+    cache is then spread to every row. Returns the last logits, the prompt mask, the last
+    positions and the padded width."""
+    n = len(rows)
+    unique: dict[tuple[int, ...], int] = {}
+    owner = [unique.setdefault(tuple(r.prompt), len(unique)) for r in rows]
+    prompts = [list(p) for p in unique]
+    width = max(len(p) for p in prompts)
+    input_ids, mask = _left_pad(prompts, width, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if reused:
+        input_ids, positions_in = input_ids[:, reused:], positions[:, reused:]
+    else:
+        positions_in = positions
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions_in,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = out.logits[:, -1, :].float()
+    position = positions[:, -1:]
+    if len(prompts) < n:
+        index = torch.tensor(owner, device=device)
+        cache.batch_select_indices(index)
+        logits, mask, position = logits[index], mask[index], position[index]
+    return logits, mask, position, width
+
+
 def decode_rows(
     model: Any,
     rows: Sequence[DecodeRow],
@@ -233,32 +268,7 @@ def decode_rows(
     any_sampled = any(r.temperature > 0 for r in rows)
     any_min = any(r.min_new_tokens > 0 for r in rows)
 
-    # Rows sharing a prompt (best-of-n) prefill it once.
-    unique: dict[tuple[int, ...], int] = {}
-    owner = [unique.setdefault(tuple(r.prompt), len(unique)) for r in rows]
-    prompts = [list(p) for p in unique]
-    width = max(len(p) for p in prompts)
-    input_ids, mask = _left_pad(prompts, width, pad_id)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    if reused:
-        input_ids, positions_in = input_ids[:, reused:], positions[:, reused:]
-    else:
-        positions_in = positions
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions_in,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    logits = out.logits[:, -1, :].float()
-    position = positions[:, -1:]
-    if len(prompts) < n:
-        index = torch.tensor(owner, device=device)
-        cache.batch_select_indices(index)
-        logits, mask, position = logits[index], mask[index], position[index]
+    logits, mask, position, width = _prefill(model, rows, pad_id, device, cache, reused)
     attention = torch.zeros((n, width + max_new), dtype=torch.long, device=device)
     attention[:, :width] = mask
 
@@ -298,15 +308,7 @@ def decode_rows(
                 if first_token[r] is None:
                     first_token[r] = now
             if check is not None:
-                done_host = state.done.tolist()
-                verdicts = check([r for k, r in enumerate(live) if not done_host[k]])
-                ended = iter(verdicts)
-                for k, r in enumerate(live):
-                    if not done_host[k]:
-                        reason = next(ended)
-                        if reason is not None:
-                            reasons[r] = reason
-                            state.done[k] = True
+                _apply_check(check, state, live, reasons)
             if bool(state.done.all()) or last:
                 break
             finished = int(state.done.sum())
@@ -339,6 +341,18 @@ def decode_rows(
         )
         for r in range(n)
     ]
+
+
+def _apply_check(check: Check, state: _Batch, live: list[int], reasons: list[str | None]) -> None:
+    """End the live rows the host check names (cancelled, past their deadline)."""
+    done_host = state.done.tolist()
+    verdicts = iter(check([r for k, r in enumerate(live) if not done_host[k]]))
+    for k, r in enumerate(live):
+        if not done_host[k]:
+            reason = next(verdicts)
+            if reason is not None:
+                reasons[r] = reason
+                state.done[k] = True
 
 
 def _finish_rows(

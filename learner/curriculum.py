@@ -237,6 +237,19 @@ class SelectionResult:
     ids_hash: str
 
 
+def _targets(
+    dialogues: Sequence[DialogueRecord],
+    system_prompt: str,
+    skip_flagged: bool,
+    max_opener_share: float,
+) -> list[dict[str, Any]]:
+    """The per-turn SFT rows of ``dialogues``, at most ``max_opener_share`` per opening."""
+    rows = [
+        row for d in dialogues for row in sft_examples(d, system_prompt, skip_flagged=skip_flagged)
+    ]
+    return cap_openers(rows, max_opener_share)
+
+
 def select_iteration(
     store: CorpusStore,
     runs_dir: Path,
@@ -268,18 +281,9 @@ def select_iteration(
     pairs = [p for d in done for p in preference_pairs(d, system_prompt, pair_min_gap)]
     held = [d for d in easy if is_held_out(d.id, holdout_ratio)] if len(easy) > 1 else []
     held_ids = {d.id for d in held}
-    sft = cap_openers(
-        [
-            row
-            for d in easy
-            if d.id not in held_ids
-            for row in sft_examples(d, system_prompt, skip_flagged=skip_flagged)
-        ],
-        max_opener_share,
-    )
-    heldout = cap_openers(
-        [row for d in held for row in sft_examples(d, system_prompt, skip_flagged=skip_flagged)],
-        max_opener_share,
+    sft, heldout = (
+        _targets(part, system_prompt, skip_flagged, max_opener_share)
+        for part in ([d for d in easy if d.id not in held_ids], held)
     )
     training_ids = sorted({d.id for d in easy} | {p.dialogue_id for p in pairs})
     ids_hash = _ids_hash(training_ids)

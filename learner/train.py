@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from core.devices import worth_quantizing
 from core.learner_settings.train import TrainSettings
 from core.prompting import load_prompt
@@ -36,9 +34,7 @@ from learner.sft_data import (
     tokenize_all,
 )
 from learner.sft_loop import StepHook, heldout_loss, run_sft
-from storage.adapter_models import TrainingRun
-from storage.db import Database
-from storage.models import utcnow
+from learner.train_status import TrainingStatus, TrainingStatusStore
 
 __all__ = [
     "IGNORE_INDEX",
@@ -167,107 +163,6 @@ class TrainResult:
         return out
 
 
-@dataclass(frozen=True)
-class TrainingStatus:
-    run_id: str
-    iteration: int | None
-    adapter_id: str | None
-    stage: str
-    status: str
-    step: int
-    total_steps: int
-    progress: float
-    loss: float | None
-    error: str | None
-    updated_at: Any
-
-
-class TrainingStatusStore:
-    """The status row of each training run, for the UI to poll."""
-
-    def __init__(self, db: Database):
-        self.db = db
-
-    def start(
-        self, run_id: str, *, iteration: int | None, adapter_id: str | None, total_steps: int
-    ) -> None:
-        with self.db.session() as session:
-            row = session.get(TrainingRun, run_id) or TrainingRun(id=run_id)
-            row.iteration = iteration
-            row.adapter_id = adapter_id
-            row.stage = "sft"
-            row.status = "running"
-            row.step = 0
-            row.total_steps = total_steps
-            row.progress = 0.0
-            row.loss = None
-            row.error = None
-            row.started_at = row.updated_at = utcnow()
-            session.add(row)
-
-    def update(
-        self,
-        run_id: str,
-        *,
-        stage: str | None = None,
-        step: int | None = None,
-        total_steps: int | None = None,
-        loss: float | None = None,
-        status: str | None = None,
-        error: str | None = None,
-    ) -> None:
-        with self.db.session() as session:
-            row = session.get(TrainingRun, run_id)
-            if row is None:
-                return
-            if stage is not None:
-                row.stage = stage
-            if total_steps is not None:
-                row.total_steps = total_steps
-            if step is not None:
-                row.step = step
-            if row.total_steps:
-                row.progress = min(1.0, row.step / row.total_steps)
-            if loss is not None:
-                row.loss = loss
-            if status is not None:
-                row.status = status
-                if status == "done":
-                    row.progress = 1.0
-            if error is not None:
-                row.error = error
-            row.updated_at = utcnow()
-
-    def get(self, run_id: str) -> TrainingStatus | None:
-        with self.db.session() as session:
-            row = session.get(TrainingRun, run_id)
-            return None if row is None else _status(row)
-
-    def latest(self) -> TrainingStatus | None:
-        with self.db.session() as session:
-            row = session.scalars(
-                select(TrainingRun).order_by(TrainingRun.updated_at.desc()).limit(1)
-            ).first()
-            return None if row is None else _status(row)
-
-
-def _status(row: TrainingRun) -> TrainingStatus:
-    return TrainingStatus(
-        run_id=row.id,
-        iteration=row.iteration,
-        adapter_id=row.adapter_id,
-        stage=row.stage,
-        status=row.status,
-        step=row.step,
-        total_steps=row.total_steps,
-        progress=row.progress,
-        loss=row.loss,
-        error=row.error,
-        updated_at=row.updated_at,
-    )
-
-
-# --------------------------------------------------------------------------- data
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
@@ -377,37 +272,31 @@ def save_loss_curve(history: list[dict[str, Any]], out_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- training
-def train_adapter(
+def _loop_settings(config: TrainConfig) -> dict[str, Any]:
+    """The SFT loop's knobs from the training config."""
+    return {
+        "learning_rate": config.learning_rate,
+        "schedule": config.lr_scheduler,
+        "batch_size": config.batch_size,
+        "grad_accum_steps": config.grad_accum_steps,
+        "max_grad_norm": config.max_grad_norm,
+        "weight_decay": config.weight_decay,
+        "seed": config.seed,
+        "pack_tokens": config.pack_tokens,
+    }
+
+
+def _training_data(
     base_model: str | Path,
     sft_path: Path,
-    output_dir: Path,
+    heldout_path: Path | None,
+    pairs_path: Path | None,
     config: TrainConfig,
-    *,
-    system_prompt: str | None = None,
-    parent_adapter_dir: Path | None = None,
-    pairs_path: Path | None = None,
-    status: TrainingStatusStore | None = None,
-    run_id: str | None = None,
-    iteration: int | None = None,
-    adapter_id: str | None = None,
-    progress_bar: bool = False,
-    keep_model: bool = False,
-    heldout_path: Path | None = None,
-) -> TrainResult:
-    """Train one adapter into `output_dir` (PEFT safetensors + loss.json + loss.png).
-
-    `parent_adapter_dir` continues from an earlier adapter (its weights are loaded trainable,
-    its LoRA shape kept). `heldout_path` (same format as `sft_path`) gives the held-out loss
-    before and after training. With `config.dpo` and a non-empty `pairs_path`, DPO follows SFT.
-    """
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    system_prompt: str,
+) -> tuple[Any, list[TokenizedExample], list[TokenizedExample], list[dict[str, Any]]]:
+    """The tokenizer, the SFT and held-out examples, and the DPO pairs (when DPO is on)."""
     from transformers import AutoTokenizer
 
-    if system_prompt is None:
-        system_prompt = str(load_prompt("upc_system"))
-    run_id = run_id or uuid.uuid4().hex
-    device = _pick_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -428,6 +317,66 @@ def train_adapter(
         if config.dpo and pairs_path is not None and Path(pairs_path).is_file()
         else []
     )
+    return tokenizer, examples, heldout, pairs
+
+
+def _trainable_model(
+    base_model: str | Path, device: str, config: TrainConfig, parent_adapter_dir: Path | None
+) -> tuple[Any, bool]:
+    """The base with a trainable LoRA: the parent's (its shape kept) or a fresh one."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, quantized = _load_model(base_model, device, config)
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if parent_adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(parent_adapter_dir), is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    if _checkpointing(config, device):
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model, quantized
+
+
+def train_adapter(
+    base_model: str | Path,
+    sft_path: Path,
+    output_dir: Path,
+    config: TrainConfig,
+    *,
+    system_prompt: str | None = None,
+    parent_adapter_dir: Path | None = None,
+    pairs_path: Path | None = None,
+    status: TrainingStatusStore | None = None,
+    run_id: str | None = None,
+    iteration: int | None = None,
+    adapter_id: str | None = None,
+    progress_bar: bool = False,
+    keep_model: bool = False,
+    heldout_path: Path | None = None,
+) -> TrainResult:
+    """Train one adapter into `output_dir` (PEFT safetensors + loss.json + loss.png), from
+    `parent_adapter_dir` if given; held-out loss before and after; DPO after SFT with
+    `config.dpo` and a non-empty `pairs_path`."""
+    import torch
+
+    if system_prompt is None:
+        system_prompt = str(load_prompt("upc_system"))
+    run_id = run_id or uuid.uuid4().hex
+    device = _pick_device(config.device)
+    tokenizer, examples, heldout, pairs = _training_data(
+        base_model, sft_path, heldout_path, pairs_path, config, system_prompt
+    )
     total_steps, warmup = plan_steps(len(examples), config)
     if status is not None:
         status.start(run_id, iteration=iteration, adapter_id=adapter_id, total_steps=total_steps)
@@ -436,26 +385,7 @@ def train_adapter(
     history: list[dict[str, Any]] = []
     try:
         torch.manual_seed(config.seed)
-        model, quantized = _load_model(base_model, device, config)
-        if torch.cuda.is_available() and device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        if parent_adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(parent_adapter_dir), is_trainable=True)
-            peft_config = None
-        else:
-            peft_config = LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                target_modules=config.target_modules,
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
-        if peft_config is not None:
-            model = get_peft_model(model, peft_config)
-        if _checkpointing(config, device):
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
+        model, quantized = _trainable_model(base_model, device, config, parent_adapter_dir)
         pad_id = tokenizer.pad_token_id
         before = heldout_loss(model, heldout, pad_id=pad_id, device=device)
         if status is not None:
@@ -467,14 +397,7 @@ def train_adapter(
             device=device,
             total_steps=total_steps,
             warmup_steps=warmup,
-            learning_rate=config.learning_rate,
-            schedule=config.lr_scheduler,
-            batch_size=config.batch_size,
-            grad_accum_steps=config.grad_accum_steps,
-            max_grad_norm=config.max_grad_norm,
-            weight_decay=config.weight_decay,
-            seed=config.seed,
-            pack_tokens=config.pack_tokens,
+            **_loop_settings(config),
             on_step=_status_hook(status, run_id),
             progress_bar=progress_bar,
         )
@@ -520,14 +443,9 @@ def train_adapter(
     )
     if status is not None:
         status.update(run_id, status="done", step=result.steps)
-    log.info(
-        "trained %d examples, %d steps, %.0f tokens/s on %s, final loss %s",
-        result.examples,
-        result.steps,
-        result.tokens_per_s,
-        result.device,
-        result.final_loss,
-    )
+    log.info("trained %d examples, %d steps, %.0f tokens/s on %s, final loss %s",
+             result.examples, result.steps, result.tokens_per_s, result.device,
+             result.final_loss)  # fmt: skip
     return result
 
 
