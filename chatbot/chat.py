@@ -21,6 +21,7 @@ from typing import Protocol
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from chatbot.memory import MemoryFact, recall_opener, render_profile
 from core.prompting import PromptTooLongError, fit_prompt, load_prompt
 from core.types import (
     BASE_ADAPTER,
@@ -77,7 +78,7 @@ class MemoryHooks(Protocol):
 
     def context_block(self, user_id: str, query: str, *, top_k: int, token_budget: int) -> str: ...
 
-    def profile(self, user_id: str) -> str: ...
+    def profile_facts(self, user_id: str) -> list[MemoryFact]: ...
 
     def is_enabled(self, user_id: str) -> bool: ...
 
@@ -244,13 +245,8 @@ class ChatService:
                 select(func.count(Message.id)).where(Message.conversation_id == conversation.id)
             ):
                 return
-        profile = self._memory_profile(user_id)
-        if profile:
-            instruction = load_prompt("upc_greeting_known").fill(profile=profile)
-        else:
-            instruction = str(load_prompt("upc_greeting"))
-        messages = [ChatMessage("system", f"{self._system}\n{instruction}")]
-        yield from self._stream_reply(user_id, conversation_id, messages)
+        messages, opener = self._greeting(user_id, conversation_id)
+        yield from self._stream_reply(user_id, conversation_id, messages, opener=opener)
 
     def send(
         self, user_id: str, conversation_id: str, text: object, *, client: str = ""
@@ -297,8 +293,8 @@ class ChatService:
             )
             last.status = "superseded"
         if not has_user_turn:
-            messages = [ChatMessage("system", f"{self._system}\n{load_prompt('upc_greeting')}")]
-            return self._stream_reply(user_id, conversation_id, messages)
+            messages, opener = self._greeting(user_id, conversation_id)
+            return self._stream_reply(user_id, conversation_id, messages, opener=opener)
         return self._stream_reply(user_id, conversation_id, self._prompt(user_id, conversation_id))
 
     def rate(self, user_id: str, message_id: str, rating: int, reason: str | None = None) -> None:
@@ -455,14 +451,26 @@ class ChatService:
             log.warning("memory recall failed; chatting without it", exc_info=True)
             return ""
 
-    def _memory_profile(self, user_id: str) -> str:
+    def _greeting(self, user_id: str, conversation_id: str) -> tuple[list[ChatMessage], str]:
+        """The greeting's prompt and its opener (a recalled fact; "" for a new user)."""
+        facts = self._memory_facts(user_id)
+        opener = recall_opener(facts, conversation_id)
+        if opener:
+            instruction = load_prompt("upc_greeting_recall").fill(
+                profile=render_profile(facts), opener=opener
+            )
+        else:
+            instruction = str(load_prompt("upc_greeting"))
+        return [ChatMessage("system", f"{self._system}\n{instruction}")], opener
+
+    def _memory_facts(self, user_id: str) -> list[MemoryFact]:
         if not self._memory_enabled(user_id):
-            return ""
+            return []
         try:
-            return self.memory.profile(user_id)  # type: ignore[union-attr]
+            return self.memory.profile_facts(user_id)  # type: ignore[union-attr]
         except Exception:
             log.warning("memory profile failed; greeting without it", exc_info=True)
-            return ""
+            return []
 
     def _remember_async(
         self, user_id: str, text: str, message_id: str, conversation_id: str
@@ -483,16 +491,19 @@ class ChatService:
         work()
 
     def _stream_reply(
-        self, user_id: str, conversation_id: str, messages: list[ChatMessage]
+        self, user_id: str, conversation_id: str, messages: list[ChatMessage], opener: str = ""
     ) -> Generator[ReplyEvent]:
+        """Stream the model's reply (after ``opener``, a fixed first sentence) and store it."""
         adapter = self.adapter_for(conversation_id)
-        pieces: list[str] = []
+        pieces: list[str] = [opener + " "] if opener else []
         completion: Completion | None = None
         error: str | None = None
         started = flushed = time.perf_counter()
         partial_id: str | None = None
         stream = self.model.stream(messages, self.params, adapter=adapter)
         try:
+            if opener:
+                yield ReplyEvent("delta", opener + " ")
             while True:
                 try:
                     piece = next(stream)

@@ -88,3 +88,26 @@ def test_chat_survives_a_broken_chroma(env, data_dir):
     events = list(chat.send(quinn.id, cid, "I'm a beekeeper."))
     assert events[-1].kind == "done"
     assert chat.messages(quinn.id, cid)[-1].role == "assistant"
+
+
+def test_a_returning_user_is_greeted_with_a_remembered_fact(env):
+    _, chat, _, accounts = env
+    lena = accounts.create("lena", "lena-pass-1")
+    first = chat.create_conversation(lena.id)
+    list(chat.send(lena.id, first, "My name is Lena and I keep bees in my garden."))
+    second = chat.create_conversation(lena.id)
+    events = list(chat.stream_greeting(lena.id, second))
+    assert events[0].kind == "delta" and "Lena" in events[0].text  # the opener streams first
+    done = events[-1]
+    assert done.kind == "done" and done.text.startswith(events[0].text.strip())
+    assert "you keep bees in your garden" in done.text  # second person, from the stored fact
+    assert [m.content for m in chat.messages(lena.id, second)] == [done.text]  # as shown
+    # Regenerating the greeting recalls too; a new user and memory off get none.
+    regenerated = list(chat.regenerate(lena.id, second))[-1]
+    assert "bees" in regenerated.text
+    omar = accounts.create("omar2", "omar-pass-1")
+    theirs = list(chat.stream_greeting(omar.id, chat.create_conversation(omar.id)))[-1]
+    assert "bees" not in theirs.text and "Lena" not in theirs.text
+    accounts.set_preferences(lena.id, memory_enabled=False)
+    third = list(chat.stream_greeting(lena.id, chat.create_conversation(lena.id)))[-1]
+    assert "bees" not in third.text and "Lena" not in third.text

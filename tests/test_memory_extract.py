@@ -10,7 +10,7 @@ import pytest
 
 from core.embeddings import Embedder
 from core.memory_extract import RulesExtractor
-from core.memory_extract.text import atomic, statements, third_person
+from core.memory_extract.text import atomic, second_person, statements, third_person
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +328,24 @@ def test_third_person_keeps_the_past_and_negation() -> None:
     assert third_person("used", "to play soccer") == "used to play soccer"
     assert third_person("worked", "at Hollister") == "worked at Hollister"
     assert third_person("don't", "eat meat") == "doesn't eat meat"
+
+
+@pytest.mark.parametrize(
+    ("fact", "clause"),
+    [
+        ("has two dogs", "you have two dogs"),
+        ("their wife is a doctor", "your wife is a doctor"),
+        ("works as a nurse at the hospital", "you work as a nurse at the hospital"),
+        ("is a teacher", "you are a teacher"),
+        ("doesn't eat meat", "you don't eat meat"),
+        ("moved to Porto last year", "you moved to Porto last year"),
+        ("tries new recipes", "you try new recipes"),
+        ("fixes old cars", "you fix old cars"),
+        ("misses home", "you miss home"),
+        ("The user enjoys baking.", "you enjoy baking"),
+    ],
+)
+def test_second_person_turns_a_stored_fact_back_to_the_user(fact: str, clause: str) -> None:
+    assert second_person(fact) == clause
+    # The round trip from what the user said: "I fix old cars" -> stored -> recalled.
+    assert second_person(third_person("fix", "old cars")) == "you fix old cars"

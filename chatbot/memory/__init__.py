@@ -21,7 +21,8 @@ re-checked against SQLite ownership before they are returned.
 from __future__ import annotations
 
 from chatbot.memory.facts import MemoryFact, MemoryFactHistory, MemoryScopeError
-from chatbot.memory.service import MemoryService
+from chatbot.memory.opener import recall_opener
+from chatbot.memory.service import MemoryService, render_profile
 from storage.memory_models import DEFAULT_COLLECTION
 
 __all__ = [
@@ -30,4 +31,6 @@ __all__ = [
     "MemoryFactHistory",
     "MemoryScopeError",
     "MemoryService",
+    "recall_opener",
+    "render_profile",
 ]

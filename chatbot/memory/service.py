@@ -37,7 +37,7 @@ from core.types import ChatModel
 from storage.db import Database
 from storage.memory_models import DEFAULT_COLLECTION, MEMORY_CATEGORIES
 
-__all__ = ["MemoryService"]
+__all__ = ["MemoryService", "render_profile"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ def _quote(statement: str) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split()).replace("<", "‹").replace(">", "›")
+
+
+def render_profile(facts: Sequence[MemoryFact]) -> str:
+    """One "- The user ..." line per fact (angle brackets defused: it goes into prompts)."""
+    return "\n".join(f"- {_one_line(f.statement)}" for f in facts)
 
 
 class MemoryService:
@@ -392,11 +397,14 @@ class MemoryService:
 
         Used for the greeting of a new conversation and as the critic's user background.
         """
-        uid = require_user_id(user_id)
-        facts = self.facts.profile_facts(uid, max_facts)
+        facts = self.profile_facts(user_id, max_facts=max_facts)
         if token_budget is not None:
             facts = self._within_budget(facts, token_budget)
-        return "\n".join(f"- {_one_line(f.statement)}" for f in facts)
+        return render_profile(facts)
+
+    def profile_facts(self, user_id: str, *, max_facts: int = 8) -> list[MemoryFact]:
+        """The profile's facts, by category rank then newest; [] when memory is off."""
+        return self.facts.profile_facts(require_user_id(user_id), max_facts)
 
     def context_block(
         self,

@@ -16,7 +16,7 @@ import re
 
 from core.memory_extract.records import words
 
-__all__ = ["atomic", "clean_object", "reaction", "statements", "third_person"]
+__all__ = ["atomic", "clean_object", "reaction", "second_person", "statements", "third_person"]
 
 # ------------------------------------------------------------------ sentences and clauses
 
@@ -409,3 +409,37 @@ def _third_person_verb(lower: str) -> str:
     if re.search(r"[^aeiou]y$", lower):
         return lower[:-1] + "ies"
     return lower + "s"
+
+
+_SECOND_PERSON_IRREGULAR = {
+    "has": "have",
+    "does": "do",
+    "doesn't": "don't",
+    "goes": "go",
+    "is": "are",
+    "isn't": "aren't",
+    "was": "were",
+    "wasn't": "weren't",
+}
+
+
+def second_person(fact: str) -> str:
+    """A stored third-person fact as a clause about "you": "has two dogs" -> "you have two
+    dogs", "their wife is a doctor" -> "your wife is a doctor" (the greeting's recall)."""
+    text = " ".join(fact.split()).rstrip(".!?")
+    text = re.sub(r"^(?:the user|user)\s+", "", text, flags=re.I)
+    text = re.sub(r"\b(?:their|his|her)\b", "your", text, flags=re.I)
+    text = re.sub(r"\b(?:themselves|himself|herself)\b", "yourself", text, flags=re.I)
+    if text.lower().startswith("your "):
+        return text
+    verb, _, rest = text.partition(" ")
+    lower = verb.lower()
+    if lower in _SECOND_PERSON_IRREGULAR:
+        verb = _SECOND_PERSON_IRREGULAR[lower]
+    elif lower.endswith("ies") and len(lower) > 4:
+        verb = lower[:-3] + "y"
+    elif re.search(r"(?:ss|sh|ch|x|z|o)es$", lower):
+        verb = lower[:-2]
+    elif lower.endswith("s") and not lower.endswith("ss"):
+        verb = lower[:-1]
+    return f"you {verb} {rest}".strip()
