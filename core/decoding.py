@@ -112,6 +112,17 @@ class DecodeRow:
     repetition_penalty: float
     seed: int
     streamed: bool = False
+    # Mixed-adapter batches only (``decode_rows(..., mixed_adapters=True)``): this row's
+    # LoRA adapter, None for the base model.
+    adapter: str | None = None
+
+
+# peft's name for "no adapter" in a mixed batch (`adapter_names=`).
+PEFT_BASE = "__base__"
+
+
+def _adapter_names(rows: Sequence[DecodeRow]) -> list[str]:
+    return [r.adapter or PEFT_BASE for r in rows]
 
 
 @dataclass
@@ -208,15 +219,22 @@ class _Batch:
 
 
 def _prefill(
-    model: Any, rows: Sequence[DecodeRow], pad_id: int, device: str, cache: Any, reused: int
+    model: Any,
+    rows: Sequence[DecodeRow],
+    pad_id: int,
+    device: str,
+    cache: Any,
+    reused: int,
+    mixed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Run the prompts once; rows sharing a prompt (best-of-n) share its prefill, and the
-    cache is then spread to every row. Returns the last logits, the prompt mask, the last
-    positions and the padded width."""
+    """Run the prompts once; rows sharing a prompt (best-of-n) and an adapter share its
+    prefill, and the cache is then spread to every row. Returns the last logits, the prompt
+    mask, the last positions and the padded width."""
     n = len(rows)
-    unique: dict[tuple[int, ...], int] = {}
-    owner = [unique.setdefault(tuple(r.prompt), len(unique)) for r in rows]
-    prompts = [list(p) for p in unique]
+    unique: dict[tuple[str | None, tuple[int, ...]], int] = {}
+    owner = [unique.setdefault((r.adapter, tuple(r.prompt)), len(unique)) for r in rows]
+    prompts = [list(p) for _adapter, p in unique]
+    extra = {"adapter_names": [a or PEFT_BASE for a, _p in unique]} if mixed else {}
     width = max(len(p) for p in prompts)
     input_ids, mask = _left_pad(prompts, width, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
@@ -232,6 +250,7 @@ def _prefill(
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **extra,
     )
     logits = out.logits[:, -1, :].float()
     position = positions[:, -1:]
@@ -254,9 +273,12 @@ def decode_rows(
     check: Check | None = None,
     on_token: OnToken | None = None,
     started: float | None = None,
+    mixed_adapters: bool = False,
 ) -> list[DecodeResult]:
     """Decode ``rows`` together; ``cache`` may hold the first ``reused`` prompt tokens
-    (single-row requests only). Returns one result per row, in order."""
+    (single-row requests only). With ``mixed_adapters`` each row runs under its own
+    ``adapter`` (peft's mixed-batch LoRA: ``model`` is a PeftModel in eval mode); otherwise
+    the caller has set the one adapter. Returns one result per row, in order."""
     n = len(rows)
     started = time.perf_counter() if started is None else started
     streaming = any(r.streamed for r in rows)
@@ -268,7 +290,10 @@ def decode_rows(
     any_sampled = any(r.temperature > 0 for r in rows)
     any_min = any(r.min_new_tokens > 0 for r in rows)
 
-    logits, mask, position, width = _prefill(model, rows, pad_id, device, cache, reused)
+    logits, mask, position, width = _prefill(
+        model, rows, pad_id, device, cache, reused, mixed_adapters
+    )
+    names = _adapter_names(rows) if mixed_adapters else None
     attention = torch.zeros((n, width + max_new), dtype=torch.long, device=device)
     attention[:, :width] = mask
 
@@ -321,6 +346,8 @@ def decode_rows(
                 attention = attention[keep]
                 position = position[keep]
                 nxt = nxt[keep]
+                if names is not None:
+                    names = [names[k] for k in keep.tolist()]
         attention[:, width + step] = 1
         position = position + 1
         out = model(
@@ -329,6 +356,7 @@ def decode_rows(
             position_ids=position,
             past_key_values=cache,
             use_cache=True,
+            **({} if names is None else {"adapter_names": names}),
         )
         logits = out.logits[:, -1, :].float()
     _finish_rows(state, reasons, live, lengths)

@@ -434,7 +434,7 @@ class LocalModel:
                     break
             if (
                 isinstance(item, _Job)
-                and item.adapter == first.adapter
+                and (item.adapter == first.adapter or self._mixable)
                 and size + len(item.prompts) <= self.max_batch_size
             ):
                 batch.append(item)
@@ -463,11 +463,17 @@ class LocalModel:
                 ]
             )
 
-    def _adapter_context(self, adapter: str | None) -> Any:
+    @property
+    def _mixable(self) -> bool:
+        """Whether jobs under different adapters can share a decode batch: any peft model
+        (the base runs as peft's "__base__" rows)."""
+        return hasattr(self.model, "peft_config")
+
+    def _adapter_context(self, adapter: str | None, mixed: bool = False) -> Any:
         from contextlib import nullcontext
 
         model = self.model
-        if not hasattr(model, "peft_config"):
+        if mixed or not hasattr(model, "peft_config"):
             return nullcontext()
         if adapter is None:
             return model.disable_adapter()
@@ -489,12 +495,15 @@ class LocalModel:
                 # Rows of one job get distinct seeds, so a seeded batch does not repeat itself.
                 seed=job.seeds[idx] if job.seeds else _row_seed(job.params.seed, idx),
                 streamed=job.sinks[idx] is not None,
+                adapter=job.adapter,
             )
             for job, idx in rows.jobs
         ]
         adapter = batch[0].adapter
-        cache, reused = self._prefixes.take(prompts, adapter)
-        with torch.inference_mode(), self._adapter_context(adapter):
+        # Jobs under different adapters share the batch (peft's mixed-batch LoRA).
+        mixed = len({job.adapter for job in batch}) > 1
+        cache, reused = self._prefixes.take(prompts, None if mixed else adapter)
+        with torch.inference_mode(), self._adapter_context(None if mixed else adapter, mixed):
             decoded = decode_rows(
                 self.model,
                 specs,
@@ -506,6 +515,7 @@ class LocalModel:
                 check=lambda live: self._check(rows, live),
                 on_token=lambda r, token: self._stream(rows, r, token),
                 started=started,
+                mixed_adapters=mixed,
             )
         elapsed = time.perf_counter() - started
         for r, result in enumerate(decoded):

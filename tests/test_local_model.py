@@ -5,6 +5,7 @@ import pytest
 
 from core.local_model import AdapterLoadError, LocalModel
 from core.types import ChatMessage, GenerationParams, ModelBusyError, ModelTimeoutError
+from tests.test_hotswap import _random_lora
 
 MSGS = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello there, I bake bread.")]
 
@@ -130,3 +131,40 @@ def test_seeded_batch_rows_differ_and_repeat_across_runs(tiny):
     again = [c.text for c in tiny.generate_batch([MSGS, MSGS, MSGS], params)]
     assert first == again
     assert len(set(first)) > 1
+
+
+def test_jobs_under_different_adapters_share_one_batch_and_match_alone(tiny_model_dir, tmp_path):
+    """Base and two LoRA adapters decode in one batch (peft's mixed batch), and every row
+    gives what it gives alone under its own adapter (greedy)."""
+    model = LocalModel(tiny_model_dir, model_id="tiny", dtype="float32", max_batch_size=16)
+    try:
+        for i, name in enumerate(("one", "two")):
+            model.load_adapter(name, _random_lora(tiny_model_dir, tmp_path / name, seed=i))
+        params = GenerationParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.0)
+        other = [ChatMessage("user", "Tell me about your garden and the weather today.")]
+        jobs = [(MSGS, None), (MSGS, "one"), (other, "two"), (MSGS, "two"), (other, None)]
+        alone = [model.generate(m, params, adapter=a).text for m, a in jobs]
+        assert len({alone[0], alone[1], alone[3]}) == 3  # the adapters really differ
+        gate = threading.Event()
+        blocker = threading.Thread(target=model.run_exclusive, args=(lambda m, t: gate.wait(5),))
+        blocker.start()
+        time.sleep(0.1)
+        results: dict[int, object] = {}
+
+        def run(k: int) -> None:
+            results[k] = model.generate(jobs[k][0], params, adapter=jobs[k][1])
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        gate.set()
+        for t in [*threads, blocker]:
+            t.join(60)
+        assert [results[k].text for k in range(len(jobs))] == alone
+        assert [results[k].adapter_id for k in range(len(jobs))] == [
+            "base", "one", "two", "two", "base",
+        ]  # fmt: skip
+        assert max(results[k].extra["batch_size"] for k in results) == len(jobs)
+    finally:
+        model.close()
