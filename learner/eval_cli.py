@@ -102,6 +102,11 @@ def register(subparsers: Any) -> Any:
     )
     p.add_argument("--no-memory", action="store_true", help="discovery from replies only")
     p.add_argument("--no-perplexity", action="store_true")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one system after another (default: all at once, sharing decode batches)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
     sub = p.add_subparsers(dest="eval_command", metavar="{side-by-side,unblind}")
@@ -167,6 +172,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> EvalConfig:
         batch_size=args.batch_size,
         regression_tolerance=tolerance,
         use_memory=not args.no_memory,
+        parallel_systems=not args.sequential,
         chatbot_params=gen.chatbot_params,
         user_params=(
             dataclasses.replace(gen.user_params, max_new_tokens=args.user_max_new_tokens)

@@ -100,6 +100,9 @@ class EvalConfig:
     seeds: int = 2
     # Dialogues decoded together; None: every dialogue of a system at once.
     batch_size: int | None = None
+    # Generate every system's dialogues at the same time (one thread each): on the local
+    # backend their decode steps share batches, one adapter per row.
+    parallel_systems: bool = True
     n_boot: int = 2000
     confidence: float = 0.95
     discovery_threshold: float = DISCOVERY_SIMILARITY

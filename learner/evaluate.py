@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -224,6 +225,34 @@ def _generate(
     return SystemRun(records=records, personas=expanded, seeds=seeds, eval_scores=[])
 
 
+def _generate_all(
+    systems: Sequence[tuple[SystemSpec, ChatModel]],
+    personas: Sequence[PersonaLike],
+    *,
+    user_model: ChatModel,
+    critic: Critic,
+    cfg: EvalConfig,
+    progress: Progress,
+) -> list[tuple[SystemRun, float]]:
+    """Every system's dialogues and their generation seconds, in the order given; with
+    ``cfg.parallel_systems`` the systems run at once, one thread each."""
+
+    def one(item: tuple[SystemSpec, ChatModel]) -> tuple[SystemRun, float]:
+        spec, chatbot = item
+        t0 = time.perf_counter()
+        log.info("evaluating %s on %d users x %d seeds", spec.name, len(personas), cfg.seeds)
+        run = _generate(
+            spec, chatbot, personas, user_model=user_model, critic=critic, cfg=cfg,
+            progress=progress,
+        )  # fmt: skip
+        return run, time.perf_counter() - t0
+
+    if not cfg.parallel_systems or len(systems) < 2:
+        return [one(item) for item in systems]
+    with ThreadPoolExecutor(max_workers=len(systems), thread_name_prefix="eval") as pool:
+        return list(pool.map(one, systems))
+
+
 def _rescore(
     critic: Critic, run: SystemRun, batch_size: int | None, progress: Progress
 ) -> list[list[Score]]:
@@ -334,18 +363,11 @@ def evaluate_systems(
     started = time.perf_counter()
     results: list[SystemResult] = []
     runs: dict[str, SystemRun] = {}
-    for spec, chatbot in systems:
+    generated = _generate_all(
+        systems, personas, user_model=user_model, critic=train_critic, cfg=cfg, progress=notify
+    )
+    for (spec, chatbot), (run, generate_s) in zip(systems, generated, strict=True):
         t0 = time.perf_counter()
-        log.info("evaluating %s on %d users x %d seeds", spec.name, len(personas), cfg.seeds)
-        run = _generate(
-            spec,
-            chatbot,
-            personas,
-            user_model=user_model,
-            critic=train_critic,
-            cfg=cfg,
-            progress=notify,
-        )
         run.eval_scores = _rescore(eval_critic, run, cfg.batch_size, notify)
         result = _measure(
             spec,
@@ -358,7 +380,7 @@ def evaluate_systems(
             extractor=extractor,
             base_runner=base_runner,
         )
-        result.elapsed_s = time.perf_counter() - t0
+        result.elapsed_s = generate_s + time.perf_counter() - t0
         results.append(result)
         runs[spec.name] = run
         notify("system", 1)

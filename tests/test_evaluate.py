@@ -12,6 +12,7 @@ from chatbot.cli import main
 from core.settings import load_settings
 from learner.eval_cli import select_personas
 from learner.eval_records import SystemSpec, parse_systems
+from learner.eval_report import read_transcripts
 from learner.registry import AdapterManifest, AdapterRegistry
 from storage.db import Database
 
@@ -246,3 +247,29 @@ def test_parse_systems_and_user_selection() -> None:
     assert picked == select_personas(pool, 10, seed=1) and picked == sorted(picked)
     assert len(set(picked)) == 10 and picked != select_personas(pool, 10, seed=2)
     assert select_personas(pool[:3], 10, seed=1) == [0, 1, 2]
+
+
+def _eval_transcripts(config_file: Path, out: Path, *extra: str) -> list[tuple[str, list]]:
+    args = ["--config", str(config_file), "eval", "--split", "test", "--users", "2"]
+    args += ["--seeds", "2", "--turns", "2", "--systems", f"base,{ADAPTER_ID}", "--seed", "3"]
+    args += ["--train-critic", "llm", "--eval-critic", "spc", "--no-perplexity"]
+    args += ["--no-progress", "--user-max-new-tokens", "8", "--out", str(out), *extra]
+    assert main(args) == 0
+    rows = read_transcripts(out)
+    return [
+        (r.system, [(t["final_reply"], t["user_message"]) for t in r.dialogue["turns"]])
+        for r in rows
+    ]
+
+
+def test_systems_generated_at_once_give_the_same_dialogues_as_one_after_another(
+    config_file: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The default runs base and the adapter concurrently (their decode steps share
+    batches, one adapter per row); per-row seeds make it the same evaluation."""
+    _publish_random_lora(config_file, tiny_model_dir, tmp_path)
+    together = _eval_transcripts(config_file, tmp_path / "together")
+    apart = _eval_transcripts(config_file, tmp_path / "apart", "--sequential")
+    assert len(together) == 8 and together == apart
+    by_system = {s: [d for name, d in together if name == s] for s in ("base", ADAPTER_ID)}
+    assert by_system["base"] != by_system[ADAPTER_ID]  # the adapter really ran on its rows

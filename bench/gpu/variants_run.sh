@@ -37,7 +37,7 @@ from storage.db import Database
 s = load_settings()
 print(','.join(['base', *[m.id for m in AdapterRegistry(s.adapters_dir, Database.from_settings(s)).list()]]))")
     echo "systems: $systems"
-    timeout "$budget" python3 -m chatbot.cli eval --split test --users 200 --seeds 1 --turns 5 \
+    timeout "$budget" python3 -m chatbot.cli eval --split test --users 200 --seeds "${SEEDS:-1}" --turns 5 \
       --systems "$systems" --out /tmp/lr/runs/eval-test --seed 7 --no-progress --no-memory \
       2>&1 | quiet | tail -40
     cd /tmp/lr && tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.db*' runs adapters ;;
