@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import statistics
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -343,12 +344,13 @@ def run_gate(
     ensure_adapter(chatbot, registry, baseline_id)
     seeds = tuple(seed + k for k in range(max(1, n_seeds)))
     kwargs = {"seeds": seeds, "turns": turns, "runner": runner}
-    cand_dialogues = run_variant(
-        chatbot, user_model, critic, personas, adapter=candidate_id, **kwargs
-    )
-    base_dialogues = run_variant(
-        chatbot, user_model, critic, personas, adapter=baseline_id, **kwargs
-    )
+    # Both sides at once: on the local backend their decode steps share batches.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gate") as pool:
+        sides = [
+            pool.submit(run_variant, chatbot, user_model, critic, personas, adapter=a, **kwargs)
+            for a in (candidate_id, baseline_id)
+        ]
+        cand_dialogues, base_dialogues = (side.result() for side in sides)
     cand = ScoreSet.from_dialogues(candidate_id, cand_dialogues)
     base = ScoreSet.from_dialogues(baseline_id, base_dialogues)
     regressed: list[CheckRegression] = []
