@@ -16,12 +16,15 @@ from typing import Any
 
 from tqdm import tqdm
 
+from core.prompting import load_prompt
 from core.runtime import ModelPool
 from core.settings import Settings
+from core.types import BASE_ADAPTER
 from learner import stages
 from learner.critic import build_critic, critic_kind
 from learner.distributed import current_rank, setup, teardown
 from learner.records import IterationStats
+from learner.registry import AdapterRegistry
 from learner.sanity import (
     AdversarialReport,
     evaluate_adversarial,
@@ -31,6 +34,8 @@ from learner.sanity import (
 )
 from learner.stages import LoopParts
 from learner.store import CorpusStore
+from learner.train import TrainConfig
+from learner.train_status import TrainingStatusStore
 from storage.db import Database
 
 __all__ = ["SUBCOMMANDS", "CorpusBars", "format_stats", "learn_subparsers", "register"]
@@ -79,7 +84,23 @@ def _add_sanity(sub: Any) -> None:
     p.set_defaults(func=_sanity)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_generate, _add_select, _add_sanity]
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an adapter on an iteration's selection (torchrun: data-parallel)",
+        description="Training settings come from the settings (UPC_LEARNER__*); the adapter "
+        "is published, not activated. Under torchrun every rank trains its share of each "
+        "batch and the first rank publishes.",
+    )
+    p.add_argument("--iteration", type=int, required=True)
+    p.add_argument(
+        "--parent", choices=("base", "active"), default="base", help="train from (default base)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_generate, _add_select, _add_train, _add_sanity]
 
 
 def register(subparsers: Any) -> Any:
@@ -216,6 +237,36 @@ def _select(args: argparse.Namespace, settings: Settings) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    rank = current_rank()
+    setup(rank)
+    db = Database.from_settings(settings)
+    try:
+        registry = AdapterRegistry(settings.adapters_dir, db)
+        outcome = stages.train(
+            registry,
+            stages.load_selection(settings.runs_dir, args.iteration),
+            runs_dir=settings.runs_dir,
+            base=stages.BaseModel.from_settings(settings),
+            config=TrainConfig.from_settings(settings.learner.train),
+            parent_id=registry.active_id() if args.parent == "active" else BASE_ADAPTER,
+            cumulative=False,
+            status=TrainingStatusStore(db),
+            system_prompt=str(load_prompt("upc_system")),
+            progress_bar=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    finally:
+        db.dispose()
+        teardown()
+    if rank.main:
+        summary = {"adapter_id": outcome.adapter_id, "reused": outcome.reused}
+        print(json.dumps({**summary, "note": outcome.note, "metrics": outcome.metrics}, indent=2))
+    return 0 if outcome.adapter_id else 1
 
 
 def _sanity(args: argparse.Namespace, settings: Settings) -> int:

@@ -412,17 +412,22 @@ def personas_for_iteration(
     return chosen
 
 
+def cumulative_paths(runs_dir: Path, iteration: int) -> tuple[Path, Path]:
+    """Where `cumulative_training_files` writes iteration K's training and held-out sets."""
+    out = iteration_dir(runs_dir, iteration)
+    return out / "train-all.jsonl", out / "heldout-all.jsonl"
+
+
 def cumulative_training_files(runs_dir: Path, iteration: int) -> tuple[Path, Path]:
     """Write iteration K's cumulative ``train-all.jsonl`` and ``heldout-all.jsonl``: the
     selected examples of iterations 1..K, for retraining from the base."""
-    out = iteration_dir(runs_dir, iteration)
     parts: dict[str, list[str]] = {"sft.jsonl": [], "heldout.jsonl": []}
     for k in range(1, iteration + 1):
         for name, rows in parts.items():
             path = iteration_dir(runs_dir, k) / name
             if path.is_file():
                 rows.extend(x for x in path.read_text("utf-8").splitlines() if x.strip())
-    train, held = out / "train-all.jsonl", out / "heldout-all.jsonl"
+    train, held = cumulative_paths(runs_dir, iteration)
     _write_atomic(train, "".join(x + "\n" for x in parts["sft.jsonl"]))
     _write_atomic(held, "".join(x + "\n" for x in parts["heldout.jsonl"]))
     return train, held

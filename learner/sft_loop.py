@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from learner.distributed import Rank
+
 __all__ = [
     "LoopResult",
     "StepHook",
@@ -22,6 +24,7 @@ __all__ = [
     "heldout_loss",
     "lr_at",
     "pack_rows",
+    "reduce_gradients",
     "run_sft",
 ]
 
@@ -185,6 +188,34 @@ def heldout_loss(
     return total / count if count else None
 
 
+def reduce_gradients(params: Sequence[Any], rank: Rank) -> None:
+    """Sum the trainable parameters' gradients over the ranks (one flat all-reduce: LoRA
+    gradients are small). A rank whose share of a step was empty adds zeros."""
+    import torch
+    import torch.distributed as dist
+
+    if not rank.distributed:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    at = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[at : at + g.numel()].view_as(g).clone()
+        at += g.numel()
+
+
+def _reduced(value: float, device: str, rank: Rank) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not rank.distributed:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total)
+
+
 def run_sft(
     model: Any,
     examples: Sequence[Any],
@@ -203,12 +234,19 @@ def run_sft(
     pack_tokens: int = 0,
     on_step: StepHook | None = None,
     progress_bar: bool = False,
+    rank: Rank | None = None,
 ) -> LoopResult:
     """Train the trainable (LoRA) parameters for ``total_steps`` optimizer steps.
 
     With ``pack_tokens`` > 0 a micro-batch's examples are packed into rows of at most that
-    many tokens (block-diagonal attention), so few, full rows replace many padded ones."""
+    many tokens (block-diagonal attention), so few, full rows replace many padded ones.
+    Under ``torchrun`` (``rank`` of several) every rank makes the same batches and takes
+    every world-th example of each; the gradients are summed over the ranks before the
+    step, so the ranks stay equal and train as one process with the same batches would.
+    ``tokens`` then counts every rank's."""
     import torch
+
+    rank = rank or Rank()
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
@@ -219,7 +257,7 @@ def run_sft(
     epoch = 0
     queue: list[list[int]] = []
     bar = None
-    if progress_bar:
+    if progress_bar and rank.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, desc="train", unit="step")
@@ -238,7 +276,9 @@ def run_sft(
         )
         step_loss = torch.zeros((), device=device)
         for idx in micro:
-            chosen = [examples[i] for i in idx]
+            chosen = [examples[i] for i in idx[rank.index :: rank.world]]
+            if not chosen:
+                continue
             if pack_tokens > 0:
                 batch = _collate_packed(chosen, max(pack_tokens, max(lengths)), pad_id, device)
             else:
@@ -248,10 +288,11 @@ def run_sft(
             (loss / max(1, labelled)).backward()
             step_loss += loss.detach()
             tokens += sum(len(ex.input_ids) for ex in chosen)
+        reduce_gradients(params, rank)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        mean = float(step_loss) / max(1, labelled)
+        mean = _reduced(float(step_loss), device, rank) / max(1, labelled)
         history.append({"stage": "sft", "step": step + 1, "loss": mean})
         if on_step is not None:
             on_step(step + 1, total_steps, mean)
@@ -262,4 +303,5 @@ def run_sft(
         bar.close()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    tokens = int(_reduced(float(tokens), device, rank))
     return LoopResult(total_steps, time.perf_counter() - started, tokens, history)

@@ -33,8 +33,10 @@ from learner.checks import CriticFreeChecks, critic_free_checks
 from learner.critic import Critic, CriticRole, build_critic, critic_kind
 from learner.curriculum import (
     compute_stats,
+    cumulative_paths,
     cumulative_training_files,
     iteration_dir,
+    load_training_set,
     personas_for_iteration,
     select_iteration,
 )
@@ -396,6 +398,19 @@ def select_logged(db: Database, runs_dir: Path, *, iteration: int, ratio: float)
     return _with_logged(dataclasses.replace(empty, source="logged"), mix)
 
 
+def load_selection(runs_dir: Path, iteration: int) -> Selection:
+    """The training set ``upc learn select`` (or an iteration) wrote, its ids hash checked."""
+    recorded = load_training_set(runs_dir, iteration)
+    return Selection(
+        iteration=iteration,
+        run_dir=iteration_dir(runs_dir, iteration),
+        sft_count=len(recorded.sft),
+        pair_count=len(recorded.pairs),
+        ids_hash=recorded.ids_hash,
+        dialogue_ids=tuple(recorded.dialogue_ids),
+    )
+
+
 # ---------------------------------------------------------------------- train
 def _hash_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -430,8 +445,12 @@ def train(
         return TrainOutcome(adapter_id=None, parent_id=parent, note=note)
     settings_dict = config.to_dict()
     heldout: Path | None = selection.heldout_path if selection.heldout_path.is_file() else None
+    rank = current_rank()  # under torchrun: every rank trains, the first one publishes
     if parent is None and cumulative and k > 1:
-        sft, heldout = cumulative_training_files(runs_dir, k)
+        if rank.main:
+            cumulative_training_files(runs_dir, k)
+        barrier(rank)
+        sft, heldout = cumulative_paths(runs_dir, k)
     set_hash = _hash_file(sft)
     fingerprint = json.dumps([set_hash, parent, settings_dict], sort_keys=True)
     adapter_id = f"it{k:03d}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:10]}"
@@ -441,7 +460,8 @@ def train(
         metrics = registry.get(adapter_id).metrics
         return TrainOutcome(adapter_id, parent, metrics=metrics, reused=True)
     staging = selection.run_dir / "adapter-staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    if rank.main:
+        shutil.rmtree(staging, ignore_errors=True)
     pairs = selection.pairs_path
     result = train_adapter(
         base.path,
@@ -458,6 +478,9 @@ def train(
         adapter_id=adapter_id,
         progress_bar=progress_bar,
     )
+    if not rank.main:
+        barrier(rank)  # the first rank has published
+        return TrainOutcome(adapter_id, parent, metrics=result.metrics())
     manifest = AdapterManifest(
         id=adapter_id,
         parent_id=parent,
@@ -472,6 +495,7 @@ def train(
     )
     registry.publish(staging, manifest)
     shutil.rmtree(staging, ignore_errors=True)
+    barrier(rank)
     return TrainOutcome(adapter_id, parent, metrics=result.metrics())
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from core.devices import worth_quantizing
 from core.learner_settings.train import TrainSettings
 from core.prompting import load_prompt
+from learner.distributed import current_rank
 from learner.dpo_loop import DpoPair, run_dpo
 from learner.sft_data import (
     IGNORE_INDEX,
@@ -140,6 +141,9 @@ class TrainResult:
     heldout_examples: int = 0
     heldout_loss_before: float | None = None
     heldout_loss: float | None = None
+    # Tokens run through the model over all steps and ranks, and how many ranks trained.
+    tokens_trained: int = 0
+    ranks: int = 1
 
     def metrics(self) -> dict[str, Any]:
         """What goes into the adapter manifest."""
@@ -152,6 +156,8 @@ class TrainResult:
             "label_tokens": self.label_tokens,
             "train_seconds": round(self.train_seconds, 3),
             "tokens_per_s": round(self.tokens_per_s, 1),
+            "tokens_trained": self.tokens_trained,
+            "ranks": self.ranks,
             "final_loss": self.final_loss,
             "peak_memory_mb": round(self.peak_memory_mb, 1),
             "heldout_examples": self.heldout_examples,
@@ -374,6 +380,10 @@ def train_adapter(
         system_prompt = str(load_prompt("upc_system"))
     run_id = run_id or uuid.uuid4().hex
     device = _pick_device(config.device)
+    # Under torchrun every rank trains its share of each batch (learner.sft_loop); the
+    # first rank alone reports, runs DPO (not sharded) and writes the adapter.
+    rank = current_rank()
+    status = status if rank.main else None
     tokenizer, examples, heldout, pairs = _training_data(
         base_model, sft_path, heldout_path, pairs_path, config, system_prompt
     )
@@ -381,7 +391,8 @@ def train_adapter(
     if status is not None:
         status.start(run_id, iteration=iteration, adapter_id=adapter_id, total_steps=total_steps)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if rank.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
     try:
         torch.manual_seed(config.seed)
@@ -400,19 +411,21 @@ def train_adapter(
             **_loop_settings(config),
             on_step=_status_hook(status, run_id),
             progress_bar=progress_bar,
+            rank=rank,
         )
         history.extend(loop.loss_history)
         train_seconds = loop.seconds
         after = heldout_loss(model, heldout, pad_id=pad_id, device=device)
         dpo_metrics = None
-        if pairs:
+        if pairs and rank.main:
             dpo_metrics = _train_dpo(
                 model, tokenizer, pairs, config, device, status, run_id, history
             )
         tokens = sum(len(ex.input_ids) for ex in examples)
         seen = loop.tokens
-        model.save_pretrained(str(output_dir), selected_adapters=["default"])
-        save_loss_curve(history, output_dir)
+        if rank.main:
+            model.save_pretrained(str(output_dir), selected_adapters=["default"])
+            save_loss_curve(history, output_dir)
     except Exception as exc:
         if status is not None:
             status.update(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -440,6 +453,8 @@ def train_adapter(
         heldout_examples=len(heldout),
         heldout_loss_before=before,
         heldout_loss=after,
+        tokens_trained=seen,
+        ranks=rank.world,
     )
     if status is not None:
         status.update(run_id, status="done", step=result.steps)

@@ -3,6 +3,7 @@ process with the same seed (the property that lets users be split across GPUs)."
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -105,3 +106,68 @@ def test_two_ranks_make_the_same_corpus_as_one(tiny_model_dir: Path, tmp_path: P
     corpus_one, corpus_two = _corpus(one), _corpus(two)
     assert len(corpus_one) == 4
     assert corpus_two == corpus_one
+
+
+def _adapter_tensors(data_dir: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    files = sorted((data_dir / "adapters").glob("*/adapter_model.safetensors"))
+    assert len(files) == 1, files
+    return load_file(str(files[0]))
+
+
+def test_two_ranks_train_the_same_adapter_as_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`upc learn train` under torchrun: each rank takes half of every batch and the
+    gradients are summed, so two gloo ranks train the adapter one process trains."""
+    import shutil
+
+    import torch
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = _env(one, tiny_model_dir)
+    env.update(
+        UPC_LEARNER__ALPHA="1",  # every finished dialogue is easy: there is data
+        UPC_LEARNER__BETA="0",
+        UPC_LEARNER__SKIP_FLAGGED_TARGETS="false",  # a random model's replies are all flagged
+        UPC_LEARNER__HOLDOUT_RATIO="0",
+        UPC_LEARNER__LORA_RANK="4",
+        UPC_LEARNER__LORA_DROPOUT="0",  # dropout masks would differ between the layouts
+        UPC_LEARNER__TRAIN_BATCH_SIZE="4",
+        UPC_LEARNER__EPOCHS="2",
+        UPC_LEARNER__MAX_SEQ_LEN="256",
+    )
+    cli = [sys.executable, "-m", "chatbot.cli"]
+    for args in (
+        ["learn", "generate", "--users", "4", "--turns", "2", "--no-progress", "--seed", "5"],
+        ["learn", "select", "--iteration", "1"],
+    ):
+        done = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    shutil.copytree(one, two)
+    train = ["learn", "train", "--iteration", "1", "--no-progress"]
+    single = subprocess.run([*cli, *train], env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    split = subprocess.run(
+        [*launcher, "-m", "chatbot.cli", *train],
+        env={**env, "UPC_DATA_DIR": str(two)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert split.returncode == 0, split.stdout[-2000:] + split.stderr[-2000:]
+    assert split.stdout.count('"adapter_id"') == 1  # printed once, by the first rank
+    first, second = json.loads(single.stdout), json.loads(split.stdout)
+    assert first["adapter_id"] == second["adapter_id"]  # same data and config: same id
+    assert first["metrics"]["steps"] == second["metrics"]["steps"] >= 2
+    # Each rank ran its half: all ranks together saw what one process saw, not twice it.
+    assert first["metrics"]["ranks"] == 1 and second["metrics"]["ranks"] == 2
+    assert first["metrics"]["tokens_trained"] == second["metrics"]["tokens_trained"] > 0
+    a, b = _adapter_tensors(one), _adapter_tensors(two)
+    assert a.keys() == b.keys() and a
+    moved = 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+        moved += int("lora_B" in name and bool(a[name].abs().sum() > 0))
+    assert moved  # training really changed the adapter (lora_B starts at zero)

@@ -24,11 +24,13 @@ print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))
     timeout "$budget" python3 -m chatbot.cli learn iterate --iterations 1 --users 500 --no-gate \
       2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30 ;;
   variants)
-    for recipe in "--set dpo=true --set dpo_learning_rate=5e-5" \
-      "--set epochs=1 --set learning_rate=1e-4 --set dpo=true --set dpo_learning_rate=5e-5"; do
-      # shellcheck disable=SC2086
-      python3 bench/gpu/train_variant.py --iteration 1 $recipe 2>&1 | quiet | tail -3
-    done | tee -a "$OUT/variants.log" ;;
+    # The same selection under two more recipes (`upc learn train` publishes each).
+    { UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
+        python3 -m chatbot.cli learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
+      UPC_LEARNER__EPOCHS=1 UPC_LEARNER__LEARNING_RATE=1e-4 UPC_LEARNER__DPO=true \
+        UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
+        python3 -m chatbot.cli learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
+    } | tee -a "$OUT/variants.log" ;;
   eval)
     systems=$(python3 -c "
 from core.settings import load_settings
