@@ -125,6 +125,7 @@ class MemoryService:
             token_budget=mem.token_budget,
             count_tokens=count_tokens,
             enabled=mem.enabled,
+            retry_interval_s=mem.retry_interval_s,
         )
 
     # Settings held by the two parts, readable here as before the split.
