@@ -105,6 +105,9 @@ class PostgresCluster:
         name = url.rsplit("/", 1)[1]
         self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
+    def checkpoint(self) -> None:
+        self._admin("CHECKPOINT")
+
     def relation_files(self, url: str, table: str) -> list[Path]:
         """The on-disk files of `table`, its TOAST table and their indexes (for erasure)."""
         import psycopg
