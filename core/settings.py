@@ -151,6 +151,8 @@ class MemorySettings:
     # After a Chroma fault, recall runs on the database alone for this long before the next
     # reconnect attempt; a reconnect re-indexes whatever was written meanwhile.
     retry_interval_s: float = 30.0
+    # A Chroma server's requests give up after this long (its client waits forever).
+    chroma_timeout_s: float = 10.0
     extractor: Literal["auto", "llm", "rules"] = "auto"
     top_k: int = 5
     token_budget: int = 160
@@ -388,6 +390,8 @@ def _validate(settings: Settings) -> None:
         )
     if settings.memory.retry_interval_s < 0:
         raise SettingsError("memory.retry_interval_s must not be negative")
+    if settings.memory.chroma_timeout_s <= 0:
+        raise SettingsError("memory.chroma_timeout_s must be positive")
     for role in ("chatbot", "critic", "user_sim"):
         role_settings: ModelRoleSettings = getattr(settings, role)
         if role_settings.backend == "openai" and not role_settings.base_url:
