@@ -19,6 +19,7 @@ from chatbot.accounts import UserRecord
 from chatbot.api import build_api_router
 from chatbot.app import create_app
 from chatbot.downloads import DOWNLOAD_ROUTE
+from chatbot.memory import MemoryService
 from chatbot.services import Services
 from chatbot.signin import CLIENT_ADDRESS, SessionTokens, SignIn
 from core.settings import Settings, masked_dict
@@ -103,7 +104,13 @@ def build_server(services: Services) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"ok": services.db.ping(), "adapter": services.adapters.active}
+        # Memory "degraded": Chroma is down and recall runs on the database alone; the
+        # replica still serves chat, so `ok` does not depend on it.
+        return {
+            "ok": services.db.ping(),
+            "adapter": services.adapters.active,
+            "memory": _memory_health(services.memory),
+        }
 
     mounted = _Mounted()
     _add_download_route(app, services, mounted)
@@ -130,6 +137,12 @@ def build_server(services: Services) -> FastAPI:
     if password:
         mounted.gradio.tokens = SessionTokens(services.accounts)
     return server
+
+
+def _memory_health(memory: MemoryService | None) -> str:
+    if memory is None:
+        return "off"
+    return "ok" if memory.index_available() else "degraded"
 
 
 @dataclass

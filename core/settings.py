@@ -3,6 +3,9 @@
 Env vars override the file. Top-level fields are `UPC_<FIELD>`; fields of a section are
 `UPC_<SECTION>__<FIELD>` (e.g. `UPC_CHATBOT__MODEL`, `UPC_CRITIC__BACKEND`). A few short
 aliases exist for common settings (`UPC_CHROMA_URL`, `UPC_MODEL`).
+
+The database is SQLite under the data dir unless `UPC_DATABASE_URL` names another
+(any SQLAlchemy URL; `postgresql://...` uses psycopg 3).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from core.learner_settings.critics import CriticSettings
 from core.learner_settings.gate import GateSettings
@@ -144,6 +148,11 @@ class ServerSettings:
 class MemorySettings:
     enabled: bool = True
     chroma_url: str | None = None
+    # After a Chroma fault, recall runs on the database alone for this long before the next
+    # reconnect attempt; a reconnect re-indexes whatever was written meanwhile.
+    retry_interval_s: float = 30.0
+    # A Chroma server's requests give up after this long (its client waits forever).
+    chroma_timeout_s: float = 10.0
     extractor: Literal["auto", "llm", "rules"] = "auto"
     top_k: int = 5
     token_budget: int = 160
@@ -170,6 +179,8 @@ class LearnerSettings:
 @dataclass
 class Settings:
     data_dir: Path = Path("./upc-data")
+    # Any SQLAlchemy URL (`UPC_DATABASE_URL`); unset means SQLite at `data_dir/upc.db`.
+    database_url: str | None = None
     mode: Literal["private", "demo"] = "private"
     log_level: str = "INFO"
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -188,7 +199,7 @@ class Settings:
 
     @property
     def db_url(self) -> str:
-        return f"sqlite:///{self.db_path}"
+        return self.database_url or f"sqlite:///{self.db_path}"
 
     @property
     def models_dir(self) -> Path:
@@ -373,10 +384,28 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("limits.context_tokens must exceed generation.max_new_tokens")
     if settings.limits.api_max_messages < 1:
         raise SettingsError("limits.api_max_messages must be positive")
+    if settings.database_url is not None and "://" not in settings.database_url:
+        raise SettingsError(
+            "database_url must be an SQLAlchemy URL such as postgresql://user@host/db"
+        )
+    if settings.memory.retry_interval_s < 0:
+        raise SettingsError("memory.retry_interval_s must not be negative")
+    if settings.memory.chroma_timeout_s <= 0:
+        raise SettingsError("memory.chroma_timeout_s must be positive")
     for role in ("chatbot", "critic", "user_sim"):
         role_settings: ModelRoleSettings = getattr(settings, role)
         if role_settings.backend == "openai" and not role_settings.base_url:
             raise SettingsError(f"{role}.base_url is required for the openai backend")
+
+
+def _without_password(url: str) -> str:
+    """The URL with any password replaced by `***` (URLs carry credentials)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
 def masked_dict(settings: Settings) -> dict[str, Any]:
@@ -395,6 +424,8 @@ def masked_dict(settings: Settings) -> dict[str, Any]:
         return obj
 
     result = mask(settings)
+    if settings.database_url:
+        result["database_url"] = _without_password(settings.database_url)
     # Report whether referenced secrets are present without revealing them.
     for role in ("chatbot", "critic", "user_sim"):
         env_name = getattr(settings, role).api_key_env

@@ -5,7 +5,8 @@ adapters), delete memory (through `MemoryService.purge_user`, or the rows and th
 vectors directly), delete the user's rows (conversations, messages, feedback, logged turns,
 guard records) and the user, rewrite every training-set file under `runs_dir` without their
 examples, flag every adapter whose manifest lists one of them, then fold and truncate the
-WAL and VACUUM, so no deleted page survives in the database files (`secure_delete` is on).
+WAL and VACUUM, so no deleted page survives in the database files (`secure_delete` is on;
+on PostgreSQL, VACUUM FULL rewrites the erased tables).
 Adapter weights cannot be "untrained": flagged adapters should be retired or retrained.
 """
 
@@ -218,11 +219,23 @@ def erase_user(
     return report
 
 
+# Every table erasure deletes from: PostgreSQL rewrites these (see `Database.compact`).
+_ERASED_TABLES = tuple(
+    row.__tablename__
+    for row in (
+        Feedback,
+        Message,
+        Conversation,
+        LoggedTurnRow,
+        GuardExclusionRow,
+        MemoryFactRow,
+        MemoryFactHistoryRow,
+        User,
+    )
+)
+
+
 def _compact(db: Database) -> None:
-    """Fold the WAL into the main file, rebuild it without free pages, truncate the WAL."""
-    if not db.url.startswith("sqlite"):
-        return
-    db.checkpoint()
-    with db.engine.connect() as con:
-        con.exec_driver_sql("VACUUM")
-    db.checkpoint()
+    """No deleted page survives in the database files (SQLite VACUUM, PostgreSQL VACUUM
+    FULL of the erased tables)."""
+    db.compact(_ERASED_TABLES)

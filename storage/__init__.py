@@ -1,4 +1,4 @@
-"""Persistence: SQLAlchemy 2.x on SQLite (WAL) by default; a Postgres URL also works."""
+"""Persistence: SQLAlchemy 2.x on SQLite (WAL) by default, or PostgreSQL (psycopg 3)."""
 
 from storage.db import Database, DataDirError
 from storage.models import Base

@@ -1,4 +1,9 @@
-"""Engine, sessions and start-up checks of the data directory."""
+"""Engine, sessions and start-up checks of the data directory.
+
+SQLite (WAL, secure-delete) is the default; any other SQLAlchemy URL works, and
+`postgresql://` URLs use psycopg 3. Dialect-specific work (pragmas, compaction after an
+erasure) lives here, so the layers above stay dialect-free.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,18 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.migrations import apply_migrations
 
-__all__ = ["DATA_DIR_MARKER", "DataDirError", "Database"]
+__all__ = ["DATA_DIR_MARKER", "DataDirError", "Database", "normalise_url"]
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +97,36 @@ def _prepare_data_dir(data_dir: Path, db_path: Path) -> None:
     marker.write_text(json.dumps({"format": 1}), encoding="utf-8")
 
 
+def normalise_url(url: str) -> str:
+    """`postgresql://` and `postgres://` name psycopg 3, the PostgreSQL driver we install
+    (SQLAlchemy's default for them is psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
 class Database:
     """Owns the engine; `session()` yields a transaction that commits on success."""
 
     def __init__(self, url: str, *, data_dir: Path | None = None, secure_delete: bool = True):
-        self.url = url
-        if url.startswith("sqlite:///") and data_dir is not None:
-            _prepare_data_dir(data_dir, Path(url.removeprefix("sqlite:///")))
-        is_sqlite = url.startswith("sqlite")
+        self.url = normalise_url(url)
+        try:
+            self.dialect = make_url(self.url).get_backend_name()
+        except (ArgumentError, ValueError) as exc:
+            raise DataDirError(f"the database URL is not valid: {exc}") from exc
+        if self.url.startswith("sqlite:///") and data_dir is not None:
+            _prepare_data_dir(data_dir, Path(self.url.removeprefix("sqlite:///")))
+        elif data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        is_sqlite = self.is_sqlite
         connect_args = {"check_same_thread": False, "timeout": 30} if is_sqlite else {}
-        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        try:
+            self.engine: Engine = create_engine(
+                self.url, connect_args=connect_args, pool_pre_ping=True
+            )
+        except ArgumentError as exc:  # an unknown dialect or driver
+            raise DataDirError(f"the database URL is not usable: {exc}") from exc
         if is_sqlite:
 
             @event.listens_for(self.engine, "connect")
@@ -126,11 +152,37 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
     def checkpoint(self) -> None:
         """Fold the WAL back into the main file (used after erasure)."""
-        if self.url.startswith("sqlite"):
+        if self.is_sqlite:
             with self.engine.connect() as con:
                 con.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def compact(self, tables: Sequence[str]) -> None:
+        """Leave no deleted row's bytes in the database files (after an erasure).
+
+        SQLite: secure-delete zeroed the freed cells; fold the WAL, VACUUM, truncate the
+        WAL. PostgreSQL: a plain VACUUM only marks dead tuples reusable, so the touched
+        tables (and their indexes and TOAST) are rewritten by VACUUM FULL, which cannot run
+        in a transaction and locks each table while it runs.
+        """
+        if self.is_sqlite:
+            self.checkpoint()
+            with self.engine.connect() as con:
+                con.exec_driver_sql("VACUUM")
+            self.checkpoint()
+            return
+        if self.dialect != "postgresql":
+            log.warning("no compaction for %s: deleted rows may linger on disk", self.dialect)
+            return
+        quote = self.engine.dialect.identifier_preparer.quote
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as con:
+            for table in tables:
+                con.exec_driver_sql(f"VACUUM (FULL) {quote(table)}")
 
     def ping(self) -> bool:
         with self.engine.connect() as con:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, inspect, text
@@ -24,6 +25,9 @@ from storage.models import Base, Conversation, Feedback, Message, User
 __all__ = ["MIGRATIONS", "Migration", "applied_migrations", "apply_migrations"]
 
 log = logging.getLogger(__name__)
+
+# pg_advisory_lock's key for schema changes (any constant the app uses nowhere else).
+_MIGRATION_LOCK = 0x55504301
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,30 @@ def applied_migrations(conn: Connection) -> list[str]:
     return [row[0] for row in conn.execute(text("SELECT id FROM schema_migrations ORDER BY id"))]
 
 
+@contextmanager
+def _one_migrator(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, replicas starting together migrate one at a time (an advisory lock,
+    held by its own connection); SQLite serialises writers by itself."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as lock:
+        lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+        lock.commit()
+        try:
+            yield
+        finally:
+            lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+            lock.commit()
+
+
 def apply_migrations(engine: Engine) -> list[str]:
     """Apply every pending migration in order, each in its own transaction."""
+    with _one_migrator(engine):
+        return _apply_pending(engine)
+
+
+def _apply_pending(engine: Engine) -> list[str]:
     with engine.begin() as conn:
         done = set(applied_migrations(conn))
     newly: list[str] = []

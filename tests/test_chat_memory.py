@@ -1,6 +1,9 @@
-"""Memory inside the chat flow: cross-conversation recall, deletion, opt-out, degradation."""
+"""Memory inside the chat flow: cross-conversation recall, deletion, opt-out, degradation,
+on SQLite and PostgreSQL, with embedded Chroma and a Chroma server."""
 
+import logging
 import shutil
+import time
 
 import pytest
 
@@ -26,8 +29,8 @@ def embedder():
 
 
 @pytest.fixture
-def env(data_dir, tiny, embedder):
-    db = Database(f"sqlite:///{data_dir}/upc.db", data_dir=data_dir)
+def env(db_url, data_dir, tiny, embedder):
+    db = Database(db_url, data_dir=data_dir)
     memory = MemoryService(db, embedder, chroma_path=data_dir / "chroma")
     chat = ChatService(
         db, tiny, params=GenerationParams(max_new_tokens=4, temperature=1.0, seed=1), memory=memory
@@ -111,3 +114,40 @@ def test_a_returning_user_is_greeted_with_a_remembered_fact(env):
     accounts.set_preferences(lena.id, memory_enabled=False)
     third = list(chat.stream_greeting(lena.id, chat.create_conversation(lena.id)))[-1]
     assert "bees" not in third.text and "Lena" not in third.text
+
+def test_chat_goes_on_while_the_chroma_server_is_down(
+    db_url, data_dir, tiny, embedder, chroma_server, caplog
+):
+    db = Database(db_url, data_dir=data_dir)
+    memory = MemoryService(
+        db,
+        embedder,
+        chroma_url=chroma_server.url,
+        collection_name="chat-outage",
+        retry_interval_s=0.2,
+        timeout_s=2.0,
+    )
+    chat = ChatService(db, tiny, params=GenerationParams(max_new_tokens=4, seed=1), memory=memory)
+    rae = Accounts(db).create("rae", "rae-pass-12")
+    cid = chat.create_conversation(rae.id)
+    list(chat.send(rae.id, cid, "I'm a beekeeper."))
+    chroma_server.stop()
+    try:
+        with caplog.at_level(logging.WARNING, logger="chatbot.memory"):
+            events = list(chat.send(rae.id, cid, "I also grow tomatoes."))
+            assert events[-1].kind == "done"
+            prompt = system_prompt(chat, rae.id, cid)
+        assert "memory index (Chroma) failed" in caplog.text
+        # Recall runs on the database alone: both facts still reach the prompt.
+        assert "beekeeper" in prompt and "tomatoes" in prompt
+    finally:
+        chroma_server.start()
+    deadline = time.monotonic() + 30
+    while not memory.index_available() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    memory.wait_caught_up()
+    collection = memory._index()
+    stored = {f.id for f in memory.list_facts(rae.id)}
+    assert len(stored) == 2 and set(collection.get(where={"user_id": rae.id})["ids"]) == stored
+    memory.close()
+    db.dispose()

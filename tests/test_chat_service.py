@@ -18,8 +18,8 @@ def tiny(tiny_model_dir):
 
 
 @pytest.fixture
-def env(data_dir, tiny):
-    db = Database(f"sqlite:///{data_dir}/upc.db", data_dir=data_dir)
+def env(db_url, data_dir, tiny):
+    db = Database(db_url, data_dir=data_dir)
     accounts = Accounts(db)
     chat = ChatService(
         db, tiny, params=GenerationParams(max_new_tokens=8, temperature=1.0, seed=11)
@@ -137,15 +137,15 @@ def test_users_never_see_each_others_conversations(env):
     assert any("secret-canary-42" in m.content for m in chat.messages(alice.id, cid))
 
 
-def test_everything_survives_a_restart(data_dir, tiny):
-    db = Database(f"sqlite:///{data_dir}/upc.db", data_dir=data_dir)
+def test_everything_survives_a_restart(db_url, data_dir, tiny):
+    db = Database(db_url, data_dir=data_dir)
     accounts = Accounts(db)
     chat = ChatService(db, tiny, params=GenerationParams(max_new_tokens=4, temperature=1.0, seed=2))
     carol = accounts.create("carol", "password-c")
     cid = chat.create_conversation(carol.id)
     drain(chat.send(carol.id, cid, "remember me"))
     db.dispose()
-    db2 = Database(f"sqlite:///{data_dir}/upc.db", data_dir=data_dir)
+    db2 = Database(db_url, data_dir=data_dir)
     accounts2 = Accounts(db2)
     assert accounts2.verify("carol", "password-c") is not None
     assert accounts2.verify("carol", "wrong-password") is None

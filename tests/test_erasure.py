@@ -34,8 +34,26 @@ def _hits(paths, needle: bytes) -> list[str]:
     return [str(p) for p in paths if needle in p.read_bytes()]
 
 
-def test_erasure_canary(data_dir, tiny_local, tiny_model_dir, tmp_path):  # noqa: F811
-    db = Database(f"sqlite:///{data_dir / 'upc.db'}", data_dir=data_dir)
+def _database_files(request, db: Database, data_dir) -> list:
+    """Where the database keeps its bytes: SQLite's file and WAL, or the PostgreSQL files
+    of every table the user's data touched (heap, TOAST and indexes)."""
+    if db.is_sqlite:
+        return [data_dir / "upc.db", data_dir / "upc.db-wal"]
+    cluster = request.getfixturevalue("postgres")
+    cluster.checkpoint()  # pages still in shared buffers reach the files
+    return [
+        f
+        for table in ("messages", "conversations", "memory_facts", "logged_turns", "users")
+        for f in cluster.relation_files(db_url_of(db), table)
+    ]
+
+
+def db_url_of(db: Database) -> str:
+    return db.url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def test_erasure_canary(request, db_url, data_dir, tiny_local, tiny_model_dir, tmp_path):  # noqa: F811
+    db = Database(db_url, data_dir=data_dir)
     turns = [*DIALOGUE[:3], ("user", f"My secret word is {CANARY}."), DIALOGUE[4]]
     victim, _ = seed_conversation(db, "victim", turns)
     seed_conversation(db, "victim")
@@ -66,7 +84,7 @@ def test_erasure_canary(data_dir, tiny_local, tiny_model_dir, tmp_path):  # noqa
     clean = AdapterManifest(id="it002-clean", training_dialogue_ids=["syn-1"])
     registry.publish(staging, clean)
 
-    db_files = [data_dir / "upc.db", data_dir / "upc.db-wal", data_dir / "chroma"]
+    db_files = [*_database_files(request, db, data_dir), data_dir / "chroma"]
     assert _hits(_files(*db_files), CANARY.encode())  # planted where we will look
 
     assert find_user_id(db, "victim") == victim
@@ -86,6 +104,8 @@ def test_erasure_canary(data_dir, tiny_local, tiny_model_dir, tmp_path):  # noqa
     assert flagged.metrics["flags"][0]["kind"] == "erasure"
     assert "flags" not in registry.get("it002-clean").metrics
 
+    # VACUUM FULL writes new PostgreSQL files; the old ones are gone.
+    db_files = [*_database_files(request, db, data_dir), data_dir / "chroma"]
     assert _hits(_files(*db_files, runs), CANARY.encode()) == []
     assert not (data_dir / "upc.db-wal").exists() or (data_dir / "upc.db-wal").stat().st_size == 0
     assert find_user_id(db, "victim") is None

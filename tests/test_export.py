@@ -8,6 +8,7 @@ import os
 from datetime import datetime
 
 import pytest
+from sqlalchemy import text
 
 from core.settings import load_settings
 from learner.export import (
@@ -23,6 +24,7 @@ from learner.export import (
     list_exports,
     resolve_export_file,
 )
+from learner.export.reader import DialogueReader
 from learner.export_cli import register
 from learner.pii import PiiScrubber, ScrubCounts, build_user_terms
 from storage import Database
@@ -52,8 +54,10 @@ def _score(rel: int, int_: int, val: int, why: str) -> dict:
 
 
 @pytest.fixture
-def world(tmp_path):
-    settings = load_settings(env={}, data_dir=tmp_path / "data")
+def world(db_url, tmp_path):
+    # SQLite in the settings' own data dir, or the test's PostgreSQL database.
+    database_url = None if db_url.startswith("sqlite") else db_url
+    settings = load_settings(env={}, data_dir=tmp_path / "data", database_url=database_url)
     db = Database(settings.db_url, data_dir=settings.data_dir)
     ids: dict[str, str] = {}
     with db.session() as s:
@@ -254,6 +258,30 @@ def test_every_format_round_trips_with_standard_tools(world, tmp_path):
     assert run_record["salt"] == result.salt
     assert list_exports(settings.exports_dir)[0]["export_id"] == result.export_id
     assert not (result.directory / ".tmp").exists()
+
+
+def test_pages_stream_from_one_server_side_cursor(world):
+    settings, db, _ = world
+    one = _jsonl(_run(settings, db, chunk_size=1, export_id="pages-of-one"))
+    big = _jsonl(_run(settings, db, chunk_size=500, export_id="one-page"))
+    assert len(one) == 4 and one == big  # same records, same order, whatever the page size
+    reader = DialogueReader(db, ExportFilters(), "salt", chunk_size=1)
+    records = reader.iter_real()
+    first, _ = next(records)
+    if not db.is_sqlite:
+        # Mid-export, the reading backend sits on a cursor it fetches from page by page.
+        with db.engine.connect() as con:
+            queries = con.scalars(
+                text(
+                    "SELECT query FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).all()
+        assert any(q.startswith("FETCH FORWARD 1 FROM") for q in queries), queries
+    streamed = [first.meta.id, *(record.meta.id for record, _ in records)]
+    exported = [r["upc"]["id"] for r in one if r["upc"]["source"] == "real"]
+    # Every opted-in conversation, in order (the export then drops the empty one).
+    assert len(streamed) == 4 and [i for i in streamed if i in exported] == exported
 
 
 def test_hf_dataset_writer_shards_and_matches_jsonl(world, tmp_path):

@@ -1,5 +1,6 @@
-"""The learning scheduler on real SQLite with real APScheduler: fast intervals, controls,
-a single active scheduler among processes, crash and catch-up, and a critic that is down."""
+"""The learning scheduler on real SQLite and PostgreSQL with real APScheduler: fast
+intervals, controls, the lease, a single active scheduler among processes, crash and
+catch-up, and a critic that is down."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,7 +18,7 @@ from chatbot.chat import ChatService
 from core.runtime import ModelPool
 from core.settings import load_settings
 from core.types import GenerationParams
-from learner.job_records import JobRecords, JobSpec
+from learner.job_records import JobRecords, JobSpec, Lease
 from learner.scheduler import LearningScheduler
 from learner.worker import JobResources, build_job_specs, start_embedded_scheduler
 from storage.db import Database
@@ -25,8 +27,10 @@ from tests.conftest import REPO, free_port
 from tests.test_logged import DIALOGUE, seed_conversation, tiny_local  # noqa: F401
 
 
-def _env(data_dir, tiny_model_dir, **extra) -> dict[str, str]:
+def _env(data_dir, tiny_model_dir, db_url: str | None = None, **extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPC_")}
+    if db_url is not None and not db_url.startswith("sqlite"):
+        env["UPC_DATABASE_URL"] = db_url
     env.update(
         {
             "UPC_DATA_DIR": str(data_dir),
@@ -87,8 +91,9 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
         proc.wait(timeout=60)
 
 
-def test_fast_interval_controls_and_persistence(data_dir, tiny_model_dir, tiny_local):  # noqa: F811
-    settings = _settings(_env(data_dir, tiny_model_dir))
+def test_fast_interval_controls_and_persistence(db_url, data_dir, tiny_model_dir, tiny_local):  # noqa: F811
+    settings = _settings(_env(data_dir, tiny_model_dir, db_url))
+    assert settings.db_url == db_url
     db = Database.from_settings(settings)
     seed_conversation(db, "nurse")
     # The app's parts: the jobs use its pool and serving model, never a pool of their own.
@@ -135,8 +140,8 @@ def test_fast_interval_controls_and_persistence(data_dir, tiny_model_dir, tiny_l
     db.dispose()
 
 
-def test_two_processes_one_active_scheduler(data_dir, tiny_model_dir, tmp_path):
-    env = _env(data_dir, tiny_model_dir)
+def test_two_processes_one_active_scheduler(db_url, data_dir, tiny_model_dir, tmp_path):
+    env = _env(data_dir, tiny_model_dir, db_url)
     db = Database.from_settings(_settings(env))
     seed_conversation(db, "nurse")
     procs = [_start_worker(env, tmp_path / f"w{i}.log", 1.0) for i in range(2)]
@@ -240,8 +245,8 @@ def test_critic_down_fails_cleanly_and_chat_goes_on(data_dir, tiny_model_dir, ti
     db.dispose()
 
 
-def test_failing_job_records_cause(data_dir):
-    db = Database(f"sqlite:///{data_dir / 'upc.db'}", data_dir=data_dir)
+def test_failing_job_records_cause(db_url, data_dir):
+    db = Database(db_url, data_dir=data_dir)
 
     def broken(ctx):
         ctx.progress("work", 1, 2)
@@ -256,11 +261,41 @@ def test_failing_job_records_cause(data_dir):
 
 
 @pytest.mark.parametrize("bad", ["not a cron", "61 * * * *"])
-def test_bad_cron_is_refused(data_dir, bad):
-    db = Database(f"sqlite:///{data_dir / 'upc.db'}", data_dir=data_dir)
+def test_bad_cron_is_refused(db_url, data_dir, bad):
+    db = Database(db_url, data_dir=data_dir)
     records = JobRecords(db)
     records.ensure_control(JobSpec("x", lambda ctx: {}, seconds=60))
     with pytest.raises(ValueError):
         records.set_schedule("x", cron=bad)
     assert records.controls()["x"].kind == "interval"
+    db.dispose()
+
+
+def test_lease_has_one_holder_and_passes_on_after_expiry(db_url, data_dir):
+    db = Database(db_url, data_dir=data_dir)
+    leases = [Lease(db, f"replica-{i}", ttl_s=1.0) for i in range(6)]
+    won: list[str] = []
+    start = threading.Barrier(len(leases))
+
+    def contend(lease: Lease) -> None:
+        start.wait()
+        if lease.try_acquire():
+            won.append(lease.holder)
+
+    threads = [threading.Thread(target=contend, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(won) == 1  # a compare-and-set: concurrent takers never both win
+    holder = next(lease for lease in leases if lease.holder == won[0])
+    other = next(lease for lease in leases if lease.holder != won[0])
+    assert holder.renew() and not other.try_acquire()
+    epoch = JobRecords(db).lease().epoch
+    time.sleep(1.2)  # the holder stops renewing, as a killed process would
+    assert other.try_acquire() and not holder.renew()
+    taken = JobRecords(db).lease()
+    assert taken.holder == other.holder and taken.epoch == epoch + 1
+    other.release()
+    assert JobRecords(db).lease().holder is None
     db.dispose()

@@ -1,4 +1,4 @@
-"""The fact store: a user's facts in SQLite, the truth that the vector index follows.
+"""The fact store: a user's facts in the database, the truth that the vector index follows.
 
 Every method is scoped to one user id; an unknown user id fails closed
 (`MemoryScopeError`). Each fact keeps its vector in SQLite too, so recall works, and the
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, undefer
 
 from core.embeddings import Embedder
@@ -281,6 +281,48 @@ class FactStore:
             session.execute(
                 update(MemoryFactRow).where(MemoryFactRow.id.in_(ids)).values(indexed=True)
             )
+
+    def count_indexed(self) -> int:
+        """How many facts (of every user) are marked as present in the vector index."""
+        with self.db.session() as session:
+            return int(
+                session.scalar(
+                    select(func.count(MemoryFactRow.id)).where(MemoryFactRow.indexed.is_(True))
+                )
+                or 0
+            )
+
+    def pending(self, after: str, limit: int) -> list[FactVector]:
+        """Up to `limit` facts (of every user) not yet in the index, by id after `after`;
+        a fact stored without a vector is embedded now."""
+        dim = self.embedder.dim
+        with self.db.session() as session:
+            rows = list(
+                session.execute(
+                    select(MemoryFactRow)
+                    .options(undefer(MemoryFactRow.embedding))
+                    .where(MemoryFactRow.indexed.is_(False), MemoryFactRow.id > after)
+                    .order_by(MemoryFactRow.id)
+                    .limit(limit)
+                ).scalars()
+            )
+            vectors = [_from_blob(r.embedding, dim) for r in rows]
+            stale = [i for i, v in enumerate(vectors) if v is None]
+            if stale:
+                fresh = self.embedder.encode([rows[i].text for i in stale])
+                for i, vector in zip(stale, fresh, strict=True):
+                    vectors[i] = vector
+                    rows[i].embedding = _to_blob(vector)
+            return [
+                FactVector(r.id, r.user_id, r.category, r.key, v)
+                for r, v in zip(rows, vectors, strict=True)
+                if v is not None
+            ]
+
+    def mark_all_unindexed(self) -> None:
+        """The index lost vectors (a Chroma server that came back empty): index them all."""
+        with self.db.session() as session:
+            session.execute(update(MemoryFactRow).values(indexed=False))
 
     def edit(
         self, uid: str, fact_id: str, text: str, category: str | None, vector: np.ndarray

@@ -2,9 +2,12 @@
 
 Chroma is optional at run time. Any Chroma fault is logged, the client is dropped and the
 next use after `retry_interval_s` reconnects; meanwhile reads answer None and the caller
-falls back to SQLite. Deletions that fail are kept and retried on the next connection.
-Vectors always come from the project's `Embedder`: the collection has no embedding
-function, since Chroma's default one downloads a model.
+falls back to the database. Deletions that fail are kept and retried on the next
+connection, and every successful connection calls `on_connect` (the service re-indexes what
+was written meanwhile). A Chroma server's requests time out after `timeout_s`, so a hung
+server costs a chat turn that long at most. Vectors always come from the project's
+`Embedder`: the collection has no embedding function, since Chroma's default one
+downloads a model.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
 
 from chatbot.memory.facts import FactVector
@@ -37,6 +41,8 @@ class VectorIndex:
         chroma_url: str | None,
         collection_name: str,
         retry_interval_s: float,
+        timeout_s: float = 10.0,
+        on_connect: Callable[[], None] | None = None,
     ):
         if chroma_path is None and not chroma_url:
             raise ValueError("MemoryService needs chroma_path or chroma_url")
@@ -44,6 +50,8 @@ class VectorIndex:
         self.chroma_url = chroma_url or None
         self.collection_name = collection_name
         self.retry_interval_s = retry_interval_s
+        self.timeout_s = timeout_s
+        self.on_connect = on_connect
         self._client: Any = None
         self._collection: Any = None
         self._retry_at = 0.0
@@ -64,12 +72,20 @@ class VectorIndex:
             ssl = parts.scheme == "https"
             if not parts.hostname:
                 raise ValueError(f"cannot parse the Chroma URL {self.chroma_url!r}")
-            return chromadb.HttpClient(
+            port = parts.port or (443 if ssl else 8000)
+            # The client's constructor calls the server with no timeout: ask first, bounded.
+            scheme = "https" if ssl else "http"
+            httpx.get(
+                f"{scheme}://{parts.hostname}:{port}/api/v2/heartbeat", timeout=self.timeout_s
+            ).raise_for_status()
+            client = chromadb.HttpClient(
                 host=parts.hostname,
-                port=parts.port or (443 if ssl else 8000),
+                port=port,
                 ssl=ssl,
                 settings=chroma_settings,
             )
+            _set_timeout(client, self.timeout_s)
+            return client
         assert self.chroma_path is not None
         self.chroma_path.mkdir(parents=True, exist_ok=True)
         return chromadb.PersistentClient(path=str(self.chroma_path), settings=chroma_settings)
@@ -97,11 +113,17 @@ class VectorIndex:
                 return None
             self._client, self._collection = client, collection
             self._flush_pending(collection)
-            return collection
+        log.info("memory index (Chroma) connected")
+        if self.on_connect is not None:
+            self.on_connect()
+        return collection
 
     def _failed(self, exc: BaseException, during: str) -> None:
         log.warning(
-            "memory index (Chroma) failed during %s: %s; using SQLite only for now", during, exc
+            "memory index (Chroma) failed during %s: %s; recall uses the database alone until "
+            "it is back",
+            during,
+            exc,
         )
         with self._lock:
             self._drop_client()
@@ -125,6 +147,17 @@ class VectorIndex:
                 self._pending_user_wipes.discard(uid)
         except Exception as exc:  # left pending; rebuild() also clears them
             log.warning("retrying memory deletions in Chroma failed: %s", exc)
+
+    def count(self) -> int | None:
+        """How many vectors the collection holds; None while Chroma is failing."""
+        collection = self.collection()
+        if collection is None:
+            return None
+        try:
+            return int(collection.count())
+        except Exception as exc:  # reported as unavailable, never raised
+            self._failed(exc, "count")
+            return None
 
     def available(self) -> bool:
         """Whether Chroma answers now (for health checks)."""
@@ -272,6 +305,19 @@ def _add(method: Callable[..., Any], rows: Sequence[FactVector]) -> None:
         embeddings=np.stack([r.vector for r in rows]).astype(np.float32),
         metadatas=[{"user_id": r.user_id, "category": r.category, "key": r.key} for r in rows],
     )
+
+
+def _set_timeout(client: Any, timeout_s: float) -> None:
+    """Chroma's HTTP client waits forever by default; bound its requests.
+
+    The client keeps its httpx session on its server API object; without one (another
+    client version) requests keep Chroma's own default.
+    """
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if isinstance(session, httpx.Client):
+        session.timeout = httpx.Timeout(timeout_s)
+    else:
+        log.warning("cannot bound the Chroma client's request timeout (unknown client)")
 
 
 def _looks_like_chroma_dir(path: Path) -> bool:

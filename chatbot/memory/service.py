@@ -42,6 +42,7 @@ __all__ = ["MemoryService", "render_profile"]
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_CHARS = 4000
+_CATCH_UP_BATCH = 500
 
 
 def _approx_tokens(text: str) -> int:
@@ -81,12 +82,15 @@ class MemoryService:
         enabled: bool = True,
         retry_interval_s: float = 30.0,
         ann_min_facts: int = 2000,
+        timeout_s: float = 10.0,
     ):
         self.index = VectorIndex(
             chroma_path=chroma_path,
             chroma_url=chroma_url,
             collection_name=collection_name,
             retry_interval_s=retry_interval_s,
+            timeout_s=timeout_s,
+            on_connect=self._start_catch_up,
         )
         self.facts = FactStore(db, embedder, dedup_threshold=dedup_threshold, enabled=enabled)
         self.db = db
@@ -98,6 +102,7 @@ class MemoryService:
         self.ann_min_facts = ann_min_facts
         # One writer at a time, so the index follows SQLite's order of writes.
         self._write_lock = threading.Lock()
+        self._catch_up: threading.Thread | None = None
 
     @classmethod
     def from_settings(
@@ -130,6 +135,8 @@ class MemoryService:
             token_budget=mem.token_budget,
             count_tokens=count_tokens,
             enabled=mem.enabled,
+            retry_interval_s=mem.retry_interval_s,
+            timeout_s=mem.chroma_timeout_s,
         )
 
     # Settings held by the two parts, readable here as before the split.
@@ -445,5 +452,55 @@ class MemoryService:
         """
         return self.index.rebuild(self.facts.index_all)
 
+    def catch_up(self) -> int:
+        """Index what the database has and Chroma lacks; returns how many facts were fed.
+
+        Runs after every (re)connection to Chroma, so no one has to rebuild by hand: facts
+        written while Chroma was down are still unmarked, and a collection holding fewer
+        vectors than the database marks as indexed (a server that came back empty) gets
+        every fact again. Each batch is read, indexed and marked under the write lock, so
+        a deletion never interleaves; replicas catching up together only repeat upserts.
+        """
+        have = self.index.count()
+        if have is None:
+            return 0
+        if have < self.facts.count_indexed():
+            log.warning("memory index holds %d vectors, fewer than indexed; re-indexing all", have)
+            self.facts.mark_all_unindexed()
+        fed, last_id = 0, ""
+        while True:
+            with self._write_lock:
+                rows = self.facts.pending(last_id, _CATCH_UP_BATCH)
+                if not rows or not self.index.upsert(rows):
+                    break
+                self.facts.mark_indexed([r.fact_id for r in rows])
+            fed += len(rows)
+            last_id = rows[-1].fact_id
+        if fed:
+            log.info("memory index caught up: %d facts indexed from the database", fed)
+        return fed
+
+    def _start_catch_up(self) -> None:
+        """Catch up in the background: a reconnect found by a chat turn must not slow it."""
+        if self._catch_up is not None and self._catch_up.is_alive():
+            return
+        self._catch_up = threading.Thread(
+            target=self._run_catch_up, name="memory-catch-up", daemon=True
+        )
+        self._catch_up.start()
+
+    def _run_catch_up(self) -> None:
+        try:
+            self.catch_up()
+        except Exception as exc:  # the next reconnect retries; recall heals per user meanwhile
+            log.warning("memory index catch-up failed: %s", exc)
+
+    def wait_caught_up(self, timeout_s: float = 60.0) -> None:
+        """Wait for a running catch-up (CLIs before exiting, tests)."""
+        thread = self._catch_up
+        if thread is not None:
+            thread.join(timeout_s)
+
     def close(self) -> None:
+        self.wait_caught_up()
         self.index.close()

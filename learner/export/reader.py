@@ -1,8 +1,8 @@
 """Reads real conversations and synthetic dialogues as `ExportRecord`s, page by page.
 
-Both sources go through one keyset-pagination helper (`DialogueReader._pages`): rows in
-(created_at, id) order, `chunk` per page, each page read on its own short connection so
-that memory stays bounded however large the export.
+Both sources go through one streaming helper (`DialogueReader._pages`): rows in
+(created_at, id) order from a server-side cursor, `chunk` per page, so that memory stays
+bounded however large the export.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, Select, and_, func, inspect, or_, select
+from sqlalchemy import Row, Select, func, inspect, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -181,7 +181,7 @@ class DialogueReader:
             self._users.popitem(last=False)
         return out
 
-    # -- the one pagination loop
+    # -- the one streaming loop
     def _pages(
         self,
         query: Select[Any],
@@ -191,21 +191,20 @@ class DialogueReader:
     ) -> Iterator[tuple[Sequence[Row[Any]], _T]]:
         """Pages of `query`'s rows in (created, id) order, with what `load` reads for each.
 
-        `load` runs on the page's connection; the page is yielded after it is closed, so no
-        connection stays open while the caller writes.
+        The rows come from one server-side cursor (`stream_results`: a named cursor on
+        PostgreSQL, row-by-row stepping on SQLite), `chunk` rows per page, so the export
+        reads one consistent snapshot and holds one page at a time. `load` runs on a second,
+        short connection per page.
         """
-        last: tuple[Any, Any] | None = None
-        while True:
-            with self.db.engine.connect() as con:
-                page = query.order_by(created, row_id).limit(self.chunk)
-                if last is not None:
-                    page = page.where(_after(created, row_id, last))
-                rows = con.execute(page).all()
-                if not rows:
-                    return
-                last = (getattr(rows[-1], created.key), getattr(rows[-1], row_id.key))
-                loaded = load(con, rows)
-            yield rows, loaded
+        ordered = query.order_by(created, row_id)
+        with self.db.engine.connect() as stream:
+            result = stream.execution_options(stream_results=True, yield_per=self.chunk).execute(
+                ordered
+            )
+            for rows in result.partitions():
+                with self.db.engine.connect() as con:
+                    loaded = load(con, rows)
+                yield rows, loaded
 
     # -- real conversations
     def iter_real(self) -> Iterator[tuple[ExportRecord, UserTerms | None]]:
@@ -314,11 +313,6 @@ class DialogueReader:
                 by_dialogue.setdefault(t.dialogue_id, []).append(t)
             for d in dialogues:
                 yield _synthetic_record(d, by_dialogue.get(d.id, [])), None
-
-
-def _after(created: Any, row_id: Any, last: tuple[Any, Any]) -> Any:
-    """Keyset pagination: rows strictly after `last` in (created, id) order."""
-    return or_(created > last[0], and_(created == last[0], row_id > last[1]))
 
 
 def _load_turns(con: Connection, dialogues: Sequence[Row[Any]]) -> Sequence[Row[Any]]:
