@@ -115,6 +115,7 @@ def test_a_returning_user_is_greeted_with_a_remembered_fact(env):
     third = list(chat.stream_greeting(lena.id, chat.create_conversation(lena.id)))[-1]
     assert "bees" not in third.text and "Lena" not in third.text
 
+
 def test_chat_goes_on_while_the_chroma_server_is_down(
     db_url, data_dir, tiny, embedder, chroma_server, caplog
 ):
