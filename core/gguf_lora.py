@@ -34,6 +34,7 @@ import gguf
 import numpy as np
 
 __all__ = [
+    "BaseConfig",
     "BaseShape",
     "GgufBaseUnknownError",
     "GgufLoraError",
@@ -127,6 +128,10 @@ class BaseShape:
         }[module]
 
 
+# The base model: a config dict, a config.json, a model directory, a GGUF model, or its shape.
+BaseConfig = Path | dict[str, Any] | BaseShape
+
+
 # ------------------------------------------------------------------ base model shape
 def _shape_from_hf(config: dict[str, Any], where: str) -> BaseShape:
     model_type = config.get("model_type")
@@ -182,9 +187,11 @@ def _shape_from_gguf(path: Path) -> BaseShape:
     )
 
 
-def base_shape(base: Path | dict[str, Any]) -> BaseShape:
+def base_shape(base: BaseConfig) -> BaseShape:
     """The base model's shape from a config dict, a `config.json`, a model directory holding
     one, or a GGUF model file."""
+    if isinstance(base, BaseShape):
+        return base
     if isinstance(base, dict):
         return _shape_from_hf(base, "base config")
     path = Path(base)
@@ -204,7 +211,7 @@ def base_shape(base: Path | dict[str, Any]) -> BaseShape:
 
 
 def _resolve_base(
-    adapter_dir: Path, peft: dict[str, Any], base_config: Path | dict[str, Any] | None
+    adapter_dir: Path, peft: dict[str, Any], base_config: BaseConfig | None
 ) -> BaseShape:
     if base_config is not None:
         return base_shape(base_config)
@@ -241,7 +248,7 @@ def _lora_scaling(peft: dict[str, Any], name: str) -> tuple[int, float]:
 
 def _read_pairs(adapter_dir: Path) -> dict[tuple[int, str], dict[str, np.ndarray]]:
     """(layer, module) -> {"A": r x in, "B": out x r}, float32."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     weights = adapter_dir / "adapter_model.safetensors"
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
@@ -255,7 +262,7 @@ def _read_pairs(adapter_dir: Path) -> dict[tuple[int, str], dict[str, np.ndarray
                     continue
                 tensor = fh.get_tensor(key).float().numpy()
                 pairs.setdefault((int(match[1]), match[3]), {})[match[4]] = tensor
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise GgufLoraError(f"adapter {adapter_dir.name}: weights cannot be read: {exc}") from exc
     if unknown:
         shown = ", ".join(unknown[:3]) + (
@@ -320,12 +327,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_gguf_lora(
-    adapter_dir: Path, out_path: Path, *, base_config: Path | dict[str, Any] | None = None
+    adapter_dir: Path, out_path: Path, *, base_config: BaseConfig | None = None
 ) -> GgufLoraInfo:
     """Convert the PEFT LoRA in `adapter_dir` to a GGUF LoRA at `out_path`, atomically.
 
-    `base_config` is the base model's config dict, `config.json`, model directory or GGUF
-    file; without it, `adapter_dir/config.json` or the adapter's recorded base directory.
+    `base_config` is the base model's config dict, `config.json`, model directory, GGUF
+    file or `BaseShape`; without it, `adapter_dir/config.json` or the adapter's recorded
+    base directory.
     """
     adapter_dir, out_path = Path(adapter_dir), Path(out_path)
     config_file = adapter_dir / "adapter_config.json"
@@ -383,8 +391,12 @@ def _gguf_pairs(reader: gguf.GGUFReader, name: str) -> dict[tuple[int, str], dic
     return pairs
 
 
-def check_gguf_lora(path: Path, *, base: BaseShape | Path | None = None) -> GgufLoraInfo:
-    """Parse a GGUF LoRA and check it is one (and, given `base`, that it fits that model)."""
+def check_gguf_lora(path: Path, *, base: BaseConfig | None = None) -> GgufLoraInfo:
+    """Parse a GGUF LoRA and check it is one (and, given `base`, that it fits that model).
+
+    Reading a base GGUF's metadata takes ~1.5 s (its vocabulary is parsed too): a caller that
+    checks several adapters should pass `base_shape(model)` once computed.
+    """
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -402,7 +414,7 @@ def check_gguf_lora(path: Path, *, base: BaseShape | Path | None = None) -> Gguf
     )
     if not isinstance(alpha, float) or not isinstance(arch, str) or not pairs:
         raise GgufLoraError(f"{path.name} lacks its alpha, architecture or tensors")
-    shape = base if isinstance(base, BaseShape) or base is None else base_shape(base)
+    shape = None if base is None else base_shape(base)
     if shape is not None and shape.architecture != arch:
         raise GgufLoraError(
             f"{path.name} is for a {arch} model, the base model is {shape.architecture}"

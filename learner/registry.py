@@ -39,7 +39,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.gguf_lora import GgufBaseUnknownError, GgufLoraError, write_gguf_lora
+from core.gguf_lora import BaseConfig, GgufBaseUnknownError, GgufLoraError, write_gguf_lora
 from core.types import BASE_ADAPTER
 from learner.adapter_files import (
     GGUF_LORA_FILE,
@@ -99,7 +99,6 @@ _STALE_TMP_S = 3600.0
 _NOT_COPIED = (MANIFEST_FILE, MANIFEST_TMP, GGUF_LORA_FILE)
 
 PublishHook = Callable[[str], None]
-BaseConfig = Path | dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ class AdapterRegistry:
         source_dir: str | Path,
         manifest: AdapterManifest,
         *,
-        base_config: BaseConfig = None,
+        base_config: BaseConfig | None = None,
         hook: PublishHook | None = None,
     ) -> AdapterManifest:
         """Copy `source_dir`'s adapter files in as `manifest.id`, atomically, with a GGUF LoRA
@@ -234,7 +233,7 @@ class AdapterRegistry:
         source_dir: str | Path,
         *,
         adapter_id: str | None = None,
-        base_config: BaseConfig = None,
+        base_config: BaseConfig | None = None,
     ) -> AdapterManifest:
         """Bring in an adapter trained elsewhere, after the same checks; it becomes a candidate."""
         source = Path(source_dir)
@@ -265,7 +264,7 @@ class AdapterRegistry:
         )
         return self.publish(source, manifest, base_config=base_config)
 
-    def gguf_path(self, adapter_id: str, *, base_config: BaseConfig = None) -> Path:
+    def gguf_path(self, adapter_id: str, *, base_config: BaseConfig | None = None) -> Path:
         """The verified GGUF LoRA of `adapter_id` for llama.cpp, converted now if it has none.
 
         Raises AdapterError when the adapter fails verification or cannot be converted.
@@ -464,7 +463,7 @@ class AdapterRegistry:
 
 
 def _convert_at_publish(
-    adapter_dir: Path, manifest: AdapterManifest, base_config: BaseConfig
+    adapter_dir: Path, manifest: AdapterManifest, base_config: BaseConfig | None
 ) -> str | None:
     """Write the GGUF LoRA into a publish temp dir; its sha256, or None to convert later."""
     try:
