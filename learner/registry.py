@@ -39,7 +39,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.gguf_lora import BaseConfig, GgufBaseUnknownError, GgufLoraError, write_gguf_lora
+from core.gguf_lora import (
+    BaseConfig,
+    GgufBaseUnknownError,
+    GgufLoraError,
+    check_gguf_lora,
+    write_gguf_lora,
+)
 from core.types import BASE_ADAPTER
 from learner.adapter_files import (
     GGUF_LORA_FILE,
@@ -267,12 +273,19 @@ class AdapterRegistry:
     def gguf_path(self, adapter_id: str, *, base_config: BaseConfig | None = None) -> Path:
         """The verified GGUF LoRA of `adapter_id` for llama.cpp, converted now if it has none.
 
-        Raises AdapterError when the adapter fails verification or cannot be converted.
+        `base_config` is the model llama.cpp serves (its GGUF, or `base_shape` of it): the
+        adapter must fit it. Raises AdapterError when the adapter fails verification, does
+        not fit that model or cannot be converted.
         """
         with self._locked():
             manifest = self.verify(adapter_id)
             path = self.path(adapter_id)
             if GGUF_LORA_FILE in manifest.files:
+                if base_config is not None:
+                    try:
+                        check_gguf_lora(path / GGUF_LORA_FILE, base=base_config)
+                    except GgufLoraError as exc:
+                        raise AdapterError(f"adapter {adapter_id}: {exc}") from exc
                 return path / GGUF_LORA_FILE
             # Converted outside the adapter dir so no reader ever sees a half file in it.
             tmp = self.adapters_dir / f"{_TMP_PREFIX}{adapter_id}-gguf-{uuid.uuid4().hex[:8]}"

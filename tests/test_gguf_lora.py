@@ -226,12 +226,17 @@ def registry(tmp_path) -> AdapterRegistry:
     return AdapterRegistry(data / "adapters", db)
 
 
-def test_publish_writes_a_verified_gguf_and_corruption_is_caught(registry, tiny_adapter):
+def test_publish_writes_a_verified_gguf_and_corruption_is_caught(registry, tiny_base, tiny_adapter):
     manifest = registry.publish(tiny_adapter, AdapterManifest(id="a1"))
     gguf_file = registry.path("a1") / GGUF_LORA_FILE
     assert manifest.files[GGUF_LORA_FILE] == hash_file(gguf_file)
     assert registry.gguf_path("a1") == gguf_file
     assert check_gguf_lora(gguf_file).rank == 4
+    # Served next to another base model, it is refused with the reason.
+    config = json.loads((tiny_base / "config.json").read_text())
+    assert registry.gguf_path("a1", base_config=config) == gguf_file
+    with pytest.raises(AdapterError, match=r"does not fit the base model: blk\.0\.attn_k"):
+        registry.gguf_path("a1", base_config=config | {"hidden_size": 128, "head_dim": 16})
 
     data = bytearray(gguf_file.read_bytes())
     data[-1] ^= 0xFF
