@@ -25,7 +25,7 @@ from learner.iterate import (
     load_iteration_state,
 )
 from learner.records import IterationStats
-from learner.registry import AdapterRegistry
+from learner.registry import GGUF_LORA_FILE, AdapterRegistry, hash_file
 from learner.stages import (
     BaseModel,
     GenerationStats,
@@ -107,6 +107,8 @@ def test_iteration_driver_resumes_and_is_idempotent(tiny_model_dir, tmp_path):
     assert manifest.training_set_hash == sft_hash
     assert manifest.base_model_id == "tiny" and len(manifest.base_weights_sha256) == 64
     assert manifest.metrics["steps"] == 2 and manifest.code_version["package"]
+    # Trained adapters are published with their llama.cpp copy, hashed in the manifest.
+    assert manifest.files[GGUF_LORA_FILE] == hash_file(registry.path(it2) / GGUF_LORA_FILE)
     assert [m.id for m in registry.list()] == [it1, it2]
 
     # Idempotent: running again does nothing; a new target runs only the new iteration.
