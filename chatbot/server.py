@@ -213,4 +213,5 @@ def launch(settings: Settings, services: Services) -> None:
         port=settings.server.port,
         log_level="warning",
         forwarded_allow_ips=settings.server.trusted_proxies,
+        timeout_graceful_shutdown=settings.server.shutdown_grace_s,
     )

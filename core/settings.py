@@ -142,6 +142,9 @@ class ServerSettings:
     # Proxies whose X-Forwarded-For names the real client (uvicorn's forwarded_allow_ips);
     # rate limits and the sign-in throttle key on that address.
     trusted_proxies: str = "127.0.0.1"
+    # On SIGTERM, open connections (streams, idle event channels) get this long to finish;
+    # a reply cut here is kept as interrupted. Without a bound, one idle client stalls exit.
+    shutdown_grace_s: float = 5.0
 
 
 @dataclass
