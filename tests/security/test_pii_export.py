@@ -35,6 +35,7 @@ def test_probe15_a_scrubbed_export_drops_cards_ibans_birth_dates_and_names(passw
     admin = client(password_app, ADMIN)
     form = ("jsonl", "all", True, "", "", USER[0], "", None, None, "any")
     summary, link = admin.predict(*form, "", api_name="/console_export")
+    assert '"card": 1' in summary and '"iban": 1' in summary  # the console's count
     href = re.search(r'href="([^"]+)"', link).group(1)
     r = httpx.get(password_app.base_url + href, cookies=login(password_app, *ADMIN).cookies)
     assert r.status_code == 200
