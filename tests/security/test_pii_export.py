@@ -3,6 +3,7 @@ person's full name that a user typed into the chat."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -35,7 +36,8 @@ def test_probe15_a_scrubbed_export_drops_cards_ibans_birth_dates_and_names(passw
     admin = client(password_app, ADMIN)
     form = ("jsonl", "all", True, "", "", USER[0], "", None, None, "any")
     summary, link = admin.predict(*form, "", api_name="/console_export")
-    assert '"card": 1' in summary and '"iban": 1' in summary  # the console's count
+    counted = json.loads(summary[summary.index("{") :])  # the console's counts
+    assert all(counted[kind] >= 1 for kind in PLANTED), counted
     href = re.search(r'href="([^"]+)"', link).group(1)
     r = httpx.get(password_app.base_url + href, cookies=login(password_app, *ADMIN).cookies)
     assert r.status_code == 200
