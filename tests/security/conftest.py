@@ -54,17 +54,11 @@ def client(app: RunningApp, who: tuple[str, str] | None = None) -> Client:
 
 
 def tiny_app(root: Path, model_dir: Path, **env: str) -> RunningApp:
-    """An app on the tiny random model, memory off (fast), not started."""
+    """An app on the tiny random model, memory off (fast) unless `env` says so, not started."""
     data_dir = root / "upc-data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    return make_app(
-        data_dir,
-        root,
-        UPC_CHATBOT__MODEL=str(model_dir),
-        UPC_MEMORY__ENABLED="false",
-        UPC_GENERATION__MAX_NEW_TOKENS="8",
-        **env,
-    )
+    defaults = {"UPC_MEMORY__ENABLED": "false", "UPC_GENERATION__MAX_NEW_TOKENS": "8"}
+    return make_app(data_dir, root, UPC_CHATBOT__MODEL=str(model_dir), **{**defaults, **env})
 
 
 def stop_and_clean(app: RunningApp, root: Path) -> None:
