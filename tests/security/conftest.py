@@ -25,12 +25,14 @@ ADMIN_SECRET = "operator-secret-" + "5" * 16
 CONTEXT_TOKENS = 512  # anon_app's context window: small, so long prompts are quick to make
 
 
-def cli(app: RunningApp, *args: str) -> subprocess.CompletedProcess:
-    """Run `upc ARGS` against the app's data dir, as an operator would."""
+def cli(
+    app: RunningApp, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `upc ARGS` against the app's data dir, as an operator would (`env` on top)."""
     return subprocess.run(
         [sys.executable, "-m", "chatbot.cli", *args],
         cwd=REPO,
-        env=app.env,
+        env={**app.env, **(env or {})},
         capture_output=True,
         text=True,
         timeout=180,
