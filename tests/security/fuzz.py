@@ -38,8 +38,11 @@ __all__ = [
     "v1_bodies",
 ]
 
+# Internals in an answer: a traceback, a path of the code, SQL or a database error.
+# (Upper-case SQL only: the tiny random model's replies are full of stray English words.)
 _INTERNALS = re.compile(
-    r"Traceback \(most recent|File \"/|sqlalchemy|sqlite3\.|INSERT INTO|SELECT .* FROM", re.I
+    r"Traceback \(most recent|File \"/[^\"]+\.py\"|sqlalchemy\.|sqlite3\.\w*Error"
+    r"|\bINSERT INTO\b|\bSELECT\b[^\n]{0,200}\bFROM\b"
 )
 _FORMAT_CHARS = "\u200b\u200c\u200d\u2060\ufeff\u202e\u202d\u2066\u2067\u2069\u00ad\U000e0041"
 _WRONG = (None, 123, -1.5, True, [], {}, ["a"], {"text": "x"}, "x" * 3)
@@ -295,7 +298,7 @@ def run_send(app: RunningApp, client: httpx.Client, label: str, payload: Any) ->
     added, added_user = after[0] - before[0], after[1] - before[1]
     if status >= 500:
         return Outcome("send", label, status, "server-error", data[:200])
-    if _leaks(data):
+    if not added and _leaks(data):  # (a reply is the model's text, not ours to judge)
         return Outcome("send", label, status, "leak", data[:200])
     if (added, added_user) not in ((0, 0), (2, 1)):
         return Outcome("send", label, status, "half-stored", f"+{added} rows")
@@ -325,10 +328,10 @@ def run_v1(app: RunningApp, client: httpx.Client, label: str, body: bytes) -> Ou
     text = r.text
     if r.status_code >= 500 and r.status_code not in (503,):
         return Outcome("v1", label, r.status_code, "server-error", text[:200])
+    if r.status_code == 200:  # a completion: the model's text
+        return Outcome("v1", label, 200, "accepted")
     if _leaks(text):
         return Outcome("v1", label, r.status_code, "leak", text[:200])
-    if r.status_code == 200:
-        return Outcome("v1", label, 200, "accepted")
     try:
         answer = json.loads(text)
         message = answer["error"]["message"] if "error" in answer else answer["detail"]
