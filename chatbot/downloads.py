@@ -63,6 +63,7 @@ class Downloads:
     def offer(self, source: Path, user_id: str) -> str:
         """Copy `source` for one download by `user_id`; returns the link's path."""
         token = secrets.token_urlsafe(32)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # another start may prune it
         target = self.dir / f"{token[:12]}-{source.name}"
         shutil.copyfile(source, target)
         with self._lock:

@@ -148,7 +148,9 @@ class GuardVerdict:
         return f"{self.category}: {', '.join(self.markers)}"
 
 
-def _matches(rules: tuple[tuple[str, re.Pattern[str]], ...], texts: tuple[str, ...]) -> tuple:
+def _matches(
+    rules: tuple[tuple[str, re.Pattern[str]], ...], texts: tuple[str, ...]
+) -> tuple[str, ...]:
     return tuple(name for name, rx in rules if any(rx.search(t) for t in texts))
 
 
