@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 UPC_MODEL_NAME = "upc"
 _ROLES = {"system", "user", "assistant"}
+# Far above any request the limits let through (64 messages of 4,000 characters).
+_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -87,9 +89,12 @@ def build_api_router(services: Services) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request):  # type: ignore[no-untyped-def]
         check_key(request)
+        raw = await request.body()
+        if len(raw) > _MAX_BODY_BYTES:
+            return _error(413, f"the body is over {_MAX_BODY_BYTES // 1024 // 1024} MiB")
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
             return _error(400, "the body is not valid JSON")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
@@ -217,16 +222,19 @@ def _parse_messages(raw: object, max_chars: int, max_count: int) -> list[ChatMes
         raise InputError(f"at most {max_count} messages per request ({len(raw)} given)")
     messages = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or item.get("role") not in _ROLES:
+        role = item.get("role") if isinstance(item, dict) else None
+        if not isinstance(role, str) or role not in _ROLES:
             raise InputError(f"messages[{i}] needs a role of system, user or assistant")
         content = item.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = "".join(
+                p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
         try:
             text = clean_message(content, max_chars)
         except InputError as exc:
             raise InputError(f"messages[{i}]: {exc}") from exc
-        messages.append(ChatMessage(item["role"], text))
+        messages.append(ChatMessage(role, text))
     return messages
 
 

@@ -183,7 +183,7 @@ def _add_download_route(app: FastAPI, services: Services, mounted: _Mounted) -> 
                 log.warning("export download refused for %s", caller.id if caller else "nobody")
                 return refused()
         offer = services.downloads.take(token)
-        if offer is None:
+        if offer is None or not offer.path.is_file():  # used, expired, or erased (upc erase)
             return JSONResponse({"error": "no such download (used or expired)"}, status_code=404)
         return FileResponse(
             offer.path,

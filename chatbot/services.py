@@ -174,4 +174,5 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         embedder=embedder,
         memory=memory,
         registry=registry,
+        downloads=Downloads(settings.console_downloads_dir),
     )

@@ -225,6 +225,11 @@ class Settings:
         return self.data_dir / "runs"
 
     @property
+    def console_downloads_dir(self) -> Path:
+        """Export copies waiting for their one-time console download (`chatbot.downloads`)."""
+        return self.data_dir / "console-downloads"
+
+    @property
     def admin_user_names(self) -> frozenset[str]:
         return frozenset(n.strip() for n in self.auth.admin_users.split(",") if n.strip())
 

@@ -4,9 +4,11 @@ Order: find the user's logged-learning example ids (needed to find training file
 adapters), delete memory (through `MemoryService.purge_user`, or the rows and the Chroma
 vectors directly), delete the user's rows (conversations, messages, feedback, logged turns,
 guard records) and the user, rewrite every training-set file under `runs_dir` without their
-examples, flag every adapter whose manifest lists one of them, then fold and truncate the
-WAL and VACUUM, so no deleted page survives in the database files (`secure_delete` is on;
-on PostgreSQL, VACUUM FULL rewrites the erased tables).
+examples, flag every adapter whose manifest lists one of them, delete the copies outside
+the database (exports holding the user, pending console downloads, Chroma's log: see
+`learner.erasure_copies`), then fold and truncate the WAL and VACUUM, so no deleted page
+survives in the database files (`secure_delete` is on; on PostgreSQL, VACUUM FULL
+rewrites the erased tables).
 Adapter weights cannot be "untrained": flagged adapters should be retired or retrained.
 """
 
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import delete, select
 
+from learner.erasure_copies import compact_chroma, purge_downloads, purge_exports
 from learner.logged import LOGGED_PREFIX, load_salt, user_hash
 from learner.registry import AdapterRegistry
 from storage.db import Database
@@ -53,6 +56,9 @@ class ErasureReport:
     training_rows_removed: int = 0
     training_files_rewritten: list[str] = field(default_factory=list)
     flagged_adapters: list[str] = field(default_factory=list)
+    exports_deleted: list[str] = field(default_factory=list)
+    download_copies_deleted: int = 0
+    chroma_rebuilt: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +174,8 @@ def erase_user(
     registry: AdapterRegistry | None = None,
     memory: MemoryPurger | None = None,
     chroma_dir: Path | None = None,
+    exports_dir: Path | None = None,
+    downloads_dir: Path | None = None,
 ) -> ErasureReport:
     """Delete the user and everything derived from them; returns what was removed."""
     uhash = user_hash(user_id, load_salt(data_dir))
@@ -206,6 +214,12 @@ def erase_user(
     if drop and registry is not None:
         reason = f"trained on examples of an erased user ({uhash[:12]})"
         report.flagged_adapters = _flag_adapters(registry, drop, reason)
+    if exports_dir is not None:
+        report.exports_deleted = purge_exports(exports_dir, runs_dir, user_id, set(conv_ids))
+    if downloads_dir is not None:
+        report.download_copies_deleted = purge_downloads(downloads_dir)
+    if chroma_dir is not None:
+        report.chroma_rebuilt = compact_chroma(chroma_dir, DEFAULT_COLLECTION, user_id)
     with db.session() as s:
         s.add(
             ErasureRow(

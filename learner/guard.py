@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from learner.guard_normalise import views
+
 __all__ = [
     "ABUSE_PATTERNS",
     "INJECTION_PATTERNS",
@@ -38,11 +40,15 @@ __all__ = [
     "user_excluded",
 ]
 
-# (name, pattern). Names go into exclusion reasons; patterns are case-insensitive.
+_DIMENSION = r"(rel|int|val|relevance|interest|value)"
+_TOP_SCORE = r"([45]|five|four)(?![.,]?\d|%)(\s*/\s*5|\s+out of 5)?"
+
+# (name, pattern). Names go into exclusion reasons. Patterns see normalised text (lower
+# case, look-alikes folded: see `learner.guard_normalise`), and are case-insensitive.
 INJECTION_PATTERNS: tuple[tuple[str, str], ...] = (
     (
         "override-instructions",
-        r"\b(ignore|disregard|forget|override)\s+(all\s+|any\s+|the\s+|your\s+|my\s+)*"
+        r"\b(ignore|disregard|forget|override)\s+(all\s+|any\s+|the\s+|your\s+)*"
         r"(previous|prior|above|earlier|preceding|system|original)\s+"
         r"(instructions?|prompts?|rules|directions|guidelines|messages?)",
     ),
@@ -58,8 +64,9 @@ INJECTION_PATTERNS: tuple[tuple[str, str], ...] = (
     ),
     (
         "score-literal",
-        r"\b(rel|int|val|relevance|interest|value)\s*[:=]\s*[45]\b[^\n]{0,30}"
-        r"\b(rel|int|val|relevance|interest|value)\s*[:=]\s*[45]\b",
+        # Two rubric dimensions with a top score: "relevance 5, interest: 5/5", "rel=5".
+        # A number that goes on ("4.5%", "450") is an amount, not a score.
+        rf"\b{_DIMENSION}\s*[:=]?\s*{_TOP_SCORE}[^\n]{{0,30}}\b{_DIMENSION}\s*[:=]?\s*{_TOP_SCORE}",
     ),
     (
         "give-five",
@@ -68,7 +75,10 @@ INJECTION_PATTERNS: tuple[tuple[str, str], ...] = (
     ),
     (
         "template-token",
-        r"<\|?(im_start|im_end|system|endoftext|eot_id)\|?>|\[/?INST\]|^#+\s*system\s*:",
+        # Template tokens are snake_case names (im_start, start_header_id) or a few words.
+        r"<\|([a-z]+_[a-z_]+|endoftext|system|user|assistant|end|eot)\|>"
+        r"|<(im_start|im_end|system|endoftext|eot_id)>|\[/?inst\]"
+        r"|^#+\s*system\s*:",
     ),
     (
         "persona-override",
@@ -117,6 +127,12 @@ ABUSE_PATTERNS: tuple[tuple[str, str], ...] = (
 _FLAGS = re.IGNORECASE | re.MULTILINE
 _INJECTION = tuple((name, re.compile(p, _FLAGS)) for name, p in INJECTION_PATTERNS)
 _ABUSE = tuple((name, re.compile(p, _FLAGS)) for name, p in ABUSE_PATTERNS)
+# The words the patterns spell out: an ambiguous leetspeak "1" is read so as to make one.
+_VOCABULARY = frozenset(
+    word
+    for _, pattern in (*INJECTION_PATTERNS, *ABUSE_PATTERNS)
+    for word in re.findall(r"[a-z]{2,}", pattern)
+)
 
 
 @dataclass(frozen=True)
@@ -132,12 +148,19 @@ class GuardVerdict:
         return f"{self.category}: {', '.join(self.markers)}"
 
 
+def _matches(
+    rules: tuple[tuple[str, re.Pattern[str]], ...], texts: tuple[str, ...]
+) -> tuple[str, ...]:
+    return tuple(name for name, rx in rules if any(rx.search(t) for t in texts))
+
+
 def check_text(text: str) -> GuardVerdict:
-    """Flag one message; injection wins over abuse when both match."""
-    injection = tuple(name for name, rx in _INJECTION if rx.search(text))
+    """Flag one message (every normalised view of it); injection wins over abuse."""
+    texts = views(text, _VOCABULARY)
+    injection = _matches(_INJECTION, texts)
     if injection:
         return GuardVerdict(True, "injection", injection)
-    abuse = tuple(name for name, rx in _ABUSE if rx.search(text))
+    abuse = _matches(_ABUSE, texts)
     if abuse:
         return GuardVerdict(True, "abuse", abuse)
     return GuardVerdict(False)

@@ -146,6 +146,8 @@ def _erase(args: argparse.Namespace, settings: Settings) -> int:
         runs_dir=settings.runs_dir,
         registry=AdapterRegistry(settings.adapters_dir, db),
         chroma_dir=settings.chroma_dir,
+        exports_dir=settings.exports_dir,
+        downloads_dir=settings.console_downloads_dir,
     )
     print(json.dumps(report.to_dict(), indent=2))
     return 0

@@ -1,8 +1,11 @@
-"""PII scrubbing for shared exports: e-mails, phones, URLs, a user's names and memory facts.
+"""PII scrubbing for shared exports.
 
-Each match becomes a typed placeholder (`[EMAIL]`, `[PHONE]`, `[URL]`, `[NAME]`, `[FACT]`) and
-is counted. E-mails, URLs and phones are replaced first (so an e-mail wins over the name
-inside it), then the user's terms; placeholders are never matched again.
+Each match becomes a typed placeholder and is counted: `[EMAIL]`, `[URL]`, `[IBAN]`,
+`[CARD]`, `[DOB]`, `[DATE]`, `[PHONE]`, the user's own names and memory facts (`[NAME]`,
+`[FACT]`), then other people's full names (`[PERSON]`), in that order (so an e-mail wins
+over the name inside it, a card over a phone number); placeholders are never matched again.
+The detectors for cards, IBANs, dates and names are in `learner.pii_rules`, which says why
+rules are used rather than a statistical recogniser.
 """
 
 from __future__ import annotations
@@ -12,9 +15,22 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from learner.pii_rules import Span, find_dates, find_financial, find_persons
+
 __all__ = ["PII_KINDS", "PiiScrubber", "ScrubCounts", "UserTerms", "build_user_terms"]
 
-PII_KINDS: tuple[str, ...] = ("email", "phone", "url", "name", "fact")
+PII_KINDS: tuple[str, ...] = (
+    "email",
+    "phone",
+    "url",
+    "card",
+    "iban",
+    "dob",
+    "date",
+    "person",
+    "name",
+    "fact",
+)
 
 _EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
 _TLDS = "com|org|net|io|dev|edu|gov|ai|app|info|co|uk|de|fr|es|it|nl|eu|me|ly|us|ca|au"
@@ -25,10 +41,11 @@ _URL = (
 )
 # Loose on purpose; the digit count is checked in `_replace` (7..15 digits, not a date).
 _PHONE = (
-    r"(?<![\w+.,])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}"
-    r"(?!\w)(?![.,]\d)"
+    r"(?<![\w+.,-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}"
+    r"(?!\w)(?![.,-]\d)"
 )
 _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
+_RUN = re.compile(r"\d{13,}")  # an unbroken run this long is a timestamp or an id
 _TRAILING = ".,;:!?)]}'\""
 _WORD_SPLIT = re.compile(r"[^\w'’-]+|_")
 _NAME_SPLIT = re.compile(r"[^A-Za-zÀ-ÖØ-öø-ɏ]+")
@@ -51,12 +68,17 @@ class ScrubCounts:
     email: int = 0
     phone: int = 0
     url: int = 0
+    card: int = 0
+    iban: int = 0
+    dob: int = 0
+    date: int = 0
+    person: int = 0
     name: int = 0
     fact: int = 0
 
     @property
     def total(self) -> int:
-        return self.email + self.phone + self.url + self.name + self.fact
+        return sum(getattr(self, kind) for kind in PII_KINDS)
 
     def add(self, kind: str, n: int = 1) -> None:
         setattr(self, kind, getattr(self, kind) + n)
@@ -139,7 +161,8 @@ def _alternation(terms: tuple[str, ...]) -> str:
     return "|".join(re.escape(t).replace(r"\ ", r"\s+") for t in terms)
 
 
-_BASE = re.compile(f"(?P<email>{_EMAIL})|(?P<url>{_URL})|(?P<phone>{_PHONE})")
+_LINKS = re.compile(f"(?P<email>{_EMAIL})|(?P<url>{_URL})")
+_PHONES = re.compile(f"(?P<phone>{_PHONE})")
 # Term boundaries also exclude brackets so a placeholder like "[NAME]" is never re-matched.
 _TERM_START = r"(?<![\w\[])"
 _TERM_END = r"(?![\w\]])"
@@ -176,7 +199,7 @@ class PiiScrubber:
         return pattern
 
     def scrub(self, text: str, counts: ScrubCounts, terms: UserTerms | None = None) -> str:
-        """E-mails, URLs and phones first (one pass), then the user's fact and name terms."""
+        """Links, then numbers and dates, then phones, the user's terms, other people."""
         if not text:
             return text
 
@@ -186,7 +209,7 @@ class PiiScrubber:
             tail = ""
             if kind == "phone":
                 digits = sum(c.isdigit() for c in value)
-                if not 7 <= digits <= 15 or _DATE.fullmatch(value):
+                if not 7 <= digits <= 15 or _DATE.fullmatch(value) or _RUN.fullmatch(value):
                     return value
             elif kind == "url":
                 stripped = value.rstrip(_TRAILING)
@@ -194,6 +217,23 @@ class PiiScrubber:
             counts.add(kind)
             return f"[{kind.upper()}]{tail}"
 
-        text = _BASE.sub(replace, text)
+        text = _LINKS.sub(replace, text)
+        text = _replace_spans(text, find_financial(text), counts)
+        text = _replace_spans(text, find_dates(text), counts)
+        text = _PHONES.sub(replace, text)
         pattern = self._pattern(terms) if terms is not None else None
-        return pattern.sub(replace, text) if pattern is not None else text
+        if pattern is not None:
+            text = pattern.sub(replace, text)
+        return _replace_spans(text, find_persons(text), counts)
+
+
+def _replace_spans(text: str, spans: list[Span], counts: ScrubCounts) -> str:
+    out, at = [], 0
+    for span in sorted(spans, key=lambda s: s.start):
+        if span.start < at:
+            continue  # overlaps one already replaced
+        out += [text[at : span.start], f"[{span.kind.upper()}]"]
+        counts.add(span.kind)
+        at = span.end
+    out.append(text[at:])
+    return "".join(out)

@@ -37,13 +37,12 @@ def embedded_model_dir(tmp_path_factory) -> Path:
     return ensure_embedded_model(models_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
-    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer (fast mechanics)."""
+def make_tiny_model(path: Path, tokenizer_dir: Path) -> Path:
+    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, saved at `path`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -59,10 +58,15 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
+    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer (fast mechanics)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), embedded_model_dir)
 
 
 @pytest.fixture

@@ -333,6 +333,7 @@ class ExportResult:
     salt_source: str  # env | generated
     duration_s: float
     salt: str = field(repr=False, default="")  # never written into the export directory
+    user_hashes: frozenset[str] = field(repr=False, default=frozenset())  # private, as salt
 
     def summary(self) -> dict[str, Any]:
         return {

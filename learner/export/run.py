@@ -12,7 +12,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
@@ -97,7 +97,12 @@ def export(
     if runs_dir is not None:
         record_dir = Path(runs_dir) / "exports"
         record_dir.mkdir(parents=True, exist_ok=True)
-        write_json(record_dir / f"{export_id}.json", {**result.summary(), "salt": salt})
+        # Private (runs_dir, never shared): which users it holds, for `upc erase`.
+        users = sorted(result.user_hashes)
+        write_json(
+            record_dir / f"{export_id}.json",
+            {**result.summary(), "salt": salt, "user_hashes": users},
+        )
     log.info(
         "export %s: %d conversations, %d messages, %d PII replacements",
         export_id,
@@ -119,6 +124,7 @@ class _Tally:
     real: int = 0
     synthetic: int = 0
     skipped_empty: int = 0
+    users: set[str] = field(default_factory=set)  # salted hashes of the real users written
     progress: Callable[[ExportProgress], None] | None = None
 
     def report(self, phase: str) -> None:
@@ -130,6 +136,7 @@ class _Tally:
         self.messages += len(record.messages)
         if record.meta.source == "real":
             self.real += 1
+            self.users.add(record.meta.user)
         else:
             self.synthetic += 1
 
@@ -186,6 +193,7 @@ def _run(
         scrub_enabled=options.scrub,
         salt_source="",
         duration_s=0.0,
+        user_hashes=frozenset(tally.users),
     )
 
 

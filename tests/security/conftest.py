@@ -25,12 +25,14 @@ ADMIN_SECRET = "operator-secret-" + "5" * 16
 CONTEXT_TOKENS = 512  # anon_app's context window: small, so long prompts are quick to make
 
 
-def cli(app: RunningApp, *args: str) -> subprocess.CompletedProcess:
-    """Run `upc ARGS` against the app's data dir, as an operator would."""
+def cli(
+    app: RunningApp, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `upc ARGS` against the app's data dir, as an operator would (`env` on top)."""
     return subprocess.run(
         [sys.executable, "-m", "chatbot.cli", *args],
         cwd=REPO,
-        env=app.env,
+        env={**app.env, **(env or {})},
         capture_output=True,
         text=True,
         timeout=180,
@@ -54,17 +56,11 @@ def client(app: RunningApp, who: tuple[str, str] | None = None) -> Client:
 
 
 def tiny_app(root: Path, model_dir: Path, **env: str) -> RunningApp:
-    """An app on the tiny random model, memory off (fast), not started."""
+    """An app on the tiny random model, memory off (fast) unless `env` says so, not started."""
     data_dir = root / "upc-data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    return make_app(
-        data_dir,
-        root,
-        UPC_CHATBOT__MODEL=str(model_dir),
-        UPC_MEMORY__ENABLED="false",
-        UPC_GENERATION__MAX_NEW_TOKENS="8",
-        **env,
-    )
+    defaults = {"UPC_MEMORY__ENABLED": "false", "UPC_GENERATION__MAX_NEW_TOKENS": "8"}
+    return make_app(data_dir, root, UPC_CHATBOT__MODEL=str(model_dir), **{**defaults, **env})
 
 
 def stop_and_clean(app: RunningApp, root: Path) -> None:
