@@ -28,6 +28,7 @@ __all__ = [
     "browser_state_key",
     "build_services",
     "build_worker_memory",
+    "context_window",
     "session_secret",
 ]
 
@@ -98,6 +99,12 @@ def _ensure_admins(settings: Settings, accounts: Accounts) -> None:
         )
 
 
+def context_window(settings: Settings, model: ChatModel) -> int:
+    """Tokens a prompt and its reply may take: the setting, or the model's own if smaller."""
+    own = getattr(model, "context_tokens", None)
+    return min(settings.limits.context_tokens, own) if own else settings.limits.context_tokens
+
+
 def generation_params(settings: Settings) -> GenerationParams:
     return settings.generation.params()
 
@@ -159,7 +166,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         memory=memory,
         memory_top_k=settings.memory.top_k,
         memory_token_budget=settings.memory.token_budget,
-        context_tokens=settings.limits.context_tokens,
+        context_tokens=context_window(settings, model),
     )
     chat.mark_interrupted_streams()
     adapters.start()
