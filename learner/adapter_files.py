@@ -1,10 +1,11 @@
 """What may be inside an adapter directory, checked without running or unpickling anything.
 
-Only known files are accepted: PEFT's config and safetensors weights, tokenizer files, JSON
+Only known files are accepted: PEFT's config and safetensors weights, the GGUF LoRA the
+registry derives from them for llama.cpp (`adapter_model.gguf`), tokenizer files, JSON
 metadata, the loss curve (`loss.json`, `loss.png`) and a README. Anything else (a pickle with no suffix, a script,
 a sub-directory, a link) is refused by name. Each safetensors file is parsed: its header
 must be sane and its data must be exactly as long as the header says, so a truncated or
-padded file is refused before a model ever tries to load it.
+padded file is refused before a model ever tries to load it; the GGUF LoRA is parsed too.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from core.gguf_lora import GgufLoraError, check_gguf_lora
+
 __all__ = [
     "ALLOWED_FILES",
+    "GGUF_LORA_FILE",
     "PICKLE_SUFFIXES",
     "REQUIRED_FILES",
     "AdapterError",
@@ -28,11 +32,14 @@ __all__ = [
 ]
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# The llama.cpp copy of the LoRA: always written by the registry, never taken from a source.
+GGUF_LORA_FILE = "adapter_model.gguf"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 # Files a LoRA adapter directory may hold besides `*.safetensors` and its manifest.
 ALLOWED_FILES = frozenset(
     {
         "adapter_config.json",
+        GGUF_LORA_FILE,
         "README.md",
         "loss.json",
         "loss.png",  # the training curve the console plots
@@ -168,6 +175,11 @@ def check_payload(path: Path, files: Iterable[str]) -> None:
     for name in names:
         if name.endswith(".safetensors"):
             check_safetensors(path / name)
+    if GGUF_LORA_FILE in names:
+        try:
+            check_gguf_lora(path / GGUF_LORA_FILE)
+        except GgufLoraError as exc:
+            raise AdapterVerificationError(f"adapter {path.name}: {exc}") from exc
 
 
 def payload_files(path: Path, skip: Iterable[str] = ()) -> list[str]:

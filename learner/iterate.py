@@ -28,10 +28,11 @@ from core.prompting import load_prompt
 from core.settings import Settings
 from core.types import BASE_ADAPTER
 from learner import stages
+from learner.adapter_manifest import atomic_write
 from learner.curriculum import iteration_dir
 from learner.gate import GateDecision
 from learner.records import IterationStats
-from learner.registry import AdapterRegistry, _atomic_write
+from learner.registry import AdapterRegistry
 from learner.stages import (
     DEFAULT_USERS,
     BaseModel,
@@ -222,7 +223,7 @@ class IterationDriver:
         directory.mkdir(parents=True, exist_ok=True)
         data = dataclasses.asdict(state)
         payload = json.dumps(data, indent=2, default=str).encode("utf-8")
-        _atomic_write(directory / STATE_FILE, payload)
+        atomic_write(directory / STATE_FILE, payload)
 
     def _mark(self, state: IterationState, stage: str) -> None:
         if stage not in state.done:

@@ -5,6 +5,17 @@ per file); `adapters/ACTIVE` names the served adapter ("base" for the plain mode
 are published by writing a hidden temp dir inside `adapters/`, fsyncing it and renaming it,
 so a crash never leaves a listable half-adapter. Loading accepts safetensors only: a pickle
 file is refused by its name, never opened.
+
+Each adapter also gets `adapter_model.gguf`, the same LoRA for llama.cpp, converted by us
+from the verified safetensors (a GGUF in a source directory is never copied) and covered by
+the manifest's hashes like every other file:
+- at publish, when the base model's config is known (passed in, or the adapter's recorded
+  base directory). A trained adapter that cannot be converted is not published; an imported
+  one is (torch can still serve it) and `gguf_path` reports why llama.cpp cannot;
+- otherwise, and for adapters published before GGUF files existed, on the first
+  `gguf_path(id, base_config=...)`: converted outside the adapter dir, renamed in, then the
+  manifest is rewritten to list it. Until then (or after a crash between the two steps) an
+  unlisted GGUF is ignored by `verify` and never served.
 """
 
 from __future__ import annotations
@@ -12,27 +23,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from core.gguf_lora import GgufBaseUnknownError, GgufLoraError, write_gguf_lora
 from core.types import BASE_ADAPTER
 from learner.adapter_files import (
+    GGUF_LORA_FILE,
     PICKLE_SUFFIXES,
     REQUIRED_FILES,
     AdapterError,
@@ -41,12 +51,29 @@ from learner.adapter_files import (
     payload_files,
     refuse_pickles,
 )
+from learner.adapter_manifest import (
+    MANIFEST_FILE,
+    MANIFEST_TMP,
+    AdapterManifest,
+    AdapterNotFoundError,
+    atomic_write,
+    code_version,
+    fsync_dir,
+    hash_file,
+    hash_model_weights,
+    manifest_bytes,
+    now_iso,
+    read_manifest,
+    verify_adapter_dir,
+    write_durable,
+)
 from storage.adapter_models import AdapterActivation, AdapterRow
 from storage.db import Database
 from storage.models import utcnow
 
 __all__ = [
     "ACTIVE_FILE",
+    "GGUF_LORA_FILE",
     "MANIFEST_FILE",
     "PICKLE_SUFFIXES",
     "REQUIRED_FILES",
@@ -63,65 +90,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
 ACTIVE_FILE = "ACTIVE"
-STATUSES = ("candidate", "active", "retired")
 _TMP_PREFIX = ".tmp-"
-_MANIFEST_TMP = ".manifest.json.tmp"
 _LOCK_FILE = ".registry.lock"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _STALE_TMP_S = 3600.0
+# Never taken from a source dir: the registry writes its own manifest and GGUF LoRA.
+_NOT_COPIED = (MANIFEST_FILE, MANIFEST_TMP, GGUF_LORA_FILE)
 
 PublishHook = Callable[[str], None]
-
-
-class AdapterNotFoundError(AdapterError):
-    """No adapter with that id is published."""
-
-
-@dataclass
-class AdapterManifest:
-    id: str
-    parent_id: str | None = None
-    iteration: int | None = None
-    base_model_id: str = ""
-    base_weights_sha256: str | None = None
-    training_config: dict[str, Any] = field(default_factory=dict)
-    training_dialogue_ids: list[str] = field(default_factory=list)
-    training_set_hash: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    code_version: dict[str, Any] = field(default_factory=dict)
-    created_at: str = ""
-    status: str = "candidate"
-    status_reason: str | None = None
-    source: str = "trained"
-    gate: dict[str, Any] | None = None
-    # name -> sha256 of every adapter file (everything in the directory but the manifest).
-    files: dict[str, str] = field(default_factory=dict)
-    format: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> AdapterManifest:
-        if not isinstance(data, dict):
-            raise AdapterVerificationError("manifest is not a JSON object")
-        if not isinstance(data.get("id"), str) or not data["id"]:
-            raise AdapterVerificationError("manifest has no id")
-        files = data.get("files")
-        if not isinstance(files, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-        ):
-            raise AdapterVerificationError("manifest has no valid 'files' table of sha256 hashes")
-        known = {f.name for f in dataclasses.fields(cls)}
-        try:
-            manifest = cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise AdapterVerificationError(f"manifest is malformed: {exc}") from exc
-        if manifest.status not in STATUSES:
-            raise AdapterVerificationError(f"manifest has an unknown status {manifest.status!r}")
-        return manifest
+BaseConfig = Path | dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -131,123 +109,6 @@ class ActivationRecord:
     action: str
     reason: str | None
     created_at: datetime
-
-
-def hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def hash_model_weights(model_dir: str | Path) -> str | None:
-    """One sha256 over the base model's safetensors files (None for a hub id, not a dir)."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        return None
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        digest.update(hash_file(file).encode())
-    return digest.hexdigest()
-
-
-def code_version() -> dict[str, Any]:
-    """The package version and, when run from a git checkout, the commit."""
-    try:
-        package = version("upc-chat")
-    except PackageNotFoundError:
-        package = "unknown"
-    commit = None
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if out.returncode == 0:
-            commit = out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"package": package, "git_commit": commit}
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _atomic_write(path: Path, data: bytes, tmp_name: str | None = None) -> None:
-    tmp = path.with_name(tmp_name or f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        _write_durable(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def verify_adapter_dir(path: Path, *, manifest: AdapterManifest | None = None) -> AdapterManifest:
-    """All checks on one directory; returns its manifest. Never unpickles anything."""
-    if not path.is_dir():
-        raise AdapterNotFoundError(f"adapter directory {path} does not exist")
-    refuse_pickles(path, f"adapter {path.name}")
-    if manifest is None:
-        manifest = _read_manifest(path)
-    present = set(payload_files(path, skip=(MANIFEST_FILE, _MANIFEST_TMP)))
-    listed = set(manifest.files)
-    missing = sorted(listed - present)
-    if missing:
-        raise AdapterVerificationError(f"adapter {path.name} is missing {', '.join(missing)}")
-    extra = sorted(present - listed)
-    if extra:
-        raise AdapterVerificationError(
-            f"adapter {path.name} has files not in its manifest: {', '.join(extra)}"
-        )
-    for name, expected in sorted(manifest.files.items()):
-        actual = hash_file(path / name)
-        if actual != expected:
-            raise AdapterVerificationError(
-                f"adapter {path.name}: {name} does not match its manifest hash "
-                f"(expected {expected[:12]}..., found {actual[:12]}...): changed or corrupted"
-            )
-    check_payload(path, listed)
-    return manifest
-
-
-def _read_manifest(path: Path) -> AdapterManifest:
-    file = path / MANIFEST_FILE
-    if not file.is_file():
-        raise AdapterVerificationError(f"adapter {path.name} has no {MANIFEST_FILE}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AdapterVerificationError(
-            f"adapter {path.name}: {MANIFEST_FILE} cannot be parsed: {exc}"
-        ) from exc
-    return AdapterManifest.from_dict(data)
 
 
 def _check_id(adapter_id: str) -> None:
@@ -284,7 +145,7 @@ class AdapterRegistry:
         path = self.path(adapter_id)
         if not path.is_dir():
             raise AdapterNotFoundError(f"no adapter {adapter_id!r} in {self.adapters_dir}")
-        return _read_manifest(path)
+        return read_manifest(path)
 
     def list(self) -> list[AdapterManifest]:
         """Published adapters, oldest first; temp dirs and unreadable ones are skipped."""
@@ -293,7 +154,7 @@ class AdapterRegistry:
             if not entry.is_dir() or entry.name.startswith("."):
                 continue
             try:
-                out.append(_read_manifest(entry))
+                out.append(read_manifest(entry))
             except AdapterVerificationError as exc:
                 log.warning("skipping adapter dir %s: %s", entry.name, exc)
         return sorted(out, key=lambda m: (m.created_at, m.id))
@@ -319,9 +180,11 @@ class AdapterRegistry:
         source_dir: str | Path,
         manifest: AdapterManifest,
         *,
+        base_config: BaseConfig = None,
         hook: PublishHook | None = None,
     ) -> AdapterManifest:
-        """Copy `source_dir`'s adapter files in as `manifest.id`, atomically.
+        """Copy `source_dir`'s adapter files in as `manifest.id`, atomically, with a GGUF LoRA
+        converted from them (`base_config`: the base model's dir, config or GGUF).
 
         `hook(stage)` is called between steps ("copied", "manifest", "synced", "renamed");
         tests use it to inject a crash.
@@ -333,7 +196,7 @@ class AdapterRegistry:
         if not source.is_dir():
             raise AdapterNotFoundError(f"{source} is not a directory")
         refuse_pickles(source, str(source))
-        names = payload_files(source, skip=(MANIFEST_FILE, _MANIFEST_TMP))
+        names = payload_files(source, skip=_NOT_COPIED)
         check_payload(source, names)
         tmp = self.adapters_dir / f"{_TMP_PREFIX}{manifest.id}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -344,17 +207,20 @@ class AdapterRegistry:
                 with (tmp / name).open("rb+") as fh:
                     os.fsync(fh.fileno())
                 files[name] = hash_file(tmp / name)
+            gguf_hash = _convert_at_publish(tmp, manifest, base_config)
+            if gguf_hash is not None:
+                files[GGUF_LORA_FILE] = gguf_hash
             _call(hook, "copied")
             manifest = dataclasses.replace(
-                manifest, files=files, created_at=manifest.created_at or _now_iso()
+                manifest, files=files, created_at=manifest.created_at or now_iso()
             )
-            _write_durable(tmp / MANIFEST_FILE, _manifest_bytes(manifest))
+            write_durable(tmp / MANIFEST_FILE, manifest_bytes(manifest))
             _call(hook, "manifest")
             verify_adapter_dir(tmp, manifest=manifest)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _call(hook, "synced")
             os.rename(tmp, self.path(manifest.id))
-            _fsync_dir(self.adapters_dir)
+            fsync_dir(self.adapters_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -364,7 +230,11 @@ class AdapterRegistry:
         return manifest
 
     def import_dir(
-        self, source_dir: str | Path, *, adapter_id: str | None = None
+        self,
+        source_dir: str | Path,
+        *,
+        adapter_id: str | None = None,
+        base_config: BaseConfig = None,
     ) -> AdapterManifest:
         """Bring in an adapter trained elsewhere, after the same checks; it becomes a candidate."""
         source = Path(source_dir)
@@ -374,7 +244,7 @@ class AdapterRegistry:
         if (source / MANIFEST_FILE).exists():
             manifest = verify_adapter_dir(source)
         else:
-            names = payload_files(source, skip=(MANIFEST_FILE, _MANIFEST_TMP))
+            names = payload_files(source, skip=_NOT_COPIED)
             check_payload(source, names)
             config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
             weights_hash = hash_file(source / "adapter_model.safetensors")
@@ -391,9 +261,37 @@ class AdapterRegistry:
             status="candidate",
             status_reason=f"imported from {source.resolve()}",
             source="imported",
-            created_at=_now_iso(),
+            created_at=now_iso(),
         )
-        return self.publish(source, manifest)
+        return self.publish(source, manifest, base_config=base_config)
+
+    def gguf_path(self, adapter_id: str, *, base_config: BaseConfig = None) -> Path:
+        """The verified GGUF LoRA of `adapter_id` for llama.cpp, converted now if it has none.
+
+        Raises AdapterError when the adapter fails verification or cannot be converted.
+        """
+        with self._locked():
+            manifest = self.verify(adapter_id)
+            path = self.path(adapter_id)
+            if GGUF_LORA_FILE in manifest.files:
+                return path / GGUF_LORA_FILE
+            # Converted outside the adapter dir so no reader ever sees a half file in it.
+            tmp = self.adapters_dir / f"{_TMP_PREFIX}{adapter_id}-gguf-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                info = write_gguf_lora(path, tmp / GGUF_LORA_FILE, base_config=base_config)
+                os.replace(tmp / GGUF_LORA_FILE, path / GGUF_LORA_FILE)
+                fsync_dir(path)
+            except GgufLoraError as exc:
+                raise AdapterError(f"adapter {adapter_id} has no GGUF LoRA: {exc}") from exc
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            manifest = dataclasses.replace(
+                manifest, files={**manifest.files, GGUF_LORA_FILE: info.sha256}
+            )
+            atomic_write(path / MANIFEST_FILE, manifest_bytes(manifest), MANIFEST_TMP)
+            log.info("adapter %s: wrote its GGUF LoRA for llama.cpp", adapter_id)
+            return self.verified_path(adapter_id) / GGUF_LORA_FILE
 
     def update_manifest(self, adapter_id: str, **changes: Any) -> AdapterManifest:
         """Rewrite fields of a published manifest atomically (the files' hashes never change)."""
@@ -402,7 +300,7 @@ class AdapterRegistry:
                 raise AdapterError("an adapter's id and files cannot change after publishing")
             path = self.path(adapter_id)
             manifest = dataclasses.replace(self.get(adapter_id), **changes)
-            _atomic_write(path / MANIFEST_FILE, _manifest_bytes(manifest), _MANIFEST_TMP)
+            atomic_write(path / MANIFEST_FILE, manifest_bytes(manifest), MANIFEST_TMP)
             self._index(manifest)
             return manifest
 
@@ -432,7 +330,7 @@ class AdapterRegistry:
                     )
             if adapter_id == previous:
                 return adapter_id
-            _atomic_write(self.adapters_dir / ACTIVE_FILE, f"{adapter_id}\n".encode())
+            atomic_write(self.adapters_dir / ACTIVE_FILE, f"{adapter_id}\n".encode())
             with self.db.session() as session:
                 session.add(
                     AdapterActivation(
@@ -565,8 +463,23 @@ class AdapterRegistry:
                         log.info("removed stale temp dir %s", entry.name)
 
 
-def _manifest_bytes(manifest: AdapterManifest) -> bytes:
-    return (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+def _convert_at_publish(
+    adapter_dir: Path, manifest: AdapterManifest, base_config: BaseConfig
+) -> str | None:
+    """Write the GGUF LoRA into a publish temp dir; its sha256, or None to convert later."""
+    try:
+        return write_gguf_lora(
+            adapter_dir, adapter_dir / GGUF_LORA_FILE, base_config=base_config
+        ).sha256
+    except GgufBaseUnknownError as exc:
+        log.warning("adapter %s: GGUF LoRA left for later: %s", manifest.id, exc)
+    except GgufLoraError as exc:
+        if manifest.source == "trained":
+            raise AdapterError(
+                f"adapter {manifest.id} cannot be converted for llama.cpp, not published: {exc}"
+            ) from exc
+        log.warning("adapter %s: llama.cpp cannot serve it: %s", manifest.id, exc)
+    return None
 
 
 def _call(hook: PublishHook | None, stage: str) -> None:

@@ -470,7 +470,7 @@ def train(
         metrics=result.metrics(),
         code_version=code_version(),
     )
-    registry.publish(staging, manifest)
+    registry.publish(staging, manifest, base_config=Path(base.path))
     shutil.rmtree(staging, ignore_errors=True)
     return TrainOutcome(adapter_id, parent, metrics=result.metrics())
 
