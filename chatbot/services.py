@@ -7,6 +7,7 @@ import hmac
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from chatbot.chat import ChatService
 from chatbot.downloads import Downloads
 from chatbot.memory import MemoryService
 from core.embeddings import Embedder
+from core.llamacpp_model import LlamaCppModel
 from core.runtime import ModelPool
 from core.settings import Settings
 from core.types import ChatModel, GenerationParams
@@ -138,6 +140,14 @@ def build_worker_memory(settings: Settings, db: Database) -> MemoryService | Non
         return None
 
 
+def _adapter_files(model: ChatModel, registry: AdapterRegistry) -> Callable[[str], Path]:
+    """Where the served model finds a verified adapter: llama.cpp its GGUF LoRA (converted
+    into the registry once if the adapter has none yet), torch the adapter directory."""
+    if isinstance(model, LlamaCppModel):
+        return lambda adapter_id: registry.gguf_path(adapter_id, base_config=model.gguf_path)
+    return registry.verified_path
+
+
 def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None) -> Services:
     db = Database.from_settings(settings)
     accounts = Accounts(db, admin_names=settings.admin_user_names)
@@ -148,7 +158,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
     adapters = AdapterManager(
         model,
         source=registry.active_id,
-        resolve=registry.verified_path,
+        resolve=_adapter_files(model, registry),
         ab_source=lambda: load_ab_split(settings.adapters_dir),
         on_failure=lambda wanted, serving, exc: registry.revert_failed(wanted, serving, str(exc)),
     )

@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 import httpx
 
 from core.gguf_files import GgufError, check_lora, read_model
+from core.gguf_lora import GgufLoraError, write_gguf_lora
 from core.llamacpp_swap import Instance, ServerPool
 from core.peft_loading import AdapterLoadError
 from core.prompting import fit_prompt
@@ -41,30 +45,25 @@ from core.types import (
     ModelTimeoutError,
 )
 
-__all__ = ["LlamaCppModel", "find_lora_file"]
+__all__ = ["LlamaCppModel", "listed_lora_file"]
 
 log = logging.getLogger(__name__)
 
 BUSY_MESSAGE = "the model is busy (request queue full); please try again in a moment"
-# The GGUF LoRA an adapter directory holds next to its safetensors.
-LORA_FILE_NAMES = ("adapter.gguf", "adapter_model.gguf")
+# The GGUF LoRA the registry writes next to an adapter's safetensors and lists in its manifest.
+LORA_FILE = "adapter_model.gguf"
 
 
-def find_lora_file(path: str | Path) -> Path:
-    """The GGUF LoRA of an adapter: `path` itself, or the one GGUF in its directory."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for name in LORA_FILE_NAMES:
-        if (path / name).is_file():
-            return path / name
-    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    raise AdapterLoadError(
-        f"{path} has no GGUF LoRA (adapter.gguf) for llama.cpp; register the adapter again "
-        "to write one, or serve it with the local backend"
-    )
+def listed_lora_file(adapter_dir: Path) -> Path | None:
+    """The adapter's GGUF LoRA if its manifest lists it (so the caller's hash check covered
+    it); an unlisted one (a crash mid-conversion) is never served."""
+    try:
+        manifest = json.loads((adapter_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    listed = isinstance(files, dict) and LORA_FILE in files
+    return adapter_dir / LORA_FILE if listed and (adapter_dir / LORA_FILE).is_file() else None
 
 
 class LlamaCppModel:
@@ -107,7 +106,12 @@ class LlamaCppModel:
             http_threads=n_parallel + queue_size + 4,
             start_timeout_s=start_timeout_s,
         )
-        self._pool.start({})
+        try:
+            self._pool.start({})
+        except BaseException:
+            self._pool.close()
+            raise
+        self._converted = Path(tempfile.mkdtemp(prefix="upc-gguf-lora-"))
         log.info(
             "llama.cpp serving %s (%d slots of %d tokens) in %.1fs",
             self.gguf_path.name,
@@ -120,6 +124,11 @@ class LlamaCppModel:
     @property
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
+
+    @property
+    def server_pid(self) -> int:
+        """The process id of the llama.cpp server taking new requests."""
+        return self._pool.current_pid()
 
     @property
     def last_swap_s(self) -> float:
@@ -183,16 +192,16 @@ class LlamaCppModel:
     def load_adapter(self, adapter_id: str, path: str | Path) -> None:
         """Serve one more adapter: a new server with it starts, then takes the requests.
 
-        `path` is the adapter's GGUF LoRA or its directory holding one. All or nothing: if
+        `path` is a GGUF LoRA or a verified adapter directory. All or nothing: if
         the file doesn't fit the model or the server doesn't start, the running server
         keeps serving what it served and AdapterLoadError says why.
         """
         if adapter_id in self._adapters:
             return
-        lora = find_lora_file(path)
         try:
+            lora = self._lora_file(adapter_id, Path(path))
             check_lora(lora, self.info)
-        except GgufError as exc:
+        except (GgufError, GgufLoraError) as exc:
             raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
         wanted = {**self._adapters, adapter_id: lora}
         try:
@@ -201,6 +210,19 @@ class LlamaCppModel:
             raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
         self._adapters = wanted
         log.info("adapter %s served by llama.cpp (start %.2fs)", adapter_id, self.last_swap_s)
+
+    def _lora_file(self, adapter_id: str, path: Path) -> Path:
+        """A GGUF file as given; an adapter directory's listed GGUF LoRA, else one converted
+        now from its safetensors (kept with this model, removed at close)."""
+        if path.is_file():
+            return path
+        listed = listed_lora_file(path)
+        if listed is not None:
+            return listed
+        out = self._converted / f"{adapter_id}-{uuid.uuid4().hex[:8]}.gguf"
+        write_gguf_lora(path, out, base_config=self.gguf_path)
+        log.info("adapter %s: converted to a GGUF LoRA for llama.cpp", adapter_id)
+        return out
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Stop offering the adapter; the next server start leaves it out.
@@ -230,6 +252,7 @@ class LlamaCppModel:
             return
         self._closed = True
         self._pool.close()
+        shutil.rmtree(self._converted, ignore_errors=True)
 
     # ----------------------------------------------------------------- internals
     def _admit(self, block: bool) -> None:

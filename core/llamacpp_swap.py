@@ -109,6 +109,12 @@ class ServerPool:
             current.in_flight += 1
             return current
 
+    def current_pid(self) -> int:
+        with self._lock:
+            if self._current is None:
+                raise ModelError("the model is shut down")
+            return self._current.server.pid
+
     def release(self, instance: Instance) -> None:
         with self._lock:
             instance.in_flight -= 1
