@@ -85,6 +85,7 @@ class LlamaServer:
             self.close()
             raise
         self.base_url = str(reply["address"])
+        self.load_s = float(reply.get("load_s", 0.0))  # in the child: model and adapters
         self.start_s = time.perf_counter() - started
 
     def _read_reply(self, timeout_s: float) -> dict:
@@ -167,6 +168,7 @@ def main() -> int:
     if xllamacpp is None:
         print(json.dumps({"error": f"the xllamacpp wheel does not import: {missing}"}), flush=True)
         return 1
+    started = time.perf_counter()
     try:
         server = xllamacpp.Server(_params(xllamacpp, spec))
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -175,7 +177,8 @@ def main() -> int:
     # llama.cpp installed its own handlers; a plain signal ends this process at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    print(json.dumps({"address": server.listening_address}), flush=True)
+    load_s = time.perf_counter() - started
+    print(json.dumps({"address": server.listening_address, "load_s": load_s}), flush=True)
     sys.stdin.read()  # returns when the app closes the pipe or dies
     os._exit(0)  # nothing to flush; skip waiting on llama.cpp's threads
 
