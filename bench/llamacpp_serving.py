@@ -7,7 +7,7 @@ tokens/s with 4 users against 1. The swap loads a new LoRA (converted by core.gg
 while 8 streams run; its time is what `AdapterManager.activate` takes for the caller.
 
     python bench/llamacpp_serving.py [--runs 8] [--tokens 64] [--swaps 4]
-        [--torch-dtypes auto,float32]
+        [--torch-dtypes auto,float32] [--gguf PATH]
 """
 
 from __future__ import annotations
@@ -168,13 +168,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--swaps", type=int, default=4)
+    parser.add_argument("--gguf", default=None, help="GGUF to serve (default: the shipped Q4_1)")
     parser.add_argument(
         "--torch-dtypes", default="auto", help="torch runs, comma-separated ('' for none)"
     )
     args = parser.parse_args()
     model_dir = ensure_embedded_model(load_settings().models_dir)
-    gguf = embedded_gguf_path()
-    llama = LlamaCppModel(gguf, model_id="SmolLM2-135M-Instruct.Q4_1", n_parallel=4)
+    gguf = Path(args.gguf) if args.gguf else embedded_gguf_path()
+    llama = LlamaCppModel(gguf, model_id=gguf.name, n_parallel=4)
     try:
         result: dict = {"benchmark": "llamacpp_serving", "gguf": gguf.name}
         result["llamacpp"] = {

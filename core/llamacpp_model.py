@@ -93,9 +93,10 @@ class LlamaCppModel:
         self.n_parallel = n_parallel
         self.queue_size = queue_size
         self._slots = threading.BoundedSemaphore(n_parallel + queue_size)
-        self._waiting = 0
+        self._admitted = 0
         self._count_lock = threading.Lock()
         self._adapters: dict[str, Path] = {}
+        self._adapter_lock = threading.Lock()  # one change of the adapter set at a time
         self._closed = False
         self._pool = ServerPool(
             str(self.gguf_path),
@@ -196,19 +197,20 @@ class LlamaCppModel:
         the file doesn't fit the model or the server doesn't start, the running server
         keeps serving what it served and AdapterLoadError says why.
         """
-        if adapter_id in self._adapters:
-            return
-        try:
-            lora = self._lora_file(adapter_id, Path(path))
-            check_lora(lora, self.info)
-        except (GgufError, GgufLoraError) as exc:
-            raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
-        wanted = {**self._adapters, adapter_id: lora}
-        try:
-            self._pool.start(wanted)
-        except ModelError as exc:
-            raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
-        self._adapters = wanted
+        with self._adapter_lock:
+            if adapter_id in self._adapters:
+                return
+            try:
+                lora = self._lora_file(adapter_id, Path(path))
+                check_lora(lora, self.info)
+            except (GgufError, GgufLoraError) as exc:
+                raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
+            wanted = {**self._adapters, adapter_id: lora}
+            try:
+                self._pool.start(wanted)
+            except ModelError as exc:
+                raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
+            self._adapters = wanted
         log.info("adapter %s served by llama.cpp (start %.2fs)", adapter_id, self.last_swap_s)
 
     def _lora_file(self, adapter_id: str, path: Path) -> Path:
@@ -230,7 +232,8 @@ class LlamaCppModel:
         The running server keeps its weights, so a request already routed to it still
         gets its reply.
         """
-        self._adapters.pop(adapter_id, None)
+        with self._adapter_lock:
+            self._adapters = {k: v for k, v in self._adapters.items() if k != adapter_id}
 
     def busy_slots(self) -> int:
         """Slots of the serving llama.cpp server decoding or prefilling right now."""
@@ -245,7 +248,7 @@ class LlamaCppModel:
 
     def queue_depth(self) -> int:
         """Requests waiting for a slot (admitted, not yet decoding)."""
-        return max(0, self._waiting - self.n_parallel)
+        return max(0, self._admitted - self.n_parallel)
 
     def close(self) -> None:
         if self._closed:
@@ -262,11 +265,11 @@ class LlamaCppModel:
         if not self._slots.acquire(blocking=block, timeout=600 if block else None):
             raise ModelBusyError(BUSY_MESSAGE)
         with self._count_lock:
-            self._waiting += 1
+            self._admitted += 1
 
     def _leave(self) -> None:
         with self._count_lock:
-            self._waiting -= 1
+            self._admitted -= 1
         self._slots.release()
 
     def _request(

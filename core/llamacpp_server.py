@@ -145,6 +145,13 @@ def _params(xllamacpp: Any, spec: dict) -> Any:
     threads = spec["threads"] or os.cpu_count() or 1
     params.cpuparams.n_threads = threads
     params.cpuparams_batch.n_threads = threads
+    # Waiting threads sleep instead of spinning: while a new server loads next to a draining
+    # one (or anything else shares the cores), spinning threads steal the time slices the
+    # others need; alone, this costs no measurable speed.
+    params.cpuparams.poll = 0
+    params.cpuparams_batch.poll = 0
+    # No warm-up decode at start: under a swap it competes with the streams still decoding.
+    params.warmup = False
     params.n_threads_http = spec["http_threads"]
     params.port = 0
     params.hostnames = ["127.0.0.1"]
