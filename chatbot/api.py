@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from chatbot.services import Services
+from chatbot.services import Services, context_window
 from core.prompting import fit_prompt
 from core.settings import Settings
 from core.types import (
@@ -100,7 +100,9 @@ def build_api_router(services: Services) -> APIRouter:
             return _error(400, "the body must be a JSON object")
         model = services.chatbot_model
         try:
-            messages, params = _parse_request(body, settings, model.count_tokens)
+            messages, params = _parse_request(
+                body, settings, model.count_tokens, context_window(settings, model)
+            )
         except InputError as exc:
             return _error(400, str(exc))
         name = str(body.get("model") or UPC_MODEL_NAME)
@@ -203,7 +205,10 @@ def _sse(stream, first, final, completion_id, created, name, include_usage) -> I
 
 
 def _parse_request(
-    body: dict, settings: Settings, count_tokens: Callable[[Sequence[ChatMessage]], int]
+    body: dict,
+    settings: Settings,
+    count_tokens: Callable[[Sequence[ChatMessage]], int],
+    context_tokens: int,
 ) -> tuple[list[ChatMessage], GenerationParams]:
     """The request's messages, cut to the context window, and its sampling parameters."""
     limits = settings.limits
@@ -212,7 +217,7 @@ def _parse_request(
     )
     params = _parse_params(body, settings.generation.timeout_s)
     # Oldest turns go first; the system prompt and the last message stay.
-    return fit_prompt(messages, count_tokens, limits.context_tokens - params.max_new_tokens), params
+    return fit_prompt(messages, count_tokens, context_tokens - params.max_new_tokens), params
 
 
 def _parse_messages(raw: object, max_chars: int, max_count: int) -> list[ChatMessage]:

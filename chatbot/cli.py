@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settings error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(getattr(logging, settings.log_level.upper(), logging.INFO))
+    # httpx logs every request at INFO, and the llama.cpp backend makes several per reply.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     try:
         return int(args.func(args, settings) or 0)

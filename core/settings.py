@@ -35,6 +35,7 @@ __all__ = [
     "GenerationSettings",
     "LearnerSettings",
     "LimitSettings",
+    "LlamaCppSettings",
     "MemorySettings",
     "ModelRoleSettings",
     "ServerSettings",
@@ -63,7 +64,10 @@ class SettingsError(ValueError):
 class ModelRoleSettings:
     """Which model plays one role (chatbot, critic, simulated user, extractor)."""
 
-    backend: Literal["local", "openai"] = "local"
+    # local: transformers (torch); llamacpp: a GGUF through llama.cpp's server; openai: any
+    # OpenAI-compatible endpoint; auto: llamacpp on a CPU when xllamacpp imports and the model
+    # has a GGUF, else local (`core.runtime.pick_backend` logs which and why).
+    backend: Literal["auto", "local", "llamacpp", "openai"] = "local"
     # HF id, local directory, or the embedded SmolLM2 (materialized under the data dir).
     model: str = EMBEDDED_MODEL
     base_url: str | None = None
@@ -74,6 +78,25 @@ class ModelRoleSettings:
     load_in_4bit: bool = True  # only honoured on CUDA
     max_retries: int = 4
     concurrency: int = 8
+
+
+@dataclass
+class LlamaCppSettings:
+    """The llama.cpp backend (`backend = "llamacpp"` or `"auto"` on a CPU)."""
+
+    # A GGUF file to serve; empty: the model's own (the embedded model's shipped Q4_1, a
+    # `.gguf` model path, or the single `.gguf` file in the model's directory).
+    gguf: str = ""
+    # Requests decoding at once (llama.cpp's slots, batched together every step).
+    n_parallel: int = 4
+    # The context window of one request (each slot's), prompt and reply together.
+    ctx_tokens: int = 4096
+    # CPU threads for decoding; 0: all cores.
+    threads: int = 0
+    # Host memory for cached prompt prefixes of idle conversations.
+    cache_ram_mib: int = 256
+    # Seconds a llama.cpp server may take to load the model and its adapters.
+    start_timeout_s: float = 120.0
 
 
 @dataclass
@@ -190,10 +213,11 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    chatbot: ModelRoleSettings = field(default_factory=ModelRoleSettings)
+    chatbot: ModelRoleSettings = field(default_factory=lambda: ModelRoleSettings(backend="auto"))
     critic: ModelRoleSettings = field(default_factory=ModelRoleSettings)
     user_sim: ModelRoleSettings = field(default_factory=ModelRoleSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
+    llamacpp: LlamaCppSettings = field(default_factory=LlamaCppSettings)
     learner: LearnerSettings = field(default_factory=LearnerSettings)
 
     @property
@@ -400,6 +424,11 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("memory.retry_interval_s must not be negative")
     if settings.memory.chroma_timeout_s <= 0:
         raise SettingsError("memory.chroma_timeout_s must be positive")
+    llamacpp = settings.llamacpp
+    if llamacpp.n_parallel < 1 or llamacpp.threads < 0:
+        raise SettingsError("llamacpp.n_parallel must be positive and llamacpp.threads >= 0")
+    if llamacpp.ctx_tokens <= settings.generation.max_new_tokens:
+        raise SettingsError("llamacpp.ctx_tokens must exceed generation.max_new_tokens")
     for role in ("chatbot", "critic", "user_sim"):
         role_settings: ModelRoleSettings = getattr(settings, role)
         if role_settings.backend == "openai" and not role_settings.base_url:
