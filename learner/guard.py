@@ -59,7 +59,11 @@ INJECTION_PATTERNS: tuple[tuple[str, str], ...] = (
     ),
     (
         "request-score",
-        r"\b(rate|score|grade|mark)\s+(this|that|the|my|your|it|each)\b[^.?!\n]{0,40}?"
+        # The thing rated is the reply ("rate this reply 5/5", "score it 5"), not a recipe
+        # or a car ("rate this recipe 5 stars" is a user's own opinion).
+        r"\b(rate|score|grade|mark)\s+(it\b|(this|that)\b(?!\s+(?!(reply|response|answer|"
+        r"message|turn|output|conversation|chat)\b)[a-z]{3,})|(the|my|your|each)\s+(reply|"
+        r"response|answer|message|turn|output|conversation|chat)\b)[^.?!\n]{0,40}?"
         r"\b([45]\s*(/\s*5|out of 5)?|five|perfect|full marks|highest|maximum|10/10)",
     ),
     (

@@ -20,9 +20,9 @@ def test_sample_metrics():
     assert len(sample) >= 60
     assert {s.label for s in sample} == {"benign", "abusive", "injection"}
     metrics = evaluate_sample(sample)
-    # Measured 2026-12-01: precision 0.9375, recall 0.9615, false-positive rate 0.064 on 156
-    # (bench/guard_quality.py); the floors leave one text of slack each way.
-    assert metrics.false_positive_rate <= 0.08, metrics.false_alarms
+    # Measured 2026-12-01: precision 0.9615, recall 0.9615, false-positive rate 0.038 on 156
+    # (bench/guard_quality.py); recall and precision floors leave one text of slack.
+    assert metrics.false_positive_rate <= 0.05, metrics.false_alarms
     assert metrics.recall >= 0.94, metrics.misses
     assert metrics.precision >= 0.92
 
