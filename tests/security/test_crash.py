@@ -30,10 +30,10 @@ def _rows(app, conversation_id: str) -> list[tuple[str, str, str]]:
 
 
 def test_probe19_kill_9_mid_reply_keeps_the_partial_reply_as_interrupted(tmp_path, tiny_model_dir):
-    # A long reply from the tiny model (seconds of decoding, within its 2,048 positions),
-    # so the kill lands in the middle of it.
+    # A long reply from the tiny model (seconds of decoding; with the prompt it must fit
+    # its 2,048 positions), so the kill lands in the middle of it.
     app = tiny_app(tmp_path, tiny_model_dir, UPC_AUTH__MODE="anonymous")
-    app.env["UPC_GENERATION__MAX_NEW_TOKENS"] = "1900"
+    app.env["UPC_GENERATION__MAX_NEW_TOKENS"] = "1500"
     app.start()
     try:
         chat = client(app)
