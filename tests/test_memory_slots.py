@@ -151,5 +151,9 @@ def test_erasure_removes_history(
     with db.session() as session:
         left = session.execute(select(MemoryFactHistoryRow.user_id)).scalars().all()
     assert left == [keep]
+    if not through_service:
+        # Erasure through its own client rebuilt the collection, so this service's handle is
+        # stale: its next Chroma call fails over and reconnects, as a running app's does.
+        assert [f.text for f in memory.recall(keep, "Where do I live?")]
     assert _chroma(memory, uid) == {}
     assert [h.text for h in memory.history(keep)] == ["lives in Oslo"]
