@@ -128,8 +128,12 @@ class BackendChoice:
     gguf: Path | None = None
 
 
-def pick_backend(role: ModelRoleSettings, settings: Settings) -> BackendChoice:
-    """The backend a role runs on; `auto` picks llama.cpp for a GGUF on a CPU."""
+def pick_backend(
+    role: ModelRoleSettings, settings: Settings, *, batched: bool = False
+) -> BackendChoice:
+    """The backend a role runs on; `auto` picks llama.cpp for a GGUF on a CPU, except for
+    ``batched`` work (the learner's lockstep dialogues), where torch decodes many rows at
+    once faster (docs/benchmarks.md: 4 users vs 1, llama.cpp 1.24x, torch 2.17x)."""
     if role.backend == "llamacpp":
         gguf = gguf_for(role, settings)
         if gguf is None:
@@ -144,6 +148,8 @@ def pick_backend(role: ModelRoleSettings, settings: Settings) -> BackendChoice:
         return BackendChoice("local", f"the device is {role.device}")
     if role.device == "auto" and torch.cuda.is_available():
         return BackendChoice("local", "a CUDA GPU is available")
+    if batched:
+        return BackendChoice("local", "batched learning work decodes faster in torch")
     try:
         import xllamacpp
     except Exception as exc:  # a missing wheel, or one built for another CPU or libc
@@ -165,8 +171,10 @@ class ModelPool:
     """Builds backends per role and shares one local model between roles that use the same
     weights, so the embedded default loads once for chatbot, critic and simulated user."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, batched: bool = False):
         self.settings = settings
+        # The learner's pool: `auto` roles decode on torch (see `pick_backend`).
+        self.batched = batched
         self._local: dict[tuple[str, str, str], ChatModel] = {}
         self._lock = threading.Lock()
 
@@ -174,7 +182,7 @@ class ModelPool:
         if role.backend == "openai":
             return build_model(role, self.settings)
         with self._lock:
-            choice = pick_backend(role, self.settings)
+            choice = pick_backend(role, self.settings, batched=self.batched)
             if choice.backend == "llamacpp":
                 key = ("llamacpp", str(choice.gguf), "")
             else:

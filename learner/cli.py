@@ -273,7 +273,7 @@ def _sanity(args: argparse.Namespace, settings: Settings) -> int:
     if args.every < 1:
         print("--every must be 1 or more")
         return 2
-    pool = ModelPool(settings)
+    pool = ModelPool(settings, batched=True)
     try:
         critic = build_critic(settings, kind=args.critic or critic_kind(settings), pool=pool)
         cases = load_sanity_cases()[:: args.every]

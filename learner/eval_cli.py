@@ -232,7 +232,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         if args.out
         else settings.runs_dir / ("eval-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
     )
-    pool = ModelPool(settings)
+    pool = ModelPool(settings, batched=True)
     openai_models: list[Any] = []
     bar = None
     try:

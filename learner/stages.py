@@ -181,7 +181,7 @@ class LoopParts:
         return cls(
             settings,
             db if db is not None else Database.from_settings(settings),
-            pool if pool is not None else ModelPool(settings),
+            pool if pool is not None else ModelPool(settings, batched=True),
             owns_pool=pool is None,
         )
 
