@@ -162,6 +162,12 @@ def _params(xllamacpp: Any, spec: dict) -> Any:
     return params
 
 
+def _reply(message: dict[str, Any]) -> None:
+    """One JSON line to the parent on stdout: the child's protocol channel, not a log."""
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
 def main() -> int:
     # Imported before the spec comes, so a spare child has it ready.
     try:
@@ -173,19 +179,19 @@ def main() -> int:
         return 0  # a spare closed unused
     spec = json.loads(line)
     if xllamacpp is None:
-        print(json.dumps({"error": f"the xllamacpp wheel does not import: {missing}"}), flush=True)
+        _reply({"error": f"the xllamacpp wheel does not import: {missing}"})
         return 1
     started = time.perf_counter()
     try:
         server = xllamacpp.Server(_params(xllamacpp, spec))
     except (RuntimeError, ValueError, TypeError) as exc:
-        print(json.dumps({"error": f"llama.cpp could not start: {exc}"}), flush=True)
+        _reply({"error": f"llama.cpp could not start: {exc}"})
         return 1
     # llama.cpp installed its own handlers; a plain signal ends this process at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     load_s = time.perf_counter() - started
-    print(json.dumps({"address": server.listening_address, "load_s": load_s}), flush=True)
+    _reply({"address": server.listening_address, "load_s": load_s})
     sys.stdin.read()  # returns when the app closes the pipe or dies
     os._exit(0)  # nothing to flush; skip waiting on llama.cpp's threads
 
