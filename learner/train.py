@@ -387,6 +387,8 @@ def train_adapter(
     tokenizer, examples, heldout, pairs = _training_data(
         base_model, sft_path, heldout_path, pairs_path, config, system_prompt
     )
+    if config.epochs <= 0 and config.max_steps <= 0 and not pairs:
+        raise TrainingDataError("epochs 0 trains DPO alone, and there are no preference pairs")
     total_steps, warmup = plan_steps(len(examples), config)
     if status is not None:
         status.start(run_id, iteration=iteration, adapter_id=adapter_id, total_steps=total_steps)
@@ -401,20 +403,22 @@ def train_adapter(
         before = heldout_loss(model, heldout, pad_id=pad_id, device=device)
         if status is not None:
             status.update(run_id, stage="sft", step=0, total_steps=total_steps)
-        loop = run_sft(
-            model,
-            examples,
-            pad_id=pad_id,
-            device=device,
-            total_steps=total_steps,
-            warmup_steps=warmup,
-            **_loop_settings(config),
-            on_step=_status_hook(status, run_id),
-            progress_bar=progress_bar,
-            rank=rank,
-        )
-        history.extend(loop.loss_history)
-        train_seconds = loop.seconds
+        train_seconds, seen = 0.0, 0
+        if config.epochs > 0 or config.max_steps > 0:
+            loop = run_sft(
+                model,
+                examples,
+                pad_id=pad_id,
+                device=device,
+                total_steps=total_steps,
+                warmup_steps=warmup,
+                **_loop_settings(config),
+                on_step=_status_hook(status, run_id),
+                progress_bar=progress_bar,
+                rank=rank,
+            )
+            history.extend(loop.loss_history)
+            train_seconds, seen = loop.seconds, loop.tokens
         after = heldout_loss(model, heldout, pad_id=pad_id, device=device)
         dpo_metrics = None
         if pairs and rank.main:
@@ -422,7 +426,6 @@ def train_adapter(
                 model, tokenizer, pairs, config, device, status, run_id, history
             )
         tokens = sum(len(ex.input_ids) for ex in examples)
-        seen = loop.tokens
         if rank.main:
             model.save_pretrained(str(output_dir), selected_adapters=["default"])
             save_loss_curve(history, output_dir)

@@ -218,7 +218,7 @@ def test_next_iteration_continues_from_parent(tiny_model_dir, sft_file, tmp_path
         assert torch.allclose(p[key], c[key], atol=1e-6), key
 
 
-def test_dpo_stage_after_sft(tiny_model_dir, sft_file, tmp_path):
+def _pairs_file(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     prompt = DIALOGUES[0]["messages"][:3]
     rows = [
@@ -232,6 +232,11 @@ def test_dpo_stage_after_sft(tiny_model_dir, sft_file, tmp_path):
         for i in range(2)
     ]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return pairs
+
+
+def test_dpo_stage_after_sft(tiny_model_dir, sft_file, tmp_path):
+    pairs = _pairs_file(tmp_path)
     out = tmp_path / "adapter"
     result = train_adapter(
         tiny_model_dir,
@@ -248,6 +253,27 @@ def test_dpo_stage_after_sft(tiny_model_dir, sft_file, tmp_path):
     assert stages == {"sft", "dpo"}
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and not any(".ref." in k for k in weights)
+
+
+def test_dpo_alone_from_the_base(tiny_model_dir, sft_file, tmp_path):
+    out = tmp_path / "adapter"
+    with pytest.raises(TrainingDataError, match="no preference pairs"):
+        train_adapter(
+            tiny_model_dir, sft_file, out, _fast(epochs=0, max_steps=-1), system_prompt=SYSTEM
+        )
+    result = train_adapter(
+        tiny_model_dir,
+        sft_file,
+        out,
+        _fast(dpo=True, epochs=0, max_steps=-1, dpo_learning_rate=1e-3),
+        system_prompt=SYSTEM,
+        pairs_path=_pairs_file(tmp_path),
+    )
+    # No SFT step ran: the reference is the base itself, and DPO moved the policy off it.
+    stages = {h["stage"] for h in json.loads((out / "loss.json").read_text())}
+    assert stages == {"dpo"} and result.tokens_trained == 0
+    assert result.dpo is not None and result.dpo["mean_margin"] > 0
+    assert result.heldout_loss == result.heldout_loss_before
 
 
 def test_bad_training_file_is_refused(tiny_model_dir, tmp_path):

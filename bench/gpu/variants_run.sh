@@ -24,11 +24,10 @@ print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))
     timeout "$budget" python3 -m chatbot.cli learn iterate --iterations 1 --users 500 --no-gate \
       2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30 ;;
   variants)
-    # The same selection under two more recipes (`upc learn train` publishes each).
+    # The same selection under two more recipes: SFT then DPO, and DPO alone from the base.
     { UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
         python3 -m chatbot.cli learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
-      UPC_LEARNER__EPOCHS=1 UPC_LEARNER__LEARNING_RATE=1e-4 UPC_LEARNER__DPO=true \
-        UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
+      UPC_LEARNER__EPOCHS=0 UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
         python3 -m chatbot.cli learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
     } | tee -a "$OUT/variants.log" ;;
   eval)

@@ -19,7 +19,7 @@ class TrainSettings:
     learning_rate: float = 2e-4
     max_grad_norm: float = 0.3
     # Per-turn examples are short: batches of 8, 2 epochs, warm-up 10% (capped at 100),
-    # cosine decay.
+    # cosine decay. 0 skips SFT: DPO alone from the base (needs dpo on).
     epochs: int = 2
     warmup_ratio: float = 0.1
     max_seq_len: int = 1024
