@@ -285,7 +285,8 @@ def select_iteration(
         _targets(part, system_prompt, skip_flagged, max_opener_share)
         for part in ([d for d in easy if d.id not in held_ids], held)
     )
-    training_ids = sorted({d.id for d in easy} | {p.dialogue_id for p in pairs})
+    # The ids the files hold: an easy dialogue whose every reply hit the cap gives no row.
+    training_ids = sorted({row["dialogue_id"] for row in sft} | {p.dialogue_id for p in pairs})
     ids_hash = _ids_hash(training_ids)
     pending = [d.persona_id for d in difficult] + [d.persona_id for d in failed]
     stats = compute_stats(dialogues, iteration, alpha, beta)
@@ -314,6 +315,7 @@ def select_iteration(
         },
         "easy_dialogue_ids": [d.id for d in easy],
         "heldout_dialogue_ids": sorted(held_ids),
+        "sft_dialogue_ids": sorted({row["dialogue_id"] for row in sft}),
         "difficult_dialogue_ids": [d.id for d in difficult],
         "pending_persona_ids": pending,
         "training_dialogue_ids": training_ids,
@@ -375,11 +377,19 @@ def load_training_set(runs_dir: Path, iteration: int) -> TrainingSet:
         ) from exc
     ids = sorted({r["dialogue_id"] for r in sft} | {p["dialogue_id"] for p in pairs})
     ids_hash = _ids_hash(ids)
-    # Per-turn rows repeat a dialogue id; held-out easy dialogues are not in sft.jsonl.
-    sft_ids = {r["dialogue_id"] for r in sft} | set(selection.get("heldout_dialogue_ids", []))
-    if ids_hash != selection.get("ids_sha256") or sft_ids != set(
-        selection.get("easy_dialogue_ids", [])
-    ):
+    # Per-turn rows repeat a dialogue id; an easy dialogue whose every reply hit the cap
+    # gives no row. Files written before `sft_dialogue_ids` hold every easy dialogue.
+    sft_ids = {r["dialogue_id"] for r in sft}
+    expected = selection.get("sft_dialogue_ids")
+    if expected is None:
+        sft_ids |= set(selection.get("heldout_dialogue_ids", []))
+        expected = selection.get("easy_dialogue_ids", [])
+    counts = selection.get("counts", {})
+    rows_differ = (counts.get("sft", len(sft)), counts.get("pairs", len(pairs))) != (
+        len(sft),
+        len(pairs),
+    )
+    if ids_hash != selection.get("ids_sha256") or sft_ids != set(expected) or rows_differ:
         raise ValueError(f"{directory}: training files do not match selection.json (ids hash)")
     return TrainingSet(iteration, sft, pairs, ids, ids_hash, selection)
 

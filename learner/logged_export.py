@@ -120,6 +120,8 @@ def _finish_files(
             "dialogue_ids": ids,
             # `load_training_set` checks that the SFT rows are exactly these ids.
             "easy_dialogue_ids": [r["dialogue_id"] for r in sft],
+            "sft_dialogue_ids": sorted({r["dialogue_id"] for r in sft}),
+            "counts": {**selection.get("counts", {}), "sft": len(sft), "pairs": len(pairs)},
             "ids_sha256": _ids_hash(ids),
             "logged": {
                 "ratio": ratio,

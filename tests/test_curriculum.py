@@ -337,3 +337,28 @@ def test_replies_cut_at_the_cap_are_never_targets_nor_chosen() -> None:
     assert (pair.chosen, pair.rejected) == ("Do you ride them too?", "Here is my answer again.")
     # With the checks off (other languages, random test models) a capped reply may train.
     assert [r["turn"] for r in sft_examples(dialogue, "sys", skip_flagged=False)] == [2, 3]
+
+
+def test_an_easy_dialogue_with_only_capped_replies_loads(
+    store: CorpusStore, settings: Settings
+) -> None:
+    run_id = _store_corpus(store)
+    capped = T((5, 5, 5), index=2, first_reply="I love engines. They are great.")
+    capped.final_finish_reason = "length"
+    capped.attempts = [Attempt("first", "I love engines. They are great.", S(5, 5, 5), "length")]
+    d = _dialogue("d-capped", "p4", [capped])
+    store.begin_dialogue(run_id, 3, d)
+    store.save_opening(d)
+    store.save_turn(d, capped, 4)
+    store.finish_dialogue(d)
+    select_iteration(store, settings.runs_dir, 1)
+    selection = json.loads((settings.runs_dir / "iter-001" / "selection.json").read_text())
+    # Easy by the critic, but no reply of it may be a target: it gives no training row.
+    assert "d-capped" in selection["easy_dialogue_ids"]
+    assert "d-capped" not in selection["sft_dialogue_ids"]
+    loaded = load_training_set(settings.runs_dir, 1)
+    assert {r["dialogue_id"] for r in loaded.sft} == {"d-easy"}
+    sft = settings.runs_dir / "iter-001" / "sft.jsonl"
+    sft.write_text(sft.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="ids hash"):  # same ids, a row fewer
+        load_training_set(settings.runs_dir, 1)

@@ -21,14 +21,14 @@ from core.runtime import ensure_embedded_model
 from core.settings import load_settings
 print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))" 2>&1 | tail -1
     # The test evaluation below is the judge here, so the gate's validation pass is skipped.
-    timeout "$budget" python3 -m chatbot.cli learn iterate --iterations 1 --users 500 --no-gate \
+    timeout "$budget" python3 -m learner learn iterate --iterations 1 --users 500 --no-gate \
       2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30 ;;
   variants)
     # The same selection under two more recipes: SFT then DPO, and DPO alone from the base.
     { UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
-        python3 -m chatbot.cli learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
+        python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
       UPC_LEARNER__EPOCHS=0 UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
-        python3 -m chatbot.cli learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
+        python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
     } | tee -a "$OUT/variants.log" ;;
   eval)
     systems=$(python3 -c "
@@ -38,7 +38,7 @@ from storage.db import Database
 s = load_settings()
 print(','.join(['base', *[m.id for m in AdapterRegistry(s.adapters_dir, Database.from_settings(s)).list()]]))")
     echo "systems: $systems"
-    timeout "$budget" python3 -m chatbot.cli eval --split test --users 200 --seeds "${SEEDS:-1}" --turns 5 \
+    timeout "$budget" python3 -m learner eval --split test --users 200 --seeds "${SEEDS:-1}" --turns 5 \
       --systems "$systems" --out /tmp/lr/runs/eval-test --seed 7 --no-progress --no-memory \
       2>&1 | quiet | tail -40
     cd /tmp/lr && tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.db*' runs adapters ;;
