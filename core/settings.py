@@ -429,6 +429,11 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("llamacpp.n_parallel must be positive and llamacpp.threads >= 0")
     if llamacpp.ctx_tokens <= settings.generation.max_new_tokens:
         raise SettingsError("llamacpp.ctx_tokens must exceed generation.max_new_tokens")
+    train = settings.learner.train
+    if train.epochs < 0 or train.dpo_length_alpha < 0:
+        raise SettingsError("learner.epochs and learner.dpo_length_alpha must not be negative")
+    if train.epochs == 0 and not train.dpo:
+        raise SettingsError("learner.epochs = 0 trains DPO alone: set learner.dpo = true")
     for role in ("chatbot", "critic", "user_sim"):
         role_settings: ModelRoleSettings = getattr(settings, role)
         if role_settings.backend == "openai" and not role_settings.base_url:

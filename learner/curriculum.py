@@ -195,6 +195,7 @@ def preference_pairs(
                 prompt=messages[: 3 + 2 * i],
                 chosen=best.reply,
                 rejected=worst.reply,
+                rejected_capped=worst.finish_reason == "length",
             )
         )
     return pairs

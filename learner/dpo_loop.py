@@ -33,6 +33,11 @@ class DpoPair:
     ref_chosen: float = 0.0
     ref_rejected: float = 0.0
 
+    @property
+    def length_gap(self) -> int:
+        """Reply tokens of the chosen side minus the rejected side."""
+        return int(self.chosen.label_tokens - self.rejected.label_tokens)
+
 
 @dataclass
 class DpoResult:
@@ -94,8 +99,13 @@ def run_dpo(
     max_grad_norm: float,
     seed: int,
     on_step: StepHook | None = None,
+    length_alpha: float = 0.0,
 ) -> DpoResult:
-    """Train the trainable (LoRA) parameters on ``pairs`` for ``total_steps`` steps."""
+    """Train the trainable (LoRA) parameters on ``pairs`` for ``total_steps`` steps.
+
+    ``length_alpha`` > 0 subtracts alpha x (chosen minus rejected reply tokens) from each
+    pair's reward margin (R-DPO, Park et al., 2024): where critics prefer longer replies,
+    plain DPO learns length itself, and longer replies then run into the token cap."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -124,7 +134,8 @@ def run_dpo(
         ref_c = torch.tensor([p.ref_chosen for p in part], device=chosen.device)
         ref_r = torch.tensor([p.ref_rejected for p in part], device=chosen.device)
         margin = (chosen - ref_c) - (rejected - ref_r)
-        loss = -torch.nn.functional.logsigmoid(beta * margin).mean()
+        gap = torch.tensor([float(p.length_gap) for p in part], device=chosen.device)
+        loss = -torch.nn.functional.logsigmoid(beta * margin - length_alpha * gap).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()

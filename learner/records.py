@@ -255,6 +255,9 @@ class PreferencePair:
     prompt: list[dict[str, str]]
     chosen: str
     rejected: str
+    # The rejected reply hit the token cap (trimmed to its last sentence): its end-of-turn
+    # was never generated.
+    rejected_capped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -106,9 +106,20 @@ def load_pairs(path: Path, system_prompt: str) -> list[dict[str, Any]]:
                 "prompt": prompt,
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": rejected}],
+                "rejected_capped": bool(row.get("rejected_capped", False)),
             }
         )
     return out
+
+
+def without_turn_end(example: TokenizedExample) -> TokenizedExample:
+    """The example with its last labelled token (the end-of-turn) unlabelled: a reply cut
+    at the token cap never ended there, so that end must not be learned, nor unlearned."""
+    labels = list(example.labels)
+    last = max((i for i, x in enumerate(labels) if x != IGNORE_INDEX), default=None)
+    if last is not None:
+        labels[last] = IGNORE_INDEX
+    return TokenizedExample(example.dialogue_id, list(example.input_ids), labels)
 
 
 def tokenize_all(

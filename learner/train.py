@@ -33,6 +33,7 @@ from learner.sft_data import (
     load_pairs,
     load_sft_dialogues,
     tokenize_all,
+    without_turn_end,
 )
 from learner.sft_loop import StepHook, heldout_loss, run_sft
 from learner.train_status import TrainingStatus, TrainingStatusStore
@@ -87,6 +88,7 @@ class TrainConfig:
     dpo_learning_rate: float = 1e-5
     dpo_beta: float = 0.1
     dpo_epochs: int = 1
+    dpo_length_alpha: float = 0.0
 
     @classmethod
     def from_settings(cls, learner: TrainSettings, **overrides: Any) -> TrainConfig:
@@ -109,6 +111,7 @@ class TrainConfig:
             "dpo": learner.dpo,
             "dpo_learning_rate": learner.dpo_learning_rate,
             "dpo_beta": learner.dpo_beta,
+            "dpo_length_alpha": learner.dpo_length_alpha,
         }
         values.update(overrides)
         return cls(**values)
@@ -489,7 +492,8 @@ def _train_dpo(
             for side in ("chosen", "rejected")
         ]  # fmt: skip
         if made[0] is not None and made[1] is not None:
-            examples.append(DpoPair(made[0], made[1]))
+            rejected = without_turn_end(made[1]) if pair.get("rejected_capped") else made[1]
+            examples.append(DpoPair(made[0], rejected))
     if not examples:
         return {"pairs": 0, "steps": 0}
     dpo_config = dataclasses.replace(
@@ -512,6 +516,7 @@ def _train_dpo(
         max_grad_norm=config.max_grad_norm,
         seed=config.seed,
         on_step=_status_hook(status, run_id),
+        length_alpha=config.dpo_length_alpha,
     )
     history.extend(result.loss_history)
     return {

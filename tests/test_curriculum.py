@@ -181,7 +181,14 @@ def test_select_writes_the_training_set_contract(store: CorpusStore, settings: S
     # 0.67, under the minimum of 1.
     assert len(pairs) == 1
     pair = pairs[0]
-    assert set(pair) == {"pair_id", "dialogue_id", "prompt", "chosen", "rejected"}
+    assert set(pair) == {
+        "pair_id",
+        "dialogue_id",
+        "prompt",
+        "chosen",
+        "rejected",
+        "rejected_capped",
+    }
     assert (pair["chosen"], pair["rejected"]) == ("better", "meh")
     assert pair["prompt"][-1] == {"role": "user", "content": "answer 2"}
     assert [m["role"] for m in pair["prompt"]] == [
@@ -276,7 +283,19 @@ def test_pairs_take_the_best_and_worst_recorded_attempts() -> None:
     [pair] = preference_pairs(dialogue, "sys", min_gap=1.0)
     # The unusable meta reply is never chosen but is the natural rejected one.
     assert (pair.chosen, pair.rejected) == ("great reply", "Here is a better response: ...")
+    assert not pair.rejected_capped
     assert preference_pairs(dialogue, "sys", min_gap=3.5) == []
+
+
+def test_a_rejected_reply_cut_at_the_cap_is_marked() -> None:
+    turn = T((1, 1, 1), (4, 4, 4), regens=1, index=2)
+    turn.attempts = [
+        Attempt("first", "Engines are loud. I", S(1, 1, 1), "length"),
+        Attempt("resample", "Which engine do you fix most?", S(4, 4, 4), "stop"),
+    ]
+    [pair] = preference_pairs(_dialogue("d1", "p1", [turn]), "sys", min_gap=1.0)
+    assert pair.rejected == "Engines are loud. I" and pair.rejected_capped
+    assert pair.to_dict()["rejected_capped"] is True
 
 
 def test_held_out_split_is_stable_and_near_the_ratio() -> None:

@@ -100,7 +100,7 @@ def test_learner_field_names_are_unique_across_components():
         for component in dataclasses.fields(LearnerSettings)
         for inner in dataclasses.fields(getattr(LearnerSettings(), component.name))
     ]
-    assert len(names) == len(set(names)) == 52
+    assert len(names) == len(set(names)) == 53
 
 
 def test_demo_mode_turns_the_curriculum_off_unless_set():
@@ -116,3 +116,12 @@ def test_generation_params_come_from_the_generation_settings():
         max_new_tokens=96, temperature=0.7, top_p=0.8, repetition_penalty=1.15, timeout_s=5.0
     )
     assert s.generation.params(max_new_tokens=64).max_new_tokens == 64
+
+
+def test_dpo_alone_needs_dpo_and_lengths_are_not_negative():
+    with pytest.raises(SettingsError, match="DPO alone"):
+        load_settings(env={"UPC_LEARNER__EPOCHS": "0"})
+    with pytest.raises(SettingsError, match="must not be negative"):
+        load_settings(env={"UPC_LEARNER__DPO_LENGTH_ALPHA": "-0.1"})
+    alone = load_settings(env={"UPC_LEARNER__EPOCHS": "0", "UPC_LEARNER__DPO": "true"})
+    assert alone.learner.train.epochs == 0 and alone.learner.train.dpo

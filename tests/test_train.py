@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from learner.dpo_loop import DpoPair, run_dpo
+from learner.sft_data import without_turn_end
 from learner.sft_loop import _collate, _collate_packed, _loss_sum, pack_rows
 from learner.train import (
     IGNORE_INDEX,
@@ -274,6 +276,48 @@ def test_dpo_alone_from_the_base(tiny_model_dir, sft_file, tmp_path):
     assert stages == {"dpo"} and result.tokens_trained == 0
     assert result.dpo is not None and result.dpo["mean_margin"] > 0
     assert result.heldout_loss == result.heldout_loss_before
+
+
+def test_a_capped_rejected_reply_keeps_no_end_of_turn_label(tokenizer):
+    messages = [*DIALOGUES[0]["messages"][:3], {"role": "assistant", "content": "Ships are"}]
+    full = build_example(tokenizer, "d1", messages, 256, last_only=True)
+    cut = without_turn_end(full)
+    labelled = [i for i, x in enumerate(full.labels) if x != IGNORE_INDEX]
+    assert cut.label_tokens == full.label_tokens - 1
+    # The unlabelled token is the end-of-turn the model never generated; the words stay.
+    assert cut.labels[labelled[-1]] == IGNORE_INDEX
+    assert tokenizer.decode([full.input_ids[labelled[-1]]]).strip() == "<|im_end|>"
+    assert cut.input_ids == full.input_ids
+
+
+def test_dpo_length_term_charges_a_longer_chosen_reply(tiny_model_dir, tokenizer):
+    prompt = DIALOGUES[0]["messages"][:3]
+
+    def pair() -> DpoPair:
+        long = "Porto's shipyards have a long history, and welding keeps them going. Which?"
+        made = [
+            build_example(tokenizer, "d1", [*prompt, {"role": "assistant", "content": text}], 256)
+            for text in (long, "Nice.")
+        ]
+        return DpoPair(made[0], made[1])
+
+    first_losses = []
+    for alpha in (0.0, 0.05):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        result = run_dpo(
+            model, [pair()], pad_id=tokenizer.pad_token_id, device="cpu", beta=0.1,
+            learning_rate=1e-4, total_steps=1, warmup_steps=0, schedule="constant",
+            batch_size=1, max_grad_norm=1.0, seed=0, length_alpha=alpha,
+        )  # fmt: skip
+        first_losses.append(result.loss_history[0]["loss"])
+    gap = pair().length_gap
+    assert gap > 10
+    # Policy = reference at the first step: plain DPO's loss is log 2, R-DPO's adds the gap.
+    assert first_losses[0] == pytest.approx(0.6931, abs=1e-3)
+    expected = float(-torch.nn.functional.logsigmoid(torch.tensor(-0.05 * gap)))
+    assert first_losses[1] == pytest.approx(expected, abs=1e-3)
 
 
 def test_bad_training_file_is_refused(tiny_model_dir, tmp_path):

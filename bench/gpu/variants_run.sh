@@ -1,5 +1,5 @@
 # Device machine, after isco800_setup.sh a-d: one curriculum iteration on all 500 train
-# users, the same data trained under three recipes, and all of them against base on the
+# users, the same data trained under three recipes (SFT; DPO alone; DPO alone with a length term), and all of them against base on the
 # 200 unseen test users (docs/results.md). Each phase is one call; the warm machine keeps
 # /tmp/lr between calls. Usage: bash bench/gpu/variants_run.sh iterate|variants|eval SECONDS
 set -uo pipefail
@@ -24,10 +24,12 @@ print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))
     timeout "$budget" python3 -m learner learn iterate --iterations 1 --users 500 --no-gate \
       2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30 ;;
   variants)
-    # The same selection under two more recipes: SFT then DPO, and DPO alone from the base.
-    { UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
+    # The same selection under the two other recipes (`upc learn train` publishes each):
+    # DPO alone from the base, plain and with R-DPO's length term.
+    { UPC_LEARNER__EPOCHS=0 UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
         python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
       UPC_LEARNER__EPOCHS=0 UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5 \
+        UPC_LEARNER__DPO_LENGTH_ALPHA="${LENGTH_ALPHA:-0.01}" \
         python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -30
     } | tee -a "$OUT/variants.log" ;;
   eval)

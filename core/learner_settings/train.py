@@ -33,3 +33,5 @@ class TrainSettings:
     dpo: bool = False
     dpo_learning_rate: float = 1e-5
     dpo_beta: float = 0.1
+    # > 0: R-DPO's length term, against DPO learning length from length-biased pairs.
+    dpo_length_alpha: float = 0.0
