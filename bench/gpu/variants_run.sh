@@ -1,6 +1,6 @@
-# Device machine, after isco800_setup.sh a-d: one curriculum iteration on all 500 train
-# users, the same data trained under three recipes (SFT; DPO alone; DPO alone with a length term), and all of them against base on the
-# 200 unseen test users (docs/results.md). Each phase is one call; the warm machine keeps
+# Device machine, after isco800_setup.sh a-e: one curriculum iteration on all 500 train
+# users, the same data trained under three recipes (SFT; DPO alone; DPO alone with
+# a length term), and all of them against base on the 200 unseen test users (docs/results.md). Each phase is one call; the warm machine keeps
 # /tmp/lr between calls. Usage: bash bench/gpu/variants_run.sh iterate|variants|eval SECONDS
 set -uo pipefail
 phase=$1
