@@ -392,7 +392,8 @@ def train_adapter(
     )
     if config.epochs <= 0 and config.max_steps <= 0 and not pairs:
         raise TrainingDataError("epochs 0 trains DPO alone, and there are no preference pairs")
-    total_steps, warmup = plan_steps(len(examples), config)
+    sft_on = config.epochs > 0 or config.max_steps > 0
+    total_steps, warmup = plan_steps(len(examples), config) if sft_on else (0, 0)
     if status is not None:
         status.start(run_id, iteration=iteration, adapter_id=adapter_id, total_steps=total_steps)
     output_dir = Path(output_dir)
@@ -407,7 +408,7 @@ def train_adapter(
         if status is not None:
             status.update(run_id, stage="sft", step=0, total_steps=total_steps)
         train_seconds, seen = 0.0, 0
-        if config.epochs > 0 or config.max_steps > 0:
+        if sft_on:
             loop = run_sft(
                 model,
                 examples,

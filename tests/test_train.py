@@ -273,7 +273,7 @@ def test_dpo_alone_from_the_base(tiny_model_dir, sft_file, tmp_path):
     )
     # No SFT step ran: the reference is the base itself, and DPO moved the policy off it.
     stages = {h["stage"] for h in json.loads((out / "loss.json").read_text())}
-    assert stages == {"dpo"} and result.tokens_trained == 0
+    assert stages == {"dpo"} and result.tokens_trained == 0 and result.steps == 0
     assert result.dpo is not None and result.dpo["mean_margin"] > 0
     assert result.heldout_loss == result.heldout_loss_before
 
