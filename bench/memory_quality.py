@@ -12,7 +12,14 @@ list with MiniLM cosine (the project's `Embedder`), threshold 0.6 by default:
   sentence the speaker said; `junk_rate_clauses` also lets a fact match a clause of a
   sentence (cut at commas, "and", "but", "so", "because"), since one atomic fact of a
   long list sentence ("likes to read") is far from the whole sentence in MiniLM space;
-- facts per message, and the extraction time per message (p50 / p95, milliseconds).
+- recall, precision and junk rate again as `*_first_person`: the facts said as the speaker
+  would say them ("is a student" -> "I am a student", `first_person`) before matching,
+  like for like with the first-person persona sentences;
+- facts per message, and the extraction time per message (p50 / p95, milliseconds);
+- `self_statements_on_persona_list`: the share of the speaker's own first-person statements
+  (not questions) that match a persona fact. It is the precision an extractor would get by
+  keeping every self-disclosure whole: what speakers say about themselves is mostly not on
+  their persona list, so precision far above it means dropping true facts.
 
 Facts are counted once per speaker (a restated fact is one memory); the counts are summed
 over speakers (micro averages). The default split is the vendored validation subset
@@ -43,11 +50,13 @@ from bench.spc import Speaker, load, speakers
 from core.embeddings import Embedder
 from core.local_model import LocalModel
 from core.memory_extract import ExtractedFact, FactExtractor, LLMExtractor, RulesExtractor
+from core.memory_extract.text import first_person
 from core.runtime import ensure_embedded_model
 
 log = logging.getLogger("memory_quality")
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_SELF = re.compile(r"^(?:i|i'm|i've|i'd|i'll|my)\b", re.I)
 _CLAUSE = re.compile(r"\s*[,;]\s*(?:and\s+|but\s+|so\s+)?|\s+(?:and|but|so|because)\s+", re.I)
 
 
@@ -65,6 +74,11 @@ class Tally:
     precise: int = 0
     junk: int = 0
     junk_clauses: int = 0
+    self_statements: int = 0
+    self_on_list: int = 0
+    recalled_fp: int = 0
+    precise_fp: int = 0
+    junk_fp: int = 0
     times_ms: list[float] = field(default_factory=list)
 
 
@@ -142,6 +156,10 @@ def score_speaker(
     tally.speakers += 1
     tally.persona_facts += len(speaker.persona)
     tally.revealed += int(revealed.sum())
+    own = np.array([bool(_SELF.match(x)) and not x.endswith("?") for x in said], dtype=bool)
+    if own.any():
+        tally.self_statements += int(own.sum())
+        tally.self_on_list += int(((spoken[own] @ persona.T).max(axis=1) >= threshold).sum())
     if not facts:
         missed = [p for p, r in zip(speaker.persona, revealed, strict=True) if r]
         return SpeakerResult(speaker.conversation, speaker.name, [], [], [], missed, missed)
@@ -155,6 +173,15 @@ def score_speaker(
         junk_clauses = junk & ((found @ embedder.encode(parts).T).max(axis=1) < threshold)
     else:
         junk_clauses = junk
+    # Like for like: the facts said as the speaker would ("is a student" -> "I am a
+    # student"), since persona facts are first-person sentences and MiniLM puts a bare
+    # predicate far from them ("is a student" vs "I am a student.": 0.557).
+    said_fp = embedder.encode([first_person(f) for f in facts])
+    to_persona_fp = said_fp @ persona.T
+    matched_fp = to_persona_fp.max(axis=1) >= threshold
+    tally.recalled_fp += int(((to_persona_fp.max(axis=0) >= threshold) & revealed).sum())
+    tally.precise_fp += int(matched_fp.sum())
+    tally.junk_fp += int((~matched_fp & ((said_fp @ spoken.T).max(axis=1) < threshold)).sum())
     tally.facts += len(facts)
     tally.recalled += int(recalled.sum())
     tally.precise += int(matched.sum())
@@ -184,6 +211,13 @@ def summary(tally: Tally) -> dict:
         "junk_rate": round(tally.junk / max(tally.facts, 1), 3),
         "junk_rate_clauses": round(tally.junk_clauses / max(tally.facts, 1), 3),
         "facts_per_message": round(tally.facts_raw / max(tally.messages, 1), 3),
+        "recall_revealed_first_person": round(tally.recalled_fp / max(tally.revealed, 1), 3),
+        "precision_persona_first_person": round(tally.precise_fp / max(tally.facts, 1), 3),
+        "junk_rate_first_person": round(tally.junk_fp / max(tally.facts, 1), 3),
+        "self_statements": tally.self_statements,
+        "self_statements_on_persona_list": round(
+            tally.self_on_list / max(tally.self_statements, 1), 3
+        ),
         "extract_ms_p50": round(float(np.percentile(times, 50)), 2),
         "extract_ms_p95": round(float(np.percentile(times, 95)), 2),
     }

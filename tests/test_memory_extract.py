@@ -10,7 +10,13 @@ import pytest
 
 from core.embeddings import Embedder
 from core.memory_extract import RulesExtractor
-from core.memory_extract.text import atomic, second_person, statements, third_person
+from core.memory_extract.text import (
+    atomic,
+    first_person,
+    second_person,
+    statements,
+    third_person,
+)
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +355,18 @@ def test_second_person_turns_a_stored_fact_back_to_the_user(fact: str, clause: s
     assert second_person(fact) == clause
     # The round trip from what the user said: "I fix old cars" -> stored -> recalled.
     assert second_person(third_person("fix", "old cars")) == "you fix old cars"
+
+
+@pytest.mark.parametrize(
+    ("fact", "said"),
+    [
+        ("is a student", "I am a student"),
+        ("has two dogs", "I have two dogs"),
+        ("their favourite colour is purple", "My favourite colour is purple"),
+        ("isn't a morning person", "I am not a morning person"),
+        ("was born in Ohio", "I was born in Ohio"),
+        ("likes to cook", "I like to cook"),
+    ],
+)
+def test_first_person_says_a_stored_fact_as_the_user_would(fact: str, said: str) -> None:
+    assert first_person(fact) == said

@@ -16,7 +16,15 @@ import re
 
 from core.memory_extract.records import words
 
-__all__ = ["atomic", "clean_object", "reaction", "second_person", "statements", "third_person"]
+__all__ = [
+    "atomic",
+    "clean_object",
+    "first_person",
+    "reaction",
+    "second_person",
+    "statements",
+    "third_person",
+]
 
 # ------------------------------------------------------------------ sentences and clauses
 
@@ -421,25 +429,45 @@ _SECOND_PERSON_IRREGULAR = {
     "was": "were",
     "wasn't": "weren't",
 }
+# The first person differs from the second only in the verb "to be".
+_FIRST_PERSON_IRREGULAR = {
+    **_SECOND_PERSON_IRREGULAR,
+    "is": "am",
+    "isn't": "am not",
+    "was": "was",
+    "wasn't": "wasn't",
+}
 
 
-def second_person(fact: str) -> str:
-    """A stored third-person fact as a clause about "you": "has two dogs" -> "you have two
-    dogs", "their wife is a doctor" -> "your wife is a doctor" (the greeting's recall)."""
+def _as_person(fact: str, subject: str, possessive: str, reflexive: str, irregular: dict) -> str:
+    """A stored third-person fact re-said with another subject (see the two callers)."""
     text = " ".join(fact.split()).rstrip(".!?")
     text = re.sub(r"^(?:the user|user)\s+", "", text, flags=re.I)
-    text = re.sub(r"\b(?:their|his|her)\b", "your", text, flags=re.I)
-    text = re.sub(r"\b(?:themselves|himself|herself)\b", "yourself", text, flags=re.I)
-    if text.lower().startswith("your "):
+    text = re.sub(r"\b(?:their|his|her)\b", possessive, text, flags=re.I)
+    text = re.sub(r"\b(?:themselves|himself|herself)\b", reflexive, text, flags=re.I)
+    if text.lower().startswith(possessive.lower() + " "):
         return text
     verb, _, rest = text.partition(" ")
     lower = verb.lower()
-    if lower in _SECOND_PERSON_IRREGULAR:
-        verb = _SECOND_PERSON_IRREGULAR[lower]
+    if lower in irregular:
+        verb = irregular[lower]
     elif lower.endswith("ies") and len(lower) > 4:
         verb = lower[:-3] + "y"
     elif re.search(r"(?:ss|sh|ch|x|z|o)es$", lower):
         verb = lower[:-2]
     elif lower.endswith("s") and not lower.endswith("ss"):
         verb = lower[:-1]
-    return f"you {verb} {rest}".strip()
+    return f"{subject} {verb} {rest}".strip()
+
+
+def second_person(fact: str) -> str:
+    """A stored third-person fact as a clause about "you": "has two dogs" -> "you have two
+    dogs", "their wife is a doctor" -> "your wife is a doctor" (the greeting's recall)."""
+    return _as_person(fact, "you", "your", "yourself", _SECOND_PERSON_IRREGULAR)
+
+
+def first_person(fact: str) -> str:
+    """A stored fact as the user would say it: "is a student" -> "I am a student", "their
+    dog is old" -> "My dog is old" (comparing facts with what people say of themselves)."""
+    said = _as_person(fact, "I", "my", "myself", _FIRST_PERSON_IRREGULAR)
+    return said[:1].upper() + said[1:]
