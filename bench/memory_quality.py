@@ -93,6 +93,7 @@ class SpeakerResult:
     junk: list[bool]
     revealed: list[str]
     missed: list[str]
+    missed_first_person: list[str] = field(default_factory=list)
 
 
 def sentences(lines: list[str]) -> list[str]:
@@ -179,7 +180,8 @@ def score_speaker(
     said_fp = embedder.encode([first_person(f) for f in facts])
     to_persona_fp = said_fp @ persona.T
     matched_fp = to_persona_fp.max(axis=1) >= threshold
-    tally.recalled_fp += int(((to_persona_fp.max(axis=0) >= threshold) & revealed).sum())
+    recalled_fp = (to_persona_fp.max(axis=0) >= threshold) & revealed
+    tally.recalled_fp += int(recalled_fp.sum())
     tally.precise_fp += int(matched_fp.sum())
     tally.junk_fp += int((~matched_fp & ((said_fp @ spoken.T).max(axis=1) < threshold)).sum())
     tally.facts += len(facts)
@@ -195,6 +197,7 @@ def score_speaker(
         junk.tolist(),
         [p for p, r in zip(speaker.persona, revealed, strict=True) if r],
         [p for p, r, c in zip(speaker.persona, revealed, recalled, strict=True) if r and not c],
+        [p for p, r, c in zip(speaker.persona, revealed, recalled_fp, strict=True) if r and not c],
     )
 
 
