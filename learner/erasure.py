@@ -125,7 +125,8 @@ def _fix_selection(path: Path, drop: set[str]) -> None:
     except (OSError, ValueError):
         return
     changed = False
-    for key in ("training_dialogue_ids", "dialogue_ids", "easy_dialogue_ids"):
+    keys = ("training_dialogue_ids", "dialogue_ids", "easy_dialogue_ids", "sft_dialogue_ids")
+    for key in (*keys, "heldout_dialogue_ids"):
         ids = selection.get(key)
         if isinstance(ids, list) and drop & set(ids):
             selection[key] = [i for i in ids if i not in drop]
@@ -135,6 +136,19 @@ def _fix_selection(path: Path, drop: set[str]) -> None:
         kept = [i for i in logged["turn_ids"] if f"{LOGGED_PREFIX}{i}" not in drop]
         changed = changed or len(kept) != len(logged["turn_ids"])
         logged["turn_ids"] = kept
+    counts = selection.get("counts")
+    if isinstance(counts, dict):
+        # `load_training_set` checks the row counts too; called after each rewritten file.
+        for key, name in (
+            ("sft", "sft.jsonl"),
+            ("pairs", "pairs.jsonl"),
+            ("heldout", "heldout.jsonl"),
+        ):
+            rows = path.parent / name
+            if rows.is_file():
+                n = sum(1 for x in rows.read_text("utf-8").splitlines() if x.strip())
+                changed = changed or counts.get(key) != n
+                counts[key] = n
     if not changed:
         return
     ids = sorted(selection.get("training_dialogue_ids") or [])
