@@ -59,7 +59,9 @@ def main() -> None:
             victim = next(w for w in workers if w.pid == holder)
             killed = time.monotonic()
             victim.kill()
-            wait_for(lambda: _holder(records) not in (None, holder), args.lease_s + 60, 0.05)
+            wait_for(
+                lambda gone=holder: _holder(records) not in (None, gone), args.lease_s + 60, 0.05
+            )
             failovers.append(round(time.monotonic() - killed, 2))
             workers = [w for w in workers if w is not victim] + [cluster.add_worker(60.0)]
     finally:
