@@ -34,6 +34,8 @@ from storage import Database
 from tests.cluster import Cluster
 from tests.servers import PostgresCluster
 
+_SEND_TIMEOUT_S = 900.0
+
 
 @dataclass
 class Turn:
@@ -53,7 +55,8 @@ def _text(message: dict) -> str:
 
 def _send(client: Client, turn: Turn, acked: threading.Semaphore) -> None:
     try:
-        _, history, status, _ = client.predict(turn.text, [], turn.bid, api_name="/send")
+        job = client.submit(turn.text, [], turn.bid, api_name="/send")
+        _, history, status, _ = job.result(timeout=_SEND_TIMEOUT_S)
     except Exception as exc:  # the replica died under it: not acknowledged
         turn.error = type(exc).__name__
         return
