@@ -20,10 +20,10 @@ import threading
 from dataclasses import dataclass
 
 import bcrypt
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from storage import Database
-from storage.models import User, new_id
+from storage.models import User, WebSessionRow, new_id
 
 __all__ = ["MAX_PASSWORD_BYTES", "AccountError", "Accounts", "UserRecord"]
 
@@ -140,6 +140,7 @@ class Accounts:
                 raise AccountError(f"no user {username!r}")
             user.password_hash = digest
             user.generation = (user.generation or 0) + 1
+            s.execute(delete(WebSessionRow).where(WebSessionRow.user_id == user.id))
             return UserRecord.of(user)
 
     def session_valid(self, user_id: str, generation: int) -> bool:

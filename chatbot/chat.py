@@ -10,10 +10,8 @@ second of it; the next start marks such rows `interrupted` (`mark_interrupted_st
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -21,6 +19,7 @@ from typing import Protocol
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from chatbot.limits import LimitReached, SlidingWindows, WindowLimit
 from chatbot.memory import MemoryFact, recall_opener, render_profile
 from core.prompting import PromptTooLongError, fit_prompt, load_prompt
 from core.types import (
@@ -111,34 +110,6 @@ class ReplyEvent:
     status: str | None = None
 
 
-class _RateLimiter:
-    """Sliding one-minute windows, one per key (a user, a client address)."""
-
-    def __init__(self) -> None:
-        self._hits: dict[str, deque[float]] = defaultdict(deque)
-        self._lock = threading.Lock()
-
-    def check(self, limits: Sequence[tuple[str, int, str]]) -> None:
-        """Count one message against every (key, per minute, what) limit, or refuse and count
-        nothing; a limit of 0 is off."""
-        now = time.monotonic()
-        with self._lock:
-            for key, per_minute, what in limits:
-                if per_minute <= 0:
-                    continue
-                hits = self._hits[key]
-                while hits and now - hits[0] > 60:
-                    hits.popleft()
-                if len(hits) >= per_minute:
-                    wait = int(60 - (now - hits[0])) + 1
-                    raise RateLimitError(
-                        f"{what} can send {per_minute} messages a minute; please wait {wait}s."
-                    )
-            for key, per_minute, _ in limits:
-                if per_minute > 0:
-                    self._hits[key].append(now)
-
-
 class ChatService:
     def __init__(
         self,
@@ -171,7 +142,7 @@ class ChatService:
         # anonymous identity is free to make, an address is not.
         self.messages_per_minute = messages_per_minute
         self.address_messages_per_minute = address_messages_per_minute
-        self._limiter = _RateLimiter()
+        self._limiter = SlidingWindows(db)  # in the database: shared by every replica
         self._system = load_prompt("upc_system")
 
     # ------------------------------------------------------------ conversations
@@ -276,7 +247,11 @@ class ChatService:
         """Replace the last bot reply with a new one (the old one is kept, superseded)."""
         with self.db.session() as s:
             self._owned(s, user_id, conversation_id)
-            self._check_limits(user_id, client)
+        # Counted in its own transaction, before this one reads anything (on SQLite, a read
+        # transaction that sees another commit can no longer write).
+        self._check_limits(user_id, client)
+        with self.db.session() as s:
+            self._owned(s, user_id, conversation_id)
             last = s.scalar(
                 select(Message)
                 .where(Message.conversation_id == conversation_id)
@@ -321,11 +296,26 @@ class ChatService:
 
     # ------------------------------------------------------------ internals
     def _check_limits(self, user_id: str, client: str) -> None:
-        limits = [(f"user:{user_id}", self.messages_per_minute, "You")]
+        """Count one message against the user and the address, or refuse and count nothing;
+        a limit of 0 is off."""
+        limits = [WindowLimit(f"user:{user_id}", self.messages_per_minute, 60.0, "You")]
         if client:
-            what = "Your network"
-            limits.append((f"addr:{client}", self.address_messages_per_minute, what))
-        self._limiter.check(limits)
+            limits.append(
+                WindowLimit(
+                    f"addr:{client}", self.address_messages_per_minute, 60.0, "Your network"
+                )
+            )
+        try:
+            self._limiter.take(limits)
+        except SQLAlchemyError as exc:
+            log.error("could not count a message against the rate limits: %s", exc)
+            raise StorageError(_STORAGE_ERROR) from exc
+        except LimitReached as exc:
+            wait = int(exc.wait_s) + 1
+            raise RateLimitError(
+                f"{exc.limit.what} can send {exc.limit.count} messages a minute; "
+                f"please wait {wait}s."
+            ) from None
 
     def _owned(self, s, user_id: str, conversation_id: str) -> Conversation:  # type: ignore[no-untyped-def]
         _require_user(user_id)

@@ -20,9 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from typing import Any
 import gradio as gr
 
 from chatbot.accounts import UserRecord
+from chatbot.limits import SlidingWindows
 from chatbot.services import Services
 from chatbot.signin import client_address
 from core.settings import Settings
@@ -68,28 +66,21 @@ def console_enabled(settings: Settings) -> bool:
 
 
 class SignInLimiter:
-    """At most `max_failures` wrong secrets per caller in a sliding window."""
+    """At most `max_failures` wrong secrets per caller in a sliding window, counted in the
+    database (so a guess on one replica counts on every other, and after a restart)."""
 
-    def __init__(self, max_failures: int = _MAX_FAILURES, window_s: float = _FAILURE_WINDOW_S):
+    def __init__(
+        self, db: Database, max_failures: int = _MAX_FAILURES, window_s: float = _FAILURE_WINDOW_S
+    ):
         self.max_failures = max_failures
         self.window_s = window_s
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
-        self._lock = threading.Lock()
-
-    def _recent(self, key: str, now: float) -> deque[float]:
-        hits = self._failures[key]
-        while hits and now - hits[0] > self.window_s:
-            hits.popleft()
-        return hits
+        self._windows = SlidingWindows(db)
 
     def blocked(self, key: str) -> bool:
-        with self._lock:
-            return len(self._recent(key, time.monotonic())) >= self.max_failures
+        return self._windows.count(f"secret:{key}", self.window_s) >= self.max_failures
 
     def fail(self, key: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._recent(key, now).append(now)
+        self._windows.add(f"secret:{key}", self.window_s)
 
 
 def grant_admin(db: Database, user_id: str) -> None:
@@ -108,7 +99,7 @@ def build_operator_signin(
 ) -> None:
     """A secret box that makes this browser's anonymous user an operator (server-side)."""
     settings = services.settings
-    limiter = SignInLimiter()
+    limiter = SignInLimiter(services.db)
     gr.Markdown(
         "Operators of this demo can sign in with the admin secret to open the operator console."
     )

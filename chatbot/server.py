@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import gradio as gr
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from gradio.routes import App as GradioApp
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
@@ -21,7 +21,8 @@ from chatbot.app import create_app
 from chatbot.downloads import DOWNLOAD_ROUTE
 from chatbot.memory import MemoryService
 from chatbot.services import Services
-from chatbot.signin import CLIENT_ADDRESS, SessionTokens, SignIn
+from chatbot.sessions import SessionTokens, cookie_id
+from chatbot.signin import CLIENT_ADDRESS, SignIn
 from core.settings import Settings, masked_dict
 
 __all__ = ["RequestGuard", "allowed_host_names", "build_server", "launch"]
@@ -112,12 +113,15 @@ def build_server(services: Services) -> FastAPI:
             "memory": _memory_health(services.memory),
         }
 
+    password = settings.auth.mode == "password"
+    sessions = SessionTokens(services.db, settings.auth.session_max_age_h)
     mounted = _Mounted()
     _add_download_route(app, services, mounted)
+    if password:
+        _add_logout_route(app, sessions, mounted)
 
     blocks = create_app(settings, services)
     blocks.queue(default_concurrency_limit=settings.limits.queue_size)
-    password = settings.auth.mode == "password"
     auth = SignIn(services.accounts, settings.auth).check if password else None
     server = gr.mount_gradio_app(
         app,
@@ -135,7 +139,9 @@ def build_server(services: Services) -> FastAPI:
     )
     mounted.gradio = _gradio_app(server)
     if password:
-        mounted.gradio.tokens = SessionTokens(services.accounts)
+        # Sessions in the database, under a cookie name every replica shares.
+        mounted.gradio.tokens = sessions
+        mounted.gradio.cookie_id = cookie_id(services.db)
     return server
 
 
@@ -151,16 +157,36 @@ class _Mounted:
 
     gradio: GradioApp | None = None
 
+    def cookie_names(self) -> tuple[str, ...]:
+        if self.gradio is None:
+            return ()
+        suffix = self.gradio.cookie_id
+        return (f"access-token-{suffix}", f"access-token-unsecure-{suffix}")
+
     def session_user(self, services: Services, request: Request) -> UserRecord | None:
         if self.gradio is None:
             return None
-        cookie_id = self.gradio.cookie_id
-        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+        for name in self.cookie_names():
             token = request.cookies.get(name)
             username = self.gradio.tokens.get(token) if token else None
             if username:
                 return services.accounts.by_name(username)
         return None
+
+
+def _add_logout_route(app: FastAPI, sessions: SessionTokens, mounted: _Mounted) -> None:
+    """Answered here, before Gradio's own /logout (which walks an in-memory table): ends
+    every session of the caller's user, or only this one with `all_session=false`."""
+
+    @app.get("/logout")
+    def logout(request: Request, all_session: bool = True) -> Response:
+        response = RedirectResponse(url="./", status_code=302)
+        for name in mounted.cookie_names():
+            token = request.cookies.get(name)
+            if token:
+                sessions.revoke(token, everywhere=all_session)
+            response.delete_cookie(key=name, path="/")
+        return response
 
 
 def _add_download_route(app: FastAPI, services: Services, mounted: _Mounted) -> None:

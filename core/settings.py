@@ -149,6 +149,8 @@ class AuthSettings:
     login_ip_free_failures: int = 20
     login_backoff_s: float = 2.0
     login_backoff_max_s: float = 900.0
+    # A signed-in session (kept in the database, shared by every replica) ends after this.
+    session_max_age_h: float = 720.0
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from learner.erasure_copies import compact_chroma, purge_downloads, purge_exports
 from learner.logged import LOGGED_PREFIX, load_salt, user_hash
@@ -31,7 +32,16 @@ from learner.registry import AdapterRegistry
 from storage.db import Database
 from storage.logged_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
 from storage.memory_models import DEFAULT_COLLECTION, MemoryFactHistoryRow, MemoryFactRow
-from storage.models import Conversation, Feedback, Message, User
+from storage.models import (
+    Conversation,
+    Feedback,
+    LoginFailureRow,
+    Message,
+    RateWindowRow,
+    User,
+    WebSessionRow,
+    limit_key,
+)
 
 __all__ = ["ErasureReport", "MemoryPurger", "erase_user", "find_user_id"]
 
@@ -217,6 +227,7 @@ def erase_user(
             delete(GuardExclusionRow).where(GuardExclusionRow.user_id == user_id)
         ).rowcount
         s.execute(delete(MemoryFactRow).where(MemoryFactRow.user_id == user_id))
+        _delete_sessions_and_limits(s, user_id)
         s.execute(delete(User).where(User.id == user_id))
     if drop and Path(runs_dir).is_dir():
         for path in sorted(Path(runs_dir).rglob("*.jsonl")):
@@ -247,6 +258,18 @@ def erase_user(
     return report
 
 
+def _delete_sessions_and_limits(s: Session, user_id: str) -> None:
+    """Every session of the user ends on every replica; the rate-limit and throttle rows
+    keyed by the user go too (their keys are hashes, but of this user's id and name)."""
+    name = s.scalar(select(User.username).where(User.id == user_id)) or ""
+    s.execute(delete(WebSessionRow).where(WebSessionRow.user_id == user_id))
+    windows = [limit_key(k) for k in (f"user:{user_id}", f"secret:user:{user_id}")]
+    s.execute(delete(RateWindowRow).where(RateWindowRow.key.in_(windows)))
+    s.execute(
+        delete(LoginFailureRow).where(LoginFailureRow.key == limit_key(f"name:{name.lower()}"))
+    )
+
+
 # Every table erasure deletes from: PostgreSQL rewrites these (see `Database.compact`).
 _ERASED_TABLES = tuple(
     row.__tablename__
@@ -258,6 +281,9 @@ _ERASED_TABLES = tuple(
         GuardExclusionRow,
         MemoryFactRow,
         MemoryFactHistoryRow,
+        WebSessionRow,
+        RateWindowRow,
+        LoginFailureRow,
         User,
     )
 )

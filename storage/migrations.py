@@ -20,7 +20,17 @@ from storage.corpus_models import CurriculumRow, DialogueRow, RunRow, TurnRow
 from storage.job_models import JobControlRow, JobProgressRow, JobRunRow, SchedulerLeaseRow
 from storage.logged_models import ErasureRow, GuardExclusionRow, LoggedTurnRow
 from storage.memory_models import MemoryFactHistoryRow, MemoryFactRow
-from storage.models import Base, Conversation, Feedback, Message, User
+from storage.models import (
+    Base,
+    Conversation,
+    Feedback,
+    LoginFailureRow,
+    Message,
+    RateWindowRow,
+    SiteValueRow,
+    User,
+    WebSessionRow,
+)
 
 __all__ = ["MIGRATIONS", "Migration", "applied_migrations", "apply_migrations"]
 
@@ -122,6 +132,10 @@ MIGRATIONS: list[Migration] = [
     Migration("0008_turn_attempts", run=_add_turn_attempt_columns),
     Migration("0009_account_security", run=_add_account_security_columns),
     Migration("0010_memory_history", tables=(MemoryFactHistoryRow,)),
+    Migration(
+        "0011_shared_sessions",
+        tables=(WebSessionRow, LoginFailureRow, RateWindowRow, SiteValueRow),
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Core ORM tables: users, conversations, messages, feedback.
+"""Core ORM tables: users, conversations, messages, feedback, and what sign-in and the
+rate limits share between app processes (sessions, throttles, windows of hits).
 
 Other areas keep their tables in their own modules of this package (see `migrations.py`
 for the order in which they are created).
@@ -6,6 +7,7 @@ for the order in which they are created).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 
@@ -23,7 +25,20 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "Conversation", "Feedback", "Message", "User", "new_id", "utcnow"]
+__all__ = [
+    "Base",
+    "Conversation",
+    "Feedback",
+    "LoginFailureRow",
+    "Message",
+    "RateWindowRow",
+    "SiteValueRow",
+    "User",
+    "WebSessionRow",
+    "limit_key",
+    "new_id",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -32,6 +47,12 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def limit_key(key: str) -> str:
+    """The stored form of a throttle or rate-limit key (`name:alice`, `addr:10.0.0.7`): its
+    sha256, so the tables hold no names or addresses and every key has one length."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 class Base(DeclarativeBase):
@@ -107,3 +128,45 @@ class Feedback(Base):
     rating: Mapped[int] = mapped_column(Integer)  # +1 like, -1 dislike
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WebSessionRow(Base):
+    """A signed-in browser. Only the sha256 of its cookie token is kept; the session stands
+    while the user exists with the same generation (a password change bumps it)."""
+
+    __tablename__ = "web_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class LoginFailureRow(Base):
+    """Failed sign-ins per key (see `limit_key`), for the exponential backoff."""
+
+    __tablename__ = "login_failures"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    last_at: Mapped[float] = mapped_column(Float, index=True)  # Unix time
+
+
+class RateWindowRow(Base):
+    """The times (Unix) of one key's hits still inside its sliding window."""
+
+    __tablename__ = "rate_windows"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hits: Mapped[list] = mapped_column(JSON, default=list)
+    # When the newest hit leaves the window: past it, the row counts nothing.
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class SiteValueRow(Base):
+    """Small values every process on the database must agree on (the session cookie name)."""
+
+    __tablename__ = "site_values"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
