@@ -81,8 +81,10 @@ class SlidingWindows:
             return
 
         def work(s: Session) -> None:
+            rows = [(lim, self._locked(s, lim.key, self.clock())) for lim in active]
+            # Read the clock once the rows are ours: a hit another process recorded while
+            # this one waited for the lock must not lie in its future.
             now = self.clock()
-            rows = [(lim, self._locked(s, lim.key, now)) for lim in active]
             for lim, row in rows:
                 hits = [t for t in row.hits or [] if now - t < lim.window_s]
                 if len(hits) >= lim.count:
