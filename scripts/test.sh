@@ -24,4 +24,7 @@ echo "==> ruff"
 .venv/bin/ruff check core chatbot learner personas storage tests bench app.py
 .venv/bin/ruff format --check core chatbot learner personas storage tests bench app.py
 echo "==> pytest"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# Two workers, each test file whole on one of them: much of the suite waits on servers,
+# subprocesses and the model, so two files at once use the two cores better than one.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${UPC_TEST_WORKERS:-2}" \
+  --dist loadfile --durations=15 "$@"
