@@ -62,7 +62,7 @@ def main() -> int:
         chaos.stop_all()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    summary = summarise(results)
+    summary = summarise(results, chaos.ledger)
     summary["duration_s"] = round(time.monotonic() - started, 1)
     summary["seed"] = args.seed
     summary["machine"] = machine()

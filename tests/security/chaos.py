@@ -60,6 +60,7 @@ class Ledger:
     acked: dict[str, str] = field(default_factory=dict)  # canary -> browser id
     finished: set[str] = field(default_factory=set)  # canaries whose reply completed
     erased: set[str] = field(default_factory=set)  # browser ids of erased users
+    refused: list[str] = field(default_factory=list)  # sends the server turned down
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def live(self) -> dict[str, str]:
@@ -112,7 +113,12 @@ def _sse_send(base: str, text: str, history: list, bid: str, ledger: Ledger, can
                     if event == "complete":
                         with ledger.lock:
                             ledger.finished.add(canary)
-        return last[2] if last else history
+        # `send` answers (text box, chat history, status line, conversation list).
+        if last is None or "⚠" in str(last[2]):
+            with ledger.lock:
+                ledger.refused.append(str(last)[:300])
+            return history
+        return last[1]
 
 
 def _chat_user(
@@ -424,7 +430,7 @@ def _worker_env(app_env: dict[str, str], model_dir: Path) -> dict[str, str]:
     }
 
 
-def summarise(results: list[CycleResult]) -> dict:
+def summarise(results: list[CycleResult], ledger: Ledger) -> dict:
     """The JSON the bench prints."""
     by_target: dict[str, int] = {}
     killed_at: dict[str, dict[str, int]] = {}
@@ -435,6 +441,11 @@ def summarise(results: list[CycleResult]) -> dict:
     failures = [r.__dict__ for r in results if not r.ok]
     return {
         "cycles": len(results),
+        "acknowledged_turns": len(ledger.acked),
+        "finished_replies": len(ledger.finished),
+        "erased_users": len(ledger.erased),
+        "refused_sends": len(ledger.refused),
+        "refused_examples": ledger.refused[:5],
         "by_target": by_target,
         "killed_at": killed_at,
         "lost_acknowledged_turns": sum(r.lost_turns for r in results),
