@@ -22,10 +22,17 @@ from bench._record import machine
 from core.runtime import ensure_embedded_model
 from tests.conftest import make_tiny_model
 from tests.security.conftest import cli, tiny_app
-from tests.security.probes import Actor, console_matrix, export_link, probe, seed_users
-
-ADMIN = ("chief", "chief-pass-123")
-USERS = [(f"user{n}", f"user{n}-pass-123") for n in range(4)]
+from tests.security.probes import (
+    ADMIN,
+    USERS,
+    Actor,
+    console_matrix,
+    export_link,
+    probe,
+    probe_app_env,
+    seed_users,
+    summarise_matrix,
+)
 
 
 def main() -> int:
@@ -81,36 +88,6 @@ def main() -> int:
     )
     ok = not report.leaks and not report.server_errors and not summary["not_refused"]
     return 0 if ok else 1
-
-
-def probe_app_env() -> dict[str, str]:
-    """Password mode; the sign-in throttle and per-minute limits out of the way (every
-    probe comes from 127.0.0.1 and is not what is measured here)."""
-    return {
-        "UPC_AUTH__MODE": "password",
-        "UPC_AUTH__LOGIN_IP_FREE_FAILURES": "100000",
-        "UPC_AUTH__LOGIN_FREE_FAILURES": "100000",
-        "UPC_LIMITS__MESSAGES_PER_MINUTE": "1000000",
-        "UPC_LIMITS__ADDRESS_MESSAGES_PER_MINUTE": "1000000",
-    }
-
-
-def summarise_matrix(matrix: dict[str, dict[str, str]]) -> dict:
-    callers = ("anonymous", "user", "foreign_origin", "null_origin", "foreign_host")
-    not_refused = [
-        f"{name} as {caller}: {row[caller]}"
-        for name, row in matrix.items()
-        for caller in callers
-        if row[caller] != "refused"
-    ]
-    unreached = [n for n, row in matrix.items() if row["admin_reaches_handler"] != "yes"]
-    return {
-        "handlers": len(matrix),
-        "calls": len(matrix) * len(callers),
-        "refused": len(matrix) * len(callers) - len(not_refused),
-        "not_refused": not_refused,
-        "admin_calls_not_reaching_the_handler": unreached,
-    }
 
 
 if __name__ == "__main__":

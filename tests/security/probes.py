@@ -28,15 +28,21 @@ import httpx
 from tests.conftest import RunningApp
 
 __all__ = [
+    "ADMIN",
+    "USERS",
     "Actor",
     "ProbeReport",
     "console_matrix",
     "export_link",
     "gradio_call",
     "probe",
+    "probe_app_env",
     "seed_users",
+    "summarise_matrix",
 ]
 
+ADMIN = ("chief", "chief-pass-123")
+USERS = [(f"user{n}", f"user{n}-pass-123") for n in range(4)]
 ADMIN_ONLY = "Operators only"
 FOREIGN = "evil.example"
 
@@ -93,9 +99,7 @@ def seed_users(
             canary = "CANARY" + "".join(rng.choice(string.ascii_uppercase) for _ in range(16))
             actor.canaries.add(canary)
             gradio_call(actor.client, "new_conversation", [""])
-            _, event, raw = gradio_call(
-                actor.client, "send", [f"my secret is {canary}", [], ""]
-            )
+            _, event, raw = gradio_call(actor.client, "send", [f"my secret is {canary}", [], ""])
             assert event == "complete" and canary in raw, raw[-500:]
         actors.append(actor)
     con = sqlite3.connect(f"file:{app.data_dir / 'upc.db'}?mode=ro", uri=True)
@@ -260,3 +264,33 @@ def probe(
         if status >= 500:
             report.server_errors.append(f"{kind}: {status} {text[:120]}")
     return report
+
+
+def probe_app_env() -> dict[str, str]:
+    """Password mode; the sign-in throttle and per-minute limits out of the way (every
+    probe comes from 127.0.0.1 and is not what is measured here)."""
+    return {
+        "UPC_AUTH__MODE": "password",
+        "UPC_AUTH__LOGIN_IP_FREE_FAILURES": "100000",
+        "UPC_AUTH__LOGIN_FREE_FAILURES": "100000",
+        "UPC_LIMITS__MESSAGES_PER_MINUTE": "1000000",
+        "UPC_LIMITS__ADDRESS_MESSAGES_PER_MINUTE": "1000000",
+    }
+
+
+def summarise_matrix(matrix: dict[str, dict[str, str]]) -> dict:
+    callers = ("anonymous", "user", "foreign_origin", "null_origin", "foreign_host")
+    not_refused = [
+        f"{name} as {caller}: {row[caller]}"
+        for name, row in matrix.items()
+        for caller in callers
+        if row[caller] != "refused"
+    ]
+    unreached = [n for n, row in matrix.items() if row["admin_reaches_handler"] != "yes"]
+    return {
+        "handlers": len(matrix),
+        "calls": len(matrix) * len(callers),
+        "refused": len(matrix) * len(callers) - len(not_refused),
+        "not_refused": not_refused,
+        "admin_calls_not_reaching_the_handler": unreached,
+    }
