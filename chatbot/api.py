@@ -39,10 +39,15 @@ UPC_MODEL_NAME = "upc"
 _ROLES = {"system", "user", "assistant"}
 # Far above any request the limits let through (64 messages of 4,000 characters).
 _MAX_BODY_BYTES = 4 * 1024 * 1024
+_BUSY_RETRY_AFTER_S = 2  # a reply of the default length takes about this long on a CPU
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    # A busy model is the one refusal a client should simply retry: say when.
+    headers = {"Retry-After": str(_BUSY_RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(
+        {"error": {"message": message, "type": kind}}, status_code=status, headers=headers
+    )
 
 
 def _check_key(request: Request, env_name: str) -> None:
