@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -33,6 +34,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and its logs")
     args = parser.parse_args()
+    # A plain `kill` of the bench must still stop the app and worker it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="upc-kill9-"))
     models = Path(os.environ.get("UPC_TEST_MODELS_DIR") or root / "models")
     tiny = make_tiny_model(root / "tiny", ensure_embedded_model(models))
