@@ -56,6 +56,7 @@ class Actor:
     canaries: set[str] = field(default_factory=set)
     conversations: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    is_admin: bool = False
 
 
 @dataclass
@@ -105,6 +106,8 @@ def seed_users(
     con = sqlite3.connect(f"file:{app.data_dir / 'upc.db'}?mode=ro", uri=True)
     try:
         for actor in actors:
+            admin = con.execute("SELECT is_admin FROM users WHERE username = ?", (actor.name,))
+            actor.is_admin = bool(admin.fetchone()[0])
             rows = con.execute(
                 "SELECT c.id, m.id FROM messages m JOIN conversations c"
                 " ON c.id = m.conversation_id JOIN users u ON u.id = c.user_id"
@@ -242,12 +245,15 @@ def probe(
     rng: random.Random,
     links: list[str],
 ) -> ProbeReport:
-    """`n` random cross-user requests; a leak is any foreign canary in an answer."""
+    """`n` random cross-user requests; a leak is any foreign canary in an answer. The
+    attackers are the users who are not admins (who may read everyone's chats in the
+    console) and nobody; the victims are everyone, admins included."""
     report = ProbeReport()
     everyone = set().union(*(a.canaries for a in actors))
     pattern = re.compile("|".join(sorted(everyone)))
+    attackers = [a for a in actors if not a.is_admin] + [nobody]
     for _ in range(n):
-        attacker = rng.choice([*actors, nobody])
+        attacker = rng.choice(attackers)
         victim = rng.choice([a for a in actors if a is not attacker])
         kind, answer = _requests(attacker, victim, rng, app, links)
         if isinstance(answer, httpx.Response):
