@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_unknown_event_ids_get_404_and_known_ones_still_join(anon_app):
     with httpx.Client(base_url=anon_app.base_url, timeout=30) as http:
         info = http.get("/config").json()
-        known = [d["id"] for d in info["dependencies"] if d.get("api_name") == "load"][0]
+        known = next(d["id"] for d in info["dependencies"] if d.get("api_name") == "load")
         for fn_index in (10_000, -1, 2**40):
             body = {"data": [""], "fn_index": fn_index, "session_hash": "probe12345"}
             r = http.post("/gradio_api/queue/join", json=body)
