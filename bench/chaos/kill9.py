@@ -33,6 +33,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200, help="kill cycles")
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and its logs")
+    parser.add_argument(
+        "--max-minutes", type=float, default=0, help="stop after this long (0: no limit)"
+    )
     args = parser.parse_args()
     # A plain `kill` of the bench must still stop the app and worker it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -45,6 +48,8 @@ def main() -> int:
     chaos.start_app()
     try:
         for n in range(args.runs):
+            if args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
+                break
             target = TARGETS[n % len(TARGETS)] if n < len(TARGETS) else chaos.rng.choice(TARGETS)
             result = chaos.cycle(n, target)
             results.append(result)
@@ -68,6 +73,7 @@ def main() -> int:
     summary = summarise(results, chaos.ledger)
     summary["duration_s"] = round(time.monotonic() - started, 1)
     summary["seed"] = args.seed
+    summary["runs_asked"] = args.runs
     summary["machine"] = machine()
     if args.keep:
         summary["dir"] = str(root)
