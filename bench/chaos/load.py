@@ -51,6 +51,7 @@ class Tally:
     ttft: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)  # seconds to open the page
 
     def add(self, outcome: str, ttft: float | None, total: float, detail: str = "") -> None:
         with self.lock:
@@ -96,6 +97,7 @@ def _classify(event: str, last: list | None, raw: str) -> str:
 
 def _user(base: str, tally: Tally, until: float, rng: random.Random) -> None:
     with httpx.Client(base_url=base, timeout=httpx.Timeout(600, connect=30)) as http:
+        started = time.monotonic()
         try:
             event, _, last, raw = _call(http, "load", [""])
         except httpx.HTTPError as exc:
@@ -104,6 +106,8 @@ def _user(base: str, tally: Tally, until: float, rng: random.Random) -> None:
         if event != "complete" or last is None:
             tally.add("failed", None, 0.0, f"load: {event} {raw[:200]}")
             return
+        with tally.lock:
+            tally.loads.append(time.monotonic() - started)
         bid, history = last[0], last[2]
         while time.monotonic() < until:
             started = time.monotonic()
@@ -181,6 +185,9 @@ def main() -> int:
                 "busy": tally.outcomes["busy"],
                 "ttft_p50_s": _pct(tally.ttft, 0.5),
                 "ttft_p95_s": _pct(tally.ttft, 0.95),
+                "page_loads": len(tally.loads),
+                "page_load_p50_s": _pct(tally.loads, 0.5),
+                "page_load_max_s": _pct(tally.loads, 1.0),
                 "reply_p50_s": _pct(tally.total, 0.5),
                 "reply_p95_s": _pct(tally.total, 0.95),
                 "replies_per_minute": round(tally.outcomes["ok"] / (args.seconds / 60), 1),
