@@ -81,6 +81,7 @@ class CycleResult:
     served: str = ""
     integrity: str = ""
     seconds: float = 0.0
+    erased_left: int = 0  # messages of users whose erasure finished, still stored
 
     @property
     def ok(self) -> bool:
@@ -90,6 +91,7 @@ class CycleResult:
             and not self.left_streaming
             and not self.bad_adapters
             and self.integrity == "ok"
+            and not self.erased_left
         )
 
 
@@ -146,9 +148,9 @@ def _chat_user(
         return  # the server was killed under us: what it acknowledged is in the ledger
 
 
-def _db_checks(db_path: Path, ledger: Ledger) -> tuple[int, int, int, int, str]:
+def _db_checks(db_path: Path, ledger: Ledger) -> tuple[int, int, int, int, str, int]:
     """(lost acknowledged turns, lost finished replies, rows streaming, rows interrupted,
-    integrity_check) on a read-only connection."""
+    integrity_check, messages of erased users still there) on a read-only connection."""
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=60)
     try:
         integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
@@ -167,6 +169,9 @@ def _db_checks(db_path: Path, ledger: Ledger) -> tuple[int, int, int, int, str]:
     with ledger.lock:
         finished = set(ledger.finished)
     lost = [c for c in live if c not in user_text]
+    with ledger.lock:
+        gone = {c for c, b in ledger.acked.items() if b in ledger.erased}
+    erased_left = len(gone & set(user_text))
     lost_replies = 0
     for canary in finished & set(live):
         if canary not in user_text:
@@ -177,7 +182,7 @@ def _db_checks(db_path: Path, ledger: Ledger) -> tuple[int, int, int, int, str]:
             lost_replies += 1
     streaming = sum(1 for r in rows if r[1] == "streaming")
     interrupted = sum(1 for r in rows if r[1] == "interrupted")
-    return len(lost), lost_replies, streaming, interrupted, integrity
+    return len(lost), lost_replies, streaming, interrupted, integrity, erased_left
 
 
 def _adapter_checks(adapters_dir: Path) -> tuple[list[str], set[str], str]:
@@ -388,7 +393,7 @@ class Chaos:
         return (live[canary], row[0]) if row else None
 
     def _check(self, n: int, target: str, killed_at: str) -> CycleResult:
-        lost, lost_replies, streaming, interrupted, integrity = _db_checks(
+        lost, lost_replies, streaming, interrupted, integrity, erased_left = _db_checks(
             self.data_dir / "upc.db", self.ledger
         )
         bad, good, _active = _adapter_checks(self.data_dir / "adapters")
@@ -396,9 +401,11 @@ class Chaos:
         served = served or "base"
         if served not in good | {"base"}:
             bad.append(f"the app serves {served!r}, not a verified adapter")
-        return CycleResult(
+        result = CycleResult(
             n, target, killed_at, lost, lost_replies, streaming, interrupted, bad, served, integrity
         )
+        result.erased_left = erased_left
+        return result
 
 
 def _worker_env(app_env: dict[str, str], model_dir: Path) -> dict[str, str]:
@@ -454,6 +461,7 @@ def summarise(results: list[CycleResult], ledger: Ledger) -> dict:
         "interrupted_rows_at_end": results[-1].interrupted_rows if results else 0,
         "half_written_adapters_or_bad_active": sum(len(r.bad_adapters) for r in results),
         "integrity_failures": sum(r.integrity != "ok" for r in results),
+        "erased_messages_left": sum(r.erased_left for r in results),
         "failed_cycles": failures[:20],
         "median_cycle_s": sorted(r.seconds for r in results)[len(results) // 2] if results else 0,
     }
