@@ -208,7 +208,7 @@ def _adapter_checks(adapters_dir: Path) -> tuple[list[str], set[str], str]:
 class Chaos:
     """The system under test in `root`, and the kill cycles."""
 
-    def __init__(self, root: Path, model_dir: Path, seed: int, max_new_tokens: int = 300):
+    def __init__(self, root: Path, model_dir: Path, seed: int, max_new_tokens: int = 100):
         self.root = root
         self.rng = random.Random(seed)
         self.ledger = Ledger()
@@ -281,7 +281,7 @@ class Chaos:
 
     def _chat_cycle(self) -> str:
         """Two browsers chat; the app is killed 0.5-6 s in (a greeting, then replies of
-        up to 300 tokens, ~2 s each), then started again."""
+        up to 100 tokens, under a second each), then started again."""
         stop = threading.Event()
         users = [
             threading.Thread(
@@ -361,7 +361,7 @@ class Chaos:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        delay = self.rng.uniform(2.0, 9.0)  # the command takes ~4-8 s, most of it imports
+        delay = self.rng.uniform(1.0, 5.0)  # the command takes ~3-6 s, most of it imports
         try:
             proc.wait(timeout=delay)
             killed_at = "finished before the kill"
