@@ -82,8 +82,15 @@ def _call(http: httpx.Client, api: str, data: list) -> tuple[str, float | None, 
                 raw = line[6:]
                 if event in ("generating", "complete"):
                     first = first if first is not None else time.monotonic() - started
-                    last = json.loads(raw)
+                    last = _merge(last, json.loads(raw))
     return event, first, last, raw
+
+
+def _merge(last: list | None, update: list | None) -> list | None:
+    """Outputs so far: an update may leave an output out (None) when it did not change."""
+    if last is None or update is None:
+        return update or last
+    return [new if new is not None else old for old, new in zip(last, update, strict=False)]
 
 
 def _classify(event: str, last: list | None, raw: str) -> str:

@@ -111,7 +111,12 @@ def _sse_send(base: str, text: str, history: list, bid: str, ledger: Ledger, can
                 elif line.startswith("data: ") and event in ("generating", "complete"):
                     with ledger.lock:
                         ledger.acked.setdefault(canary, bid)
-                    last = json.loads(line[6:])
+                    update = json.loads(line[6:])
+                    # An output left unchanged by an update comes as None.
+                    last = [
+                        n if n is not None else o
+                        for o, n in zip(last or update, update, strict=False)
+                    ]
                     if event == "complete":
                         with ledger.lock:
                             ledger.finished.add(canary)
