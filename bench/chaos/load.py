@@ -96,7 +96,8 @@ def _merge(last: list | None, update: list | None) -> list | None:
 def _classify(event: str, last: list | None, raw: str) -> str:
     if event != "complete" or last is None:
         return "busy" if re.search(r"busy|try again", raw, re.I) else "failed"
-    note = str(last[2])  # send's outputs: text box, history, status line, conversation list
+    # send's outputs over HTTP: text box, (state), history, (state), status line, list.
+    note = str(last[4])
     if "⚠" in note:
         return "busy" if re.search(r"busy|try again", note, re.I) else "failed"
     return "ok"
@@ -126,7 +127,7 @@ def _user(base: str, tally: Tally, until: float, rng: random.Random) -> None:
             outcome = _classify(event, last, raw)
             tally.add(outcome, ttft if outcome == "ok" else None, time.monotonic() - started, raw)
             if outcome == "ok":
-                history = last[1][-6:]
+                history = last[2][-6:]
             time.sleep(rng.uniform(1.0, 3.0))
 
 

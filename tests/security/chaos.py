@@ -120,12 +120,13 @@ def _sse_send(base: str, text: str, history: list, bid: str, ledger: Ledger, can
                     if event == "complete":
                         with ledger.lock:
                             ledger.finished.add(canary)
-        # `send` answers (text box, chat history, status line, conversation list).
-        if last is None or "⚠" in str(last[2]):
+        # `send` answers over HTTP (text box, state, chat history, state, status line,
+        # conversation list); the states come as None.
+        if last is None or "⚠" in str(last[4]):
             with ledger.lock:
                 ledger.refused.append(str(last)[:300])
             return history
-        return last[1]
+        return last[2]
 
 
 def _chat_user(
