@@ -8,7 +8,8 @@ benign look-alike from the same samples. The real learning worker (a subprocess 
 tiny model) critiques the logged turns, runs the poisoning guard, and retrains on the
 accepted examples with the gate forced open, so whatever is trained is promoted: the
 worst case. The checks: no poisoned turn and no troll's turn is in the training data of
-any promoted adapter; and the guard's precision and recall, per user and per turn.
+any promoted adapter; the guard's precision and recall per user, and how many honest turns
+it flagged one by one.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ class CohortResult:
     poisoned_turns: int
     user_precision: float
     user_recall: float
-    turn_precision: float
-    turn_recall: float
+    # Turn-level flags are recorded only for users not excluded whole: the honest users'
+    # look-alikes flagged one by one (each costs that turn only).
+    honest_turns_flagged: int
+    honest_turns: int
     promoted: list[str] = field(default_factory=list)
     examples_in_promoted: int = 0
     poisoned_in_promoted: int = 0
@@ -173,8 +176,8 @@ def _ratio(a: int, b: int) -> float:
     return round(a / b, 3) if b else 1.0
 
 
-def _guard_figures(db_path: Path, truth: dict[str, set[str]]) -> tuple[float, float, float, float]:
-    """(user precision, user recall, turn precision, turn recall) of the guard's flags."""
+def _guard_figures(db_path: Path, truth: dict[str, set[str]]) -> tuple[float, float, int, int]:
+    """(user precision, user recall, honest user turns flagged, honest user turns)."""
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         excluded = {
@@ -202,14 +205,12 @@ def _guard_figures(db_path: Path, truth: dict[str, set[str]]) -> tuple[float, fl
     finally:
         con.close()
     trolls, poison = truth["trolls"], truth["poison"]
-    poisoned_lines = [line for line in user_lines if line in poison]
-    flagged_lines = [line for line in user_lines if line in flagged]
-    hits = sum(1 for line in flagged_lines if line in poison)
+    honest_lines = [line for line in user_lines if line not in poison]
     return (
         _ratio(len(excluded & trolls), len(excluded)),
         _ratio(len(excluded & trolls), len(trolls)),
-        _ratio(hits, len(flagged_lines)),
-        _ratio(hits, len(poisoned_lines)),
+        sum(1 for line in honest_lines if line in flagged),
+        len(honest_lines),
     )
 
 
@@ -242,7 +243,7 @@ def run_cohort(
         honest_turns = 4 * (users - trolls)
         env = _worker_env(data_dir, model_dir, examples=max(4, honest_turns // 2))
         _run_worker(env, data_dir, data_dir.parent / "worker.log", timeout_s=900)
-        precision_u, recall_u, precision_t, recall_t = _guard_figures(data_dir / "upc.db", truth)
+        precision_u, recall_u, flagged, honest = _guard_figures(data_dir / "upc.db", truth)
         promoted, texts = _promoted_data(data_dir, db)
     finally:
         db.dispose()
@@ -254,8 +255,8 @@ def run_cohort(
         poisoned_turns=3 * trolls,
         user_precision=precision_u,
         user_recall=recall_u,
-        turn_precision=precision_t,
-        turn_recall=recall_t,
+        honest_turns_flagged=flagged,
+        honest_turns=honest,
         promoted=promoted,
         examples_in_promoted=len(texts),
         poisoned_in_promoted=sum(1 for t in texts if t in truth["poison"]),
