@@ -125,7 +125,10 @@ def _user(base: str, tally: Tally, until: float, rng: random.Random) -> None:
                 tally.add("failed", None, time.monotonic() - started, f"send: {exc!r}")
                 continue
             outcome = _classify(event, last, raw)
-            tally.add(outcome, ttft if outcome == "ok" else None, time.monotonic() - started, raw)
+            detail = f"{event}: {last[4]}" if last is not None else f"{event}: {raw}"
+            tally.add(
+                outcome, ttft if outcome == "ok" else None, time.monotonic() - started, detail
+            )
             if outcome == "ok":
                 history = last[2][-6:]
             time.sleep(rng.uniform(1.0, 3.0))
