@@ -13,10 +13,11 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from chatbot.services import Services, context_window
 from core.prompting import fit_prompt
@@ -24,6 +25,7 @@ from core.settings import Settings
 from core.types import (
     BASE_ADAPTER,
     ChatMessage,
+    Completion,
     GenerationParams,
     ModelBusyError,
     ModelError,
@@ -39,10 +41,15 @@ UPC_MODEL_NAME = "upc"
 _ROLES = {"system", "user", "assistant"}
 # Far above any request the limits let through (64 messages of 4,000 characters).
 _MAX_BODY_BYTES = 4 * 1024 * 1024
+_BUSY_RETRY_AFTER_S = 2  # a reply of the default length takes about this long on a CPU
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    # A busy model is the one refusal a client should simply retry: say when.
+    headers = {"Retry-After": str(_BUSY_RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(
+        {"error": {"message": message, "type": kind}}, status_code=status, headers=headers
+    )
 
 
 def _check_key(request: Request, env_name: str) -> None:
@@ -111,7 +118,9 @@ def build_api_router(services: Services) -> APIRouter:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if not body.get("stream"):
             try:
-                result = model.generate(messages, params, adapter=adapter)
+                # Off the event loop: a reply takes seconds, and every other request
+                # (chat pages, health checks, the other /v1 callers) waits on the loop.
+                result = await run_in_threadpool(model.generate, messages, params, adapter=adapter)
             except ModelBusyError as exc:
                 return _error(429, str(exc), "rate_limit_error")
             except ModelTimeoutError as exc:
@@ -139,22 +148,28 @@ def build_api_router(services: Services) -> APIRouter:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream = model.stream(messages, params, adapter=adapter)
         try:
-            first = next(stream)
-        except StopIteration as stop:
-            first, final = "", stop.value
-            stream = iter(())
+            first, final = await run_in_threadpool(_first_piece, stream)
         except ModelBusyError as exc:
             return _error(429, str(exc), "rate_limit_error")
         except ModelError as exc:
             return _error(500, str(exc), "server_error")
-        else:
-            final = None
+        if final is not None:
+            stream = iter(())
         return StreamingResponse(
             _sse(stream, first, final, completion_id, created, name, include_usage),
             media_type="text/event-stream",
         )
 
     return router
+
+
+def _first_piece(stream: Generator[str, None, Completion]) -> tuple[str, Completion | None]:
+    """The stream's first piece, or "" and its result when it has none (run in a thread:
+    admission and the prompt's prefill happen here)."""
+    try:
+        return next(stream), None
+    except StopIteration as stop:
+        return "", stop.value
 
 
 def _sse(stream, first, final, completion_id, created, name, include_usage) -> Iterator[str]:  # type: ignore[no-untyped-def]

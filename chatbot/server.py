@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from gradio.routes import App as GradioApp
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatbot.accounts import UserRecord
 from chatbot.api import build_api_router
@@ -25,7 +25,7 @@ from chatbot.sessions import SessionTokens, cookie_id
 from chatbot.signin import CLIENT_ADDRESS, SignIn
 from core.settings import Settings, masked_dict
 
-__all__ = ["RequestGuard", "allowed_host_names", "build_server", "launch"]
+__all__ = ["EventFunctions", "RequestGuard", "allowed_host_names", "build_server", "launch"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ _LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 # No part of the app takes files, so Gradio's upload route is closed to everyone (it would
 # store any caller's file where any other caller could fetch it by path).
 _CLOSED_PATHS = ("/gradio_api/upload", "/upload")
+_JOIN_PATH = "/queue/join"
 
 
 def _host_name(host_header: str) -> str:
@@ -50,14 +51,57 @@ def allowed_host_names(settings: Settings) -> frozenset[str]:
     return frozenset({settings.server.host.lower(), *_LOCAL_NAMES, *extra})
 
 
+@dataclass
+class EventFunctions:
+    """The Gradio event ids a page may join the queue with (filled once the UI is built).
+    Gradio answers an unknown `fn_index` with a KeyError, an HTTP 500 that also drops the
+    connection; the guard answers 404 instead."""
+
+    ids: frozenset[int] = frozenset()
+
+    async def check(self, receive: Receive) -> tuple[Receive, bool]:
+        """Read the body of a queue join; (a receive that replays it, is its event known)."""
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive, True  # a disconnect: let the app see it as usual
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            fn_index = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError, RecursionError):
+            fn_index = None  # Gradio refuses a malformed body itself, with a 422
+        known = not isinstance(fn_index, int) or fn_index in self.ids
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay, known
+
+
 class RequestGuard:
     """Refuse foreign Host headers (DNS rebinding), state-changing calls from foreign
     origins and anything with `Origin: null`; remember the caller's address for sign-in."""
 
-    def __init__(self, app: ASGIApp, hosts: frozenset[str], origins: frozenset[str]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        hosts: frozenset[str],
+        origins: frozenset[str],
+        functions: EventFunctions | None = None,
+    ):
         self.app = app
         self.hosts = hosts
         self.origins = origins
+        self.functions = functions or EventFunctions()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -72,6 +116,13 @@ class RequestGuard:
                 return
             await JSONResponse({"error": reason}, status_code=403)(scope, receive, send)
             return
+        if scope.get("method") == "POST" and scope.get("path", "").endswith(_JOIN_PATH):
+            receive, known = await self.functions.check(receive)
+            if not known:
+                await JSONResponse({"error": "no such event"}, status_code=404)(
+                    scope, receive, send
+                )
+                return
         client = scope.get("client")
         token = CLIENT_ADDRESS.set(client[0] if client else "unknown")
         try:
@@ -100,7 +151,10 @@ def build_server(services: Services) -> FastAPI:
     settings = services.settings
     app = FastAPI(title="UPC Chat", docs_url=None, redoc_url=None)
     origins = frozenset(o.strip() for o in settings.server.allowed_origins.split(",") if o.strip())
-    app.add_middleware(RequestGuard, hosts=allowed_host_names(settings), origins=origins)
+    functions = EventFunctions()
+    app.add_middleware(
+        RequestGuard, hosts=allowed_host_names(settings), origins=origins, functions=functions
+    )
     app.include_router(build_api_router(services))
 
     @app.get("/healthz")
@@ -122,6 +176,7 @@ def build_server(services: Services) -> FastAPI:
 
     blocks = create_app(settings, services)
     blocks.queue(default_concurrency_limit=settings.limits.queue_size)
+    functions.ids = frozenset(blocks.fns)
     auth = SignIn(services.accounts, settings.auth).check if password else None
     server = gr.mount_gradio_app(
         app,
