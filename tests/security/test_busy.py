@@ -46,7 +46,14 @@ def one_slot_app(tmp_path_factory, embedded_model_dir):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _ask(app: RunningApp, stream: bool, answers: list[httpx.Response]) -> None:
+def _ask(
+    app: RunningApp,
+    stream: bool,
+    answers: list[httpx.Response],
+    together: threading.Barrier | None = None,
+) -> None:
+    if together is not None:
+        together.wait(timeout=60)  # on a loaded box threads start late: send at once
     r = httpx.post(
         f"{app.base_url}/v1/chat/completions",
         json={**LONG, "stream": stream},
@@ -76,8 +83,10 @@ def test_a_v1_reply_does_not_hold_up_the_server(one_slot_app):
 def test_v1_answers_a_full_queue_with_429_and_retry_after(one_slot_app):
     answers: list[httpx.Response] = []
     # Eight at once against one slot and one queue place: six must be turned away.
+    together = threading.Barrier(8)
     callers = [
-        threading.Thread(target=_ask, args=(one_slot_app, n % 2 == 0, answers)) for n in range(8)
+        threading.Thread(target=_ask, args=(one_slot_app, n % 2 == 0, answers, together))
+        for n in range(8)
     ]
     for caller in callers:
         caller.start()
