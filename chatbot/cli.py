@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import logging
 import sys
 
 from chatbot import memory_cli
@@ -13,14 +12,11 @@ from chatbot.accounts import AccountError, Accounts
 from chatbot.server import launch
 from chatbot.services import build_services, build_worker_memory
 from core.runtime import ensure_embedded_model
-from core.settings import Settings, SettingsError, load_settings, masked_dict
-from learner import adapters_cli, eval_cli, export_cli, jobs_cli
-from learner import cli as learner_cli
-from learner.iterate_cli import register_iterate
+from core.settings import Settings, masked_dict
+from learner.commands import register_learning, run
 from learner.worker import run_worker, start_embedded_scheduler
 from personas import cli as personas_cli
 from storage import Database
-from storage.db import DataDirError
 
 __all__ = ["main"]
 
@@ -126,33 +122,13 @@ def _build_parser() -> argparse.ArgumentParser:
     passwd.set_defaults(func=_users_passwd)
 
     personas_cli.register(sub)
-    register_iterate(learner_cli.register(sub))
-    for module in (adapters_cli, memory_cli, jobs_cli, export_cli, eval_cli):
-        module.register(sub)
+    register_learning(sub)
+    memory_cli.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        settings = load_settings(args.config)
-    except SettingsError as exc:
-        print(f"settings error: {exc}", file=sys.stderr)
-        return 2
-    logging.getLogger().setLevel(getattr(logging, settings.log_level.upper(), logging.INFO))
-    # httpx logs every request at INFO, and the llama.cpp backend makes several per reply.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    try:
-        return int(args.func(args, settings) or 0)
-    except DataDirError as exc:
-        print(f"data dir error: {exc}", file=sys.stderr)
-        return 3
+    return run(_build_parser(), argv)
 
 
 if __name__ == "__main__":
