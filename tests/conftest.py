@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,16 +203,22 @@ def make_app(data_dir: Path, log_dir: Path, **env_overrides: str) -> RunningApp:
     )
 
 
-@pytest.fixture(scope="session")
-def running_app(tmp_path_factory, embedded_model_dir):
-    """The real app (embedded model) on localhost, anonymous auth, shared by API tests."""
-    root = tmp_path_factory.mktemp("running-app")
+def embedded_app(root: Path, embedded_model_dir: Path, **env: str) -> Iterator[RunningApp]:
+    """A started app on the embedded model in `root` (a fixture's body: yields it, then
+    stops it and removes `root` unless UPC_KEEP_TEST_LOGS is set)."""
     data_dir = root / "upc-data"
     (data_dir / "models").mkdir(parents=True)
     os.symlink(embedded_model_dir, data_dir / "models" / embedded_model_dir.name)
-    app = make_app(data_dir, root, UPC_AUTH__MODE="anonymous")
+    app = make_app(data_dir, root, **env)
     app.start()
     yield app
     app.stop()
     if os.environ.get("UPC_KEEP_TEST_LOGS") is None:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def running_app(tmp_path_factory, embedded_model_dir):
+    """The real app (embedded model) on localhost, anonymous auth, shared by API tests."""
+    root = tmp_path_factory.mktemp("running-app")
+    yield from embedded_app(root, embedded_model_dir, UPC_AUTH__MODE="anonymous")

@@ -6,7 +6,6 @@ torch backend, and the log says why. Bad files and a missing wheel are clear err
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from core.local_model import LocalModel
 from core.runtime import build_model, embedded_gguf_path, pick_backend
 from core.settings import load_settings
 from core.types import ModelError
-from tests.conftest import REPO, make_app
+from tests.conftest import REPO, embedded_app
 from tests.test_app_http import text_of
 
 pytestmark = pytest.mark.slow
@@ -136,23 +135,14 @@ def _running(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def llamacpp_app(tmp_path_factory, embedded_model_dir):
-    root = tmp_path_factory.mktemp("llamacpp-app")
-    data_dir = root / "upc-data"
-    (data_dir / "models").mkdir(parents=True)
-    os.symlink(embedded_model_dir, data_dir / "models" / embedded_model_dir.name)
-    app = make_app(
-        data_dir,
-        root,
+    yield from embedded_app(
+        tmp_path_factory.mktemp("llamacpp-app"),
+        embedded_model_dir,
         UPC_AUTH__MODE="anonymous",
         UPC_CHATBOT__BACKEND="llamacpp",
         UPC_LLAMACPP__CTX_TOKENS="1024",
         UPC_MEMORY__ENABLED="false",
     )
-    app.start()
-    yield app
-    app.stop()
-    if os.environ.get("UPC_KEEP_TEST_LOGS") is None:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_gradio_chat_streams_through_llamacpp(llamacpp_app):

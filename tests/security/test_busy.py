@@ -5,15 +5,13 @@ server keeps answering, and a full queue is a clean busy: 429, a message and Ret
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import RunningApp, make_app
+from tests.conftest import RunningApp, embedded_app
 
 pytestmark = pytest.mark.slow
 
@@ -26,24 +24,15 @@ LONG = {
 
 @pytest.fixture(scope="module")
 def one_slot_app(tmp_path_factory, embedded_model_dir):
-    root = tmp_path_factory.mktemp("one-slot")
-    data_dir = root / "upc-data"
-    (data_dir / "models").mkdir(parents=True)
-    os.symlink(embedded_model_dir, data_dir / "models" / embedded_model_dir.name)
-    app = make_app(
-        data_dir,
-        root,
+    yield from embedded_app(
+        tmp_path_factory.mktemp("one-slot"),
+        embedded_model_dir,
         UPC_AUTH__MODE="anonymous",
         UPC_CHATBOT__BACKEND="llamacpp",
         UPC_LLAMACPP__N_PARALLEL="1",
         UPC_LIMITS__QUEUE_SIZE="1",
         UPC_MEMORY__ENABLED="false",
     )
-    app.start()
-    yield app
-    app.stop()
-    if os.environ.get("UPC_KEEP_TEST_LOGS") is None:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _ask(
