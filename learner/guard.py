@@ -19,14 +19,13 @@ The promotion gate still stops an adapter that got worse anyway.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from learner.guard_normalise import views
+from learner.samples import sample_rows
 
 __all__ = [
     "ABUSE_PATTERNS",
@@ -200,15 +199,8 @@ class GuardMetrics:
 
 def load_sample(path: Path | None = None) -> list[LabelledText]:
     """The labelled sample shipped as package data (or another JSONL of the same shape)."""
-    if path is None:
-        text = resources.files("learner").joinpath("data/guard_sample.jsonl").read_text("utf-8")
-    else:
-        text = Path(path).read_text(encoding="utf-8")
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in sample_rows("guard_sample.jsonl", path):
         if row.get("label") not in ("benign", "abusive", "injection"):
             raise ValueError(f"guard sample line {n}: unknown label {row.get('label')!r}")
         out.append(LabelledText(row["text"], row["label"], row.get("note", "")))

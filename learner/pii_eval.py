@@ -9,13 +9,12 @@ alarm for phones).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from learner.pii import PII_KINDS, PiiScrubber, ScrubCounts
+from learner.samples import sample_rows
 
 __all__ = ["KindMetrics", "LabelledPii", "evaluate_pii", "load_pii_sample"]
 
@@ -46,15 +45,8 @@ class KindMetrics:
 
 
 def load_pii_sample(path: Path | None = None) -> list[LabelledPii]:
-    if path is None:
-        text = resources.files("learner").joinpath("data/pii_sample.jsonl").read_text("utf-8")
-    else:
-        text = Path(path).read_text(encoding="utf-8")
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in sample_rows("pii_sample.jsonl", path):
         spans = tuple((s["kind"], s["value"]) for s in row.get("spans", []))
         for kind, value in spans:
             if kind not in PII_KINDS or value not in row["text"]:
