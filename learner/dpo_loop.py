@@ -19,7 +19,7 @@ import torch
 
 from learner.sft_loop import IGNORE_INDEX, StepHook, _collate, lr_at
 
-__all__ = ["DpoPair", "DpoResult", "reply_logps", "run_dpo"]
+__all__ = ["DpoPair", "DpoResult", "balance_lengths", "reply_logps", "run_dpo"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,18 @@ class DpoPair:
     def length_gap(self) -> int:
         """Reply tokens of the chosen side minus the rejected side."""
         return int(self.chosen.label_tokens - self.rejected.label_tokens)
+
+
+def balance_lengths(pairs: list[DpoPair]) -> list[DpoPair]:
+    """Drop the pairs with the largest length gap on the majority side until as many pairs
+    prefer the longer reply as the shorter one (ties stay): the critic's taste for length
+    is then no signal the policy can learn. Order is kept."""
+    longer = [k for k, p in enumerate(pairs) if p.length_gap > 0]
+    shorter = [k for k, p in enumerate(pairs) if p.length_gap < 0]
+    major, minor = (longer, shorter) if len(longer) >= len(shorter) else (shorter, longer)
+    by_gap = sorted(major, key=lambda k: (-abs(pairs[k].length_gap), k))
+    dropped = set(by_gap[: len(major) - len(minor)])
+    return [p for k, p in enumerate(pairs) if k not in dropped]
 
 
 @dataclass
@@ -103,9 +115,10 @@ def run_dpo(
 ) -> DpoResult:
     """Train the trainable (LoRA) parameters on ``pairs`` for ``total_steps`` steps.
 
-    ``length_alpha`` > 0 subtracts alpha x (chosen minus rejected reply tokens) from each
-    pair's reward margin (R-DPO, Park et al., 2024): where critics prefer longer replies,
-    plain DPO learns length itself, and longer replies then run into the token cap."""
+    ``length_alpha`` > 0 adds alpha x (chosen minus rejected reply tokens) to each pair's
+    margin inside the sigmoid (R-DPO, Park et al., 2024): the part of a preference that
+    length explains is then credited to length, not to the policy. Where critics prefer
+    longer replies, plain DPO learns length itself, and longer replies run into the cap."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -135,7 +148,7 @@ def run_dpo(
         ref_r = torch.tensor([p.ref_rejected for p in part], device=chosen.device)
         margin = (chosen - ref_c) - (rejected - ref_r)
         gap = torch.tensor([float(p.length_gap) for p in part], device=chosen.device)
-        loss = -torch.nn.functional.logsigmoid(beta * margin - length_alpha * gap).mean()
+        loss = -torch.nn.functional.logsigmoid(beta * margin + length_alpha * gap).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()

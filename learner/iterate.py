@@ -243,46 +243,63 @@ class IterationDriver:
         *,
         users: int | None = None,
         on_iteration: Callable[[IterationState], None] | None = None,
+        until: str | None = None,
     ) -> list[IterationState]:
-        """Run until `iterations` iterations are complete in total (resuming where it stopped)."""
+        """Run until `iterations` iterations are complete in total (resuming where it stopped).
+
+        ``until`` (a stage name) stops the next unfinished iteration after that stage; a
+        later run resumes it at the following stage."""
+        if until is not None and until not in STAGES:
+            raise ValueError(f"unknown stage {until!r}; one of {', '.join(STAGES)}")
         out = []
         k = self.next_iteration()
         for done in range(1, k):
             out.append(self.load_state(done))
         while k <= iterations:
-            state = self.run_iteration(k, users=users)
+            state = self.run_iteration(k, users=users, until=until)
             out.append(state)
             if on_iteration is not None:
                 on_iteration(state)
+            if not state.complete:
+                break
             k += 1
         return out
 
-    def run_iteration(self, k: int, *, users: int | None = None) -> IterationState:
+    def run_iteration(
+        self, k: int, *, users: int | None = None, until: str | None = None
+    ) -> IterationState:
         state = self.load_state(k)
-        if "generate" not in state.done:
+        stop = STAGES.index(until) if until is not None else len(STAGES)
+
+        def due(stage: str) -> bool:
+            return stage not in state.done and STAGES.index(stage) <= stop
+
+        if due("generate"):
             self._enter("generate", k)
             state.generation = self.steps.generate(k, users)
             self._mark(state, "generate")
         # An older state file may lack the selection: selecting again is idempotent.
-        if "select" not in state.done or ("train" not in state.done and state.selection is None):
+        if due("select") or (
+            "train" not in state.done and state.selection is None and stop >= STAGES.index("select")
+        ):
             self._enter("select", k)
             state.selection = self.steps.select(k)
             self._mark(state, "select")
-        if "train" not in state.done:
+        if due("train"):
             self._enter("train", k)
             self._train(state)
             self._mark(state, "train")
-        if "gate" not in state.done:
+        if due("gate"):
             self._enter("gate", k)
             if state.adapter_id is not None:
                 state.gate = self.steps.gate(state.adapter_id, k)
             self._mark(state, "gate")
-        if "promote" not in state.done:
+        if due("promote"):
             self._enter("promote", k)
             state.promoted = stages.promote(self.registry, state.gate)
             state.active_after = self.registry.active_id()
             self._mark(state, "promote")
-        if "hotload" not in state.done:
+        if due("hotload"):
             self._enter("hotload", k)
             stages.hot_load(self.registry, self.steps.notify)
             self._mark(state, "hotload")

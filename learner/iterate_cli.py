@@ -7,7 +7,7 @@ from typing import Any
 
 from core.settings import Settings
 from learner.cli import CorpusBars
-from learner.iterate import build_driver, format_stage_times, format_table
+from learner.iterate import STAGES, build_driver, format_stage_times, format_table
 from learner.stages import LoopParts
 
 __all__ = ["register_iterate"]
@@ -21,6 +21,12 @@ def register_iterate(learn_subparsers: Any) -> None:
     parser.add_argument("--iterations", type=int, required=True, help="total iterations to reach")
     parser.add_argument("--users", type=int, default=None, help="training users per iteration")
     parser.add_argument("--no-gate", action="store_true", help="promote without evaluation")
+    parser.add_argument(
+        "--until",
+        choices=STAGES,
+        default=None,
+        help="stop the next unfinished iteration after this stage (a later run resumes it)",
+    )
     parser.set_defaults(func=_iterate_handler)
 
 
@@ -33,6 +39,7 @@ def _iterate_handler(args: argparse.Namespace, settings: Settings) -> int:
         states = driver.run(
             args.iterations,
             users=args.users,
+            until=args.until,
             on_iteration=lambda s: print(format_table([s]).splitlines()[-1], flush=True),
         )
     finally:

@@ -24,7 +24,7 @@ from core.devices import worth_quantizing
 from core.learner_settings.train import TrainSettings
 from core.prompting import load_prompt
 from learner.distributed import current_rank
-from learner.dpo_loop import DpoPair, run_dpo
+from learner.dpo_loop import DpoPair, balance_lengths, run_dpo
 from learner.sft_data import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -89,6 +89,7 @@ class TrainConfig:
     dpo_beta: float = 0.1
     dpo_epochs: int = 1
     dpo_length_alpha: float = 0.0
+    dpo_balance_length: bool = False
 
     @classmethod
     def from_settings(cls, learner: TrainSettings, **overrides: Any) -> TrainConfig:
@@ -112,6 +113,7 @@ class TrainConfig:
             "dpo_learning_rate": learner.dpo_learning_rate,
             "dpo_beta": learner.dpo_beta,
             "dpo_length_alpha": learner.dpo_length_alpha,
+            "dpo_balance_length": learner.dpo_balance_length,
         }
         values.update(overrides)
         return cls(**values)
@@ -429,6 +431,12 @@ def train_adapter(
             dpo_metrics = _train_dpo(
                 model, tokenizer, pairs, config, device, status, run_id, history
             )
+            if not sft_on and not dpo_metrics["steps"]:
+                # DPO alone with nothing to learn would publish the base under a new id.
+                raise TrainingDataError(
+                    f"DPO alone, and none of the {len(pairs)} preference pairs is left to train"
+                    " on (too long, or dropped by learner.dpo_balance_length)"
+                )
         tokens = sum(len(ex.input_ids) for ex in examples)
         if rank.main:
             model.save_pretrained(str(output_dir), selected_adapters=["default"])
@@ -495,8 +503,11 @@ def _train_dpo(
         if made[0] is not None and made[1] is not None:
             rejected = without_turn_end(made[1]) if pair.get("rejected_capped") else made[1]
             examples.append(DpoPair(made[0], rejected))
+    built = len(examples)
+    if config.dpo_balance_length:
+        examples = balance_lengths(examples)
     if not examples:
-        return {"pairs": 0, "steps": 0}
+        return {"pairs": 0, "pairs_dropped_for_length": built, "steps": 0}
     dpo_config = dataclasses.replace(
         config, max_steps=-1, epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate
     )
@@ -522,6 +533,8 @@ def _train_dpo(
     history.extend(result.loss_history)
     return {
         "pairs": len(examples),
+        "pairs_dropped_for_length": built - len(examples),
+        "mean_length_gap": round(sum(p.length_gap for p in examples) / len(examples), 2),
         "steps": result.steps,
         "seconds": round(result.seconds, 3),
         "train_loss": result.loss_history[-1]["loss"] if result.loss_history else None,

@@ -80,6 +80,12 @@ def test_iteration_driver_resumes_and_is_idempotent(tiny_model_dir, tmp_path):
         system_prompt=SYSTEM,
         retrain_from="parent",
     )
+    # --until stops the iteration after a stage; the next run resumes after it.
+    with pytest.raises(ValueError, match="unknown stage"):
+        driver.run(2, until="evaluate")
+    [stopped] = driver.run(2, until="select")
+    assert stopped.done == ["generate", "select"] and stopped.adapter_id is None
+    assert not stopped.complete and driver.load_state(1).done == ["generate", "select"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         driver.run(2)
     first = driver.load_state(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from learner.dpo_loop import DpoPair, run_dpo
+from learner.dpo_loop import DpoPair, balance_lengths, run_dpo
 from learner.sft_data import without_turn_end
 from learner.sft_loop import _collate, _collate_packed, _loss_sum, pack_rows
 from learner.train import (
@@ -290,7 +291,7 @@ def test_a_capped_rejected_reply_keeps_no_end_of_turn_label(tokenizer):
     assert cut.input_ids == full.input_ids
 
 
-def test_dpo_length_term_charges_a_longer_chosen_reply(tiny_model_dir, tokenizer):
+def test_dpo_length_term_credits_length_not_the_policy(tiny_model_dir, tokenizer):
     prompt = DIALOGUES[0]["messages"][:3]
 
     def pair() -> DpoPair:
@@ -301,23 +302,74 @@ def test_dpo_length_term_charges_a_longer_chosen_reply(tiny_model_dir, tokenizer
         ]
         return DpoPair(made[0], made[1])
 
-    first_losses = []
+    first_losses, margins = [], []
     for alpha in (0.0, 0.05):
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
         for p in model.parameters():
             p.requires_grad_(True)
         result = run_dpo(
             model, [pair()], pad_id=tokenizer.pad_token_id, device="cpu", beta=0.1,
-            learning_rate=1e-4, total_steps=1, warmup_steps=0, schedule="constant",
+            learning_rate=1e-3, total_steps=3, warmup_steps=0, schedule="constant",
             batch_size=1, max_grad_norm=1.0, seed=0, length_alpha=alpha,
         )  # fmt: skip
         first_losses.append(result.loss_history[0]["loss"])
+        margins.append(result.mean_margin)
     gap = pair().length_gap
     assert gap > 10
-    # Policy = reference at the first step: plain DPO's loss is log 2, R-DPO's adds the gap.
+    # Policy = reference at the first step: plain DPO's loss is log 2. R-DPO credits the
+    # longer chosen reply's length (+alpha x gap inside the sigmoid), so its loss is lower...
     assert first_losses[0] == pytest.approx(0.6931, abs=1e-3)
-    expected = float(-torch.nn.functional.logsigmoid(torch.tensor(-0.05 * gap)))
+    expected = float(-torch.nn.functional.logsigmoid(torch.tensor(0.05 * gap)))
     assert first_losses[1] == pytest.approx(expected, abs=1e-3)
+    assert first_losses[1] < first_losses[0]
+    # ...and the policy is pushed less towards the longer reply.
+    assert 0 < margins[1] < margins[0]
+
+
+def test_balanced_pairs_leave_no_length_signal(tokenizer):
+    prompt = DIALOGUES[0]["messages"][:3]
+
+    def made(text: str):
+        return build_example(
+            tokenizer, "d1", [*prompt, {"role": "assistant", "content": text}], 256
+        )
+
+    short, mid, long = made("Nice."), made("Nice, which ships?"), made(
+        "Nice. Which ships do you weld in Porto, and for whom do you build them?"
+    )
+    pairs = [
+        DpoPair(long, short),  # chosen longer, largest gap
+        DpoPair(mid, short),  # chosen longer
+        DpoPair(long, mid),  # chosen longer
+        DpoPair(short, mid),  # chosen shorter
+        DpoPair(mid, mid),  # a tie stays
+    ]
+    kept = balance_lengths(pairs)
+    gaps = [p.length_gap for p in kept]
+    assert sum(g > 0 for g in gaps) == sum(g < 0 for g in gaps) == 1
+    assert 0 in gaps and pairs[0] not in kept
+    # The kept chosen-longer pair is the one with the smallest gap, and order is kept.
+    assert kept == [pairs[1], pairs[3], pairs[4]]
+    assert balance_lengths([]) == []
+
+
+def test_dpo_with_balanced_lengths_reports_the_dropped_pairs(tiny_model_dir, sft_file, tmp_path):
+    out = tmp_path / "adapter"
+    config = _fast(dpo=True, max_steps=1, dpo_learning_rate=1e-3, dpo_balance_length=True)
+    result = train_adapter(
+        tiny_model_dir, sft_file, out, config, system_prompt=SYSTEM,
+        pairs_path=_pairs_file(tmp_path),
+    )  # fmt: skip
+    # Both pairs prefer the longer reply and none the shorter: none is left to learn from.
+    assert result.dpo == {"pairs": 0, "pairs_dropped_for_length": 2, "steps": 0}
+    # DPO alone with no pair left refuses, rather than publish the base under a new id.
+    with pytest.raises(TrainingDataError, match="none of the 2 preference pairs"):
+        train_adapter(
+            tiny_model_dir, sft_file, tmp_path / "alone",
+            dataclasses.replace(config, epochs=0, max_steps=-1), system_prompt=SYSTEM,
+            pairs_path=_pairs_file(tmp_path),
+        )  # fmt: skip
+    assert not (tmp_path / "alone" / "adapter_model.safetensors").exists()
 
 
 def test_bad_training_file_is_refused(tiny_model_dir, tmp_path):

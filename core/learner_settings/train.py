@@ -35,3 +35,6 @@ class TrainSettings:
     dpo_beta: float = 0.1
     # > 0: R-DPO's length term, against DPO learning length from length-biased pairs.
     dpo_length_alpha: float = 0.0
+    # Drop the pairs whose chosen reply is longest relative to the rejected one until
+    # chosen-longer and chosen-shorter pairs are equally many: no length signal is left.
+    dpo_balance_length: bool = False
