@@ -334,8 +334,10 @@ def test_balanced_pairs_leave_no_length_signal(tokenizer):
             tokenizer, "d1", [*prompt, {"role": "assistant", "content": text}], 256
         )
 
-    short, mid, long = made("Nice."), made("Nice, which ships?"), made(
-        "Nice. Which ships do you weld in Porto, and for whom do you build them?"
+    short, mid, long = (
+        made("Nice."),
+        made("Nice, which ships?"),
+        made("Nice. Which ships do you weld in Porto, and for whom do you build them?"),
     )
     pairs = [
         DpoPair(long, short),  # chosen longer, largest gap
