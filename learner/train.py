@@ -47,6 +47,7 @@ __all__ = [
     "TrainingStatus",
     "TrainingStatusStore",
     "build_example",
+    "dpo_pairs",
     "load_pairs",
     "load_sft_dialogues",
     "plan_steps",
@@ -90,6 +91,7 @@ class TrainConfig:
     dpo_epochs: int = 1
     dpo_length_alpha: float = 0.0
     dpo_balance_length: bool = False
+    dpo_rejected_turn_end: bool = False
 
     @classmethod
     def from_settings(cls, learner: TrainSettings, **overrides: Any) -> TrainConfig:
@@ -114,6 +116,7 @@ class TrainConfig:
             "dpo_beta": learner.dpo_beta,
             "dpo_length_alpha": learner.dpo_length_alpha,
             "dpo_balance_length": learner.dpo_balance_length,
+            "dpo_rejected_turn_end": learner.dpo_rejected_turn_end,
         }
         values.update(overrides)
         return cls(**values)
@@ -479,6 +482,33 @@ def train_adapter(
     return result
 
 
+def dpo_pairs(
+    tokenizer: Any, pairs: list[dict[str, Any]], config: TrainConfig
+) -> tuple[list[DpoPair], int]:
+    """Tokenized pairs with labels on each reply (the rejected one without its end-of-turn
+    unless `dpo_rejected_turn_end`), length-balanced if configured; and how many were built
+    before balancing (pairs too long for max_seq_len are left out)."""
+    examples = []
+    for k, pair in enumerate(pairs):
+        made = [
+            build_example(
+                tokenizer, f"pair-{k}", [*pair["prompt"], *pair[side]], config.max_seq_len,
+                last_only=True,
+            )
+            for side in ("chosen", "rejected")
+        ]  # fmt: skip
+        if made[0] is not None and made[1] is not None:
+            # A capped rejected reply never ended; any other one ended where it stopped,
+            # but unlearning that end teaches running on (dpo_rejected_turn_end).
+            keep_end = config.dpo_rejected_turn_end and not pair.get("rejected_capped")
+            rejected = made[1] if keep_end else without_turn_end(made[1])
+            examples.append(DpoPair(made[0], rejected))
+    built = len(examples)
+    if config.dpo_balance_length:
+        examples = balance_lengths(examples)
+    return examples, built
+
+
 def _train_dpo(
     model: Any,
     tokenizer: Any,
@@ -491,21 +521,7 @@ def _train_dpo(
 ) -> dict[str, Any]:
     """DPO on the recorded pairs (chosen = best attempt, rejected = worst) after SFT, with
     the SFT policy as the reference. Plain torch (learner.dpo_loop): no trl needed."""
-    examples = []
-    for k, pair in enumerate(pairs):
-        made = [
-            build_example(
-                tokenizer, f"pair-{k}", [*pair["prompt"], *pair[side]], config.max_seq_len,
-                last_only=True,
-            )
-            for side in ("chosen", "rejected")
-        ]  # fmt: skip
-        if made[0] is not None and made[1] is not None:
-            rejected = without_turn_end(made[1]) if pair.get("rejected_capped") else made[1]
-            examples.append(DpoPair(made[0], rejected))
-    built = len(examples)
-    if config.dpo_balance_length:
-        examples = balance_lengths(examples)
+    examples, built = dpo_pairs(tokenizer, pairs, config)
     if not examples:
         return {"pairs": 0, "pairs_dropped_for_length": built, "steps": 0}
     dpo_config = dataclasses.replace(

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from learner.dpo_loop import DpoPair, balance_lengths, run_dpo
-from learner.sft_data import without_turn_end
+from learner.sft_data import load_pairs, without_turn_end
 from learner.sft_loop import _collate, _collate_packed, _loss_sum, pack_rows
 from learner.train import (
     IGNORE_INDEX,
@@ -20,6 +20,7 @@ from learner.train import (
     TrainingDataError,
     TrainingStatusStore,
     build_example,
+    dpo_pairs,
     plan_steps,
     train_adapter,
 )
@@ -372,6 +373,24 @@ def test_dpo_with_balanced_lengths_reports_the_dropped_pairs(tiny_model_dir, sft
             pairs_path=_pairs_file(tmp_path),
         )  # fmt: skip
     assert not (tmp_path / "alone" / "adapter_model.safetensors").exists()
+
+
+def test_rejected_replies_keep_no_end_of_turn_label_by_default(tokenizer, tmp_path):
+    rows = load_pairs(_pairs_file(tmp_path), system_prompt=SYSTEM)
+    rows[1]["rejected_capped"] = True
+
+    def reply_tokens(config: TrainConfig) -> list[tuple[int, int]]:
+        pairs, built = dpo_pairs(tokenizer, rows, config)
+        assert built == len(pairs) == 2
+        return [(p.chosen.label_tokens, p.rejected.label_tokens) for p in pairs]
+
+    default = reply_tokens(_fast())
+    labelled = reply_tokens(_fast(dpo_rejected_turn_end=True))
+    # The chosen side always learns its end-of-turn; the rejected side never unlearns one,
+    # except on request, and a capped rejected reply (which never ended) not even then.
+    assert [c for c, _ in default] == [c for c, _ in labelled]
+    assert labelled[0][1] == default[0][1] + 1
+    assert labelled[1][1] == default[1][1]
 
 
 def test_bad_training_file_is_refused(tiny_model_dir, tmp_path):

@@ -38,3 +38,6 @@ class TrainSettings:
     # Drop the pairs whose chosen reply is longest relative to the rejected one until
     # chosen-longer and chosen-shorter pairs are equally many: no length signal is left.
     dpo_balance_length: bool = False
+    # False: a rejected reply's end-of-turn is never a DPO label. Pushing it down teaches
+    # "don't stop here" wherever a worse reply happened to stop, and replies run to the cap.
+    dpo_rejected_turn_end: bool = False
