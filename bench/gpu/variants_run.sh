@@ -17,7 +17,7 @@ export UPC_CHATBOT__LOAD_IN_4BIT=false UPC_LIMITS__MAX_BATCH_SIZE=2048 UPC_GENER
 # The main recipe: DPO alone from the base, on pairs with no length signal left.
 export UPC_LEARNER__EPOCHS=0 UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5
 export UPC_LEARNER__DPO_BALANCE_LENGTH=true
-quiet() { grep -v -E "it/s\]|s/it\]|Warning|warn|Loading weights"; }
+quiet() { grep --line-buffered -v -E "it/s\]|s/it\]|Warning|warn|Loading weights"; }
 case "$phase" in
   iterate)
     python3 -c "
