@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -262,12 +263,31 @@ def _eval_transcripts(config_file: Path, out: Path, *extra: str) -> list[tuple[s
     ]
 
 
+def _peaked_model(tiny_model_dir: Path, out: Path) -> Path:
+    """The tiny model with its final norm scaled up, so its next-token distributions are as
+    sharp as a trained model's. A random model's are nearly uniform over 49k tokens: every
+    draw then sits next to a boundary of the sampling CDF, and the last-bit differences
+    between two batch layouts (fp32 sums in another order) can flip it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_model_dir, out)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(60.0)
+    model.save_pretrained(out)
+    return out
+
+
 def test_systems_generated_at_once_give_the_same_dialogues_as_one_after_another(
     config_file: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """The default runs base and the adapter concurrently (their decode steps share
     batches, one adapter per row); per-row seeds make it the same evaluation."""
-    _publish_random_lora(config_file, tiny_model_dir, tmp_path)
+    peaked = _peaked_model(tiny_model_dir, tmp_path / "tiny-peaked")
+    text = config_file.read_text(encoding="utf-8")
+    config_file.write_text(text.replace(json.dumps(str(tiny_model_dir)), json.dumps(str(peaked))))
+    _publish_random_lora(config_file, peaked, tmp_path)
     together = _eval_transcripts(config_file, tmp_path / "together")
     apart = _eval_transcripts(config_file, tmp_path / "apart", "--sequential")
     assert len(together) == 8 and together == apart
