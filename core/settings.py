@@ -101,7 +101,7 @@ class LlamaCppSettings:
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 96
+    max_new_tokens: int = 160
     temperature: float = 0.7
     top_p: float = 0.9
     repetition_penalty: float = 1.15

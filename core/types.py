@@ -30,7 +30,7 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    max_new_tokens: int = 96
+    max_new_tokens: int = 160
     temperature: float = 0.7
     top_p: float = 0.9
     repetition_penalty: float = 1.15

@@ -114,9 +114,7 @@ class EvalConfig:
     use_memory: bool = True
     repetition_n: int = 3
     perplexity_batch_size: int = 8
-    chatbot_params: GenerationParams = field(
-        default_factory=lambda: GenerationParams(max_new_tokens=96, temperature=0.7)
-    )
+    chatbot_params: GenerationParams = field(default_factory=GenerationParams)
     user_params: GenerationParams = field(
         default_factory=lambda: GenerationParams(max_new_tokens=64, temperature=0.8)
     )

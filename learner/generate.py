@@ -67,9 +67,7 @@ class GenerationConfig:
     # Bounded retries of a role call that raises (timeouts, 500s, connection errors).
     role_retries: int = 3
     retry_backoff_s: float = 0.5
-    chatbot_params: GenerationParams = field(
-        default_factory=lambda: GenerationParams(max_new_tokens=96, temperature=0.7)
-    )
+    chatbot_params: GenerationParams = field(default_factory=GenerationParams)
     user_params: GenerationParams = field(
         default_factory=lambda: GenerationParams(max_new_tokens=64, temperature=0.8)
     )

@@ -86,9 +86,7 @@ class LoggedConfig:
     max_apology_retries: int = 3
     guard_user_threshold: float = 0.3
     guard_min_user_turns: int = 3
-    chatbot_params: GenerationParams = field(
-        default_factory=lambda: GenerationParams(max_new_tokens=96, temperature=0.7)
-    )
+    chatbot_params: GenerationParams = field(default_factory=GenerationParams)
     adapter: str | None = None
 
     @classmethod

@@ -100,7 +100,7 @@ def test_learner_field_names_are_unique_across_components():
         for component in dataclasses.fields(LearnerSettings)
         for inner in dataclasses.fields(getattr(LearnerSettings(), component.name))
     ]
-    assert len(names) == len(set(names)) == 53
+    assert len(names) == len(set(names)) == 55
 
 
 def test_demo_mode_turns_the_curriculum_off_unless_set():
@@ -113,7 +113,7 @@ def test_generation_params_come_from_the_generation_settings():
     s = load_settings(env={"UPC_GENERATION__TOP_P": "0.8", "UPC_GENERATION__TIMEOUT_S": "5"})
     params = s.generation.params()
     assert params == GenerationParams(
-        max_new_tokens=96, temperature=0.7, top_p=0.8, repetition_penalty=1.15, timeout_s=5.0
+        max_new_tokens=160, temperature=0.7, top_p=0.8, repetition_penalty=1.15, timeout_s=5.0
     )
     assert s.generation.params(max_new_tokens=64).max_new_tokens == 64
 

@@ -1,9 +1,12 @@
 # Device machine, after isco800_setup.sh has unpacked the bundle: one curriculum iteration
 # on all 500 train users with the gate on, its adapter trained by the main recipe (DPO
-# alone from the base on length-balanced pairs), two other recipes on the same selection
-# for comparison, and base against every adapter on the 200 unseen test users
-# (docs/results.md). Each phase is one call; the warm machine keeps /tmp/lr between calls.
-# Usage: bash bench/gpu/variants_run.sh iterate|variants|eval SECONDS
+# alone from the base; a rejected reply's end-of-turn is no label), one other recipe on
+# the same selection for comparison (the same on length-balanced pairs), and base against
+# the adapters on the 200 unseen test users (docs/results.md). Each phase is one call; the
+# warm machine keeps /tmp/lr between calls. Two systems of 200 users take about one call:
+# split the evaluation with SYSTEMS=base,ID EVAL_NAME=eval-a (then base,ID2 eval-b).
+# A phase cut by its slice resumes where it stopped when run again (dialogues are stored
+# turn by turn). Usage: bash bench/gpu/variants_run.sh iterate|variants|eval SECONDS
 set -uo pipefail
 phase=$1
 budget=${2:-560}
@@ -14,9 +17,8 @@ export UPC_DATA_DIR=/tmp/lr ANONYMIZED_TELEMETRY=False TOKENIZERS_PARALLELISM=fa
 export UPC_LEARNER__BATCH_SIZE=500 UPC_LEARNER__BEST_OF_N=4 UPC_LEARNER__GATE_USERS=100
 export UPC_LEARNER__TRAIN_BATCH_SIZE=32 UPC_LEARNER__PACK_TOKENS=4096
 export UPC_CHATBOT__LOAD_IN_4BIT=false UPC_LIMITS__MAX_BATCH_SIZE=2048 UPC_GENERATION__TIMEOUT_S=900
-# The main recipe: DPO alone from the base, on pairs with no length signal left.
+# The main recipe: DPO alone from the base, all pairs (dpo_rejected_turn_end off: default).
 export UPC_LEARNER__EPOCHS=0 UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5
-export UPC_LEARNER__DPO_BALANCE_LENGTH=true
 quiet() { grep --line-buffered -v -E "it/s\]|s/it\]|Warning|warn|Loading weights"; }
 case "$phase" in
   iterate)
@@ -28,12 +30,10 @@ print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))
     timeout "$budget" python3 -m learner learn iterate --iterations 1 --users 500 --until train \
       2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30 ;;
   variants)
-    # The same selection under two other recipes (`learn train` publishes each as a
-    # candidate): all pairs, plain DPO; all pairs, R-DPO's length term. Then the iteration
-    # resumes at the gate, which judges the main recipe's adapter against base.
-    { UPC_LEARNER__DPO_BALANCE_LENGTH=false \
-        python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -12
-      UPC_LEARNER__DPO_BALANCE_LENGTH=false UPC_LEARNER__DPO_LENGTH_ALPHA="${LENGTH_ALPHA:-0.02}" \
+    # The same selection on length-balanced pairs (`learn train` publishes it as a
+    # candidate); then the iteration resumes at the gate, which judges the main recipe's
+    # adapter against base.
+    { UPC_LEARNER__DPO_BALANCE_LENGTH=true \
         python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -12
       timeout "$budget" python3 -m learner learn iterate --iterations 1 2>&1 | quiet | tail -30
     } | tee -a "$OUT/variants.log" ;;
