@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import Any
 
 from core.settings import SettingsError, load_settings
@@ -15,6 +14,8 @@ from learner.iterate_cli import register_iterate
 from storage.db import DataDirError
 
 __all__ = ["register_learning", "run"]
+
+log = logging.getLogger(__name__)
 
 
 def register_learning(sub: Any) -> None:
@@ -35,7 +36,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
-        print(f"settings error: {exc}", file=sys.stderr)
+        log.error("settings error: %s", exc)
         return 2
     logging.getLogger().setLevel(getattr(logging, settings.log_level.upper(), logging.INFO))
     # httpx logs every request at INFO, and the llama.cpp backend makes several per reply.
@@ -43,5 +44,5 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, settings) or 0)
     except DataDirError as exc:
-        print(f"data dir error: {exc}", file=sys.stderr)
+        log.error("data dir error: %s", exc)
         return 3
