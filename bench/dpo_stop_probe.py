@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm
 
-from bench._record import machine, record
+from bench._record import record
 from core.local_model import LocalModel
+from core.runtime import ensure_embedded_model
 from core.settings import load_settings
 from core.types import ChatMessage
 from learner.stats import paired_bootstrap
@@ -55,7 +56,8 @@ def _write(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _replies(model: LocalModel, contexts: list[list[dict]], adapter: str | None, params) -> list:
+def replies_to(model: LocalModel, contexts: list[list[dict]], adapter: str | None, params) -> list:
+    """One reply per context, in batches of 24, the seed of context k being k."""
     out = []
     for start in tqdm(range(0, len(contexts), 24), desc=adapter or "base", leave=False):
         part = contexts[start : start + 24]
@@ -76,11 +78,10 @@ def main() -> int:
     # Pairs per step: 8 (16 sequences of up to ~600 tokens) ran out of 24 GiB on CPU.
     ap.add_argument("--batch", type=int, default=2, help="pairs per optimizer step")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
     args = ap.parse_args()
 
     settings = load_settings()
-    model_dir = args.model or str(settings.models_dir / "smollm2-135m-instruct")
+    model_dir = args.model or str(ensure_embedded_model(settings.models_dir))
     rows = read_pairs(args.pairs)
     random.Random(args.seed).shuffle(rows)
     train, held = rows[: args.train], rows[args.train : args.train + args.contexts]
@@ -95,7 +96,7 @@ def main() -> int:
                        max_batch_size=24)  # fmt: skip
     contexts = [r["prompt"] for r in held]
     systems: dict[str, dict] = {}
-    results = {"base": _replies(model, contexts, None, params)}
+    results = {"base": replies_to(model, contexts, None, params)}
     with tempfile.TemporaryDirectory() as tmp:
         pairs_path = _write(train, Path(tmp) / "pairs.jsonl")
         sft = [{"dialogue_id": f"p{k}", "messages": [*r["prompt"], {"role": "assistant",
@@ -107,7 +108,7 @@ def main() -> int:
             trained = train_adapter(model_dir, sft_path, Path(tmp) / name, config,
                                     pairs_path=pairs_path)  # fmt: skip
             model.load_adapter(name, Path(tmp) / name)
-            results[name] = _replies(model, contexts, name, params)
+            results[name] = replies_to(model, contexts, name, params)
             systems[name] = {"train_seconds": round(time.perf_counter() - started, 1),
                              "dpo": trained.dpo}  # fmt: skip
     model.close()
@@ -125,10 +126,7 @@ def main() -> int:
                                       dict(zip(users, values["base"], strict=True)))  # fmt: skip
                 entry[f"{key}_delta"] = [round(x, 4) for x in (ci.mean_diff, ci.lo, ci.hi)]  # type: ignore[arg-type]
         report["systems"][name] = entry
-    if args.record:
-        record("dpo_stop_probe", report)
-    else:
-        print(json.dumps({**report, "machine": machine()}, indent=2))
+    record("dpo_stop_probe", report)
     return 0
 
 

@@ -6,13 +6,12 @@ parameters and one seed per context, and reports the share of replies that reach
 160 and 192 tokens: the cap rate each `generation.max_new_tokens` would give.
 
     python bench/reply_cap.py [--pairs docs/results/isco800-2026-12-01-b/iter-001-pairs.jsonl.gz]
-        [--contexts 96] [--max 192] [--record]
+        [--contexts 96] [--max 192]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -20,13 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm
 
-from bench._record import machine, record
-from bench.dpo_stop_probe import read_pairs
+from bench._record import record
+from bench.dpo_stop_probe import read_pairs, replies_to
 from core.local_model import LocalModel
+from core.runtime import ensure_embedded_model
 from core.settings import load_settings
-from core.types import ChatMessage
 
 PAIRS = (
     Path(__file__).resolve().parents[1]
@@ -44,26 +42,18 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, default=96)
     ap.add_argument("--skip", type=int, default=160, help="contexts skipped after shuffling")
     ap.add_argument("--max", type=int, default=192, help="the generous cap")
-    ap.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
     args = ap.parse_args()
 
     settings = load_settings()
     rows = read_pairs(args.pairs)
     random.Random(0).shuffle(rows)
-    held = rows[args.skip : args.skip + args.contexts]
+    contexts = [r["prompt"] for r in rows[args.skip : args.skip + args.contexts]]
     params = settings.generation.params(max_new_tokens=args.max)
-    model_dir = args.model or str(settings.models_dir / "smollm2-135m-instruct")
+    model_dir = args.model or str(ensure_embedded_model(settings.models_dir))
     model = LocalModel(model_dir, device="cpu", dtype="float32", load_in_4bit=False,
                        max_batch_size=24)  # fmt: skip
-    tokens: list[int] = []
     try:
-        for start in tqdm(range(0, len(held), 24), desc="contexts"):
-            part = held[start : start + 24]
-            convs = [[ChatMessage(m["role"], m["content"]) for m in r["prompt"]] for r in part]
-            seeds = list(range(start, start + len(part)))
-            tokens += [
-                c.completion_tokens for c in model.generate_batch(convs, params, seeds=seeds)
-            ]
+        tokens = [c.completion_tokens for c in replies_to(model, contexts, None, params)]
     finally:
         model.close()
     caps = sorted({96, 128, 160, args.max, settings.generation.max_new_tokens})
@@ -80,10 +70,7 @@ def main() -> int:
             if c <= args.max
         },
     }
-    if args.record:
-        record("reply_cap", report)
-    else:
-        print(json.dumps({**report, "machine": machine()}, indent=2))
+    record("reply_cap", report)
     return 0
 
 
