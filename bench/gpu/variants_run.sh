@@ -1,12 +1,15 @@
 # Device machine, after isco800_setup.sh has unpacked the bundle: one curriculum iteration
 # on all 500 train users with the gate on, its adapter trained by the main recipe (DPO
-# alone from the base; a rejected reply's end-of-turn is no label), one other recipe on
-# the same selection for comparison (the same on length-balanced pairs), and base against
-# the adapters on the 200 unseen test users (docs/results.md). Each phase is one call; the
-# warm machine keeps /tmp/lr between calls. Two systems of 200 users take about one call:
-# split the evaluation with SYSTEMS=base,ID EVAL_NAME=eval-a (then base,ID2 eval-b).
+# alone from the base; a rejected reply's end-of-turn is no label), and base against the
+# adapters on the 200 unseen test users (docs/results.md). Each phase is one call; the
+# warm machine keeps /tmp/lr between calls. Phases:
+#   iterate   learn iterate --until train (generate, select, train)
+#   resume    learn iterate: the rest of the iteration (the gate, promotion)
+#   variants  one other recipe on the same selection (length-balanced pairs), then resume
+#   eval      base and the adapters on the 200 test users; SYSTEMS=base,ID EVAL_NAME=eval-a
+#             splits it (two systems of 200 users take about one call)
 # A phase cut by its slice resumes where it stopped when run again (dialogues are stored
-# turn by turn). Usage: bash bench/gpu/variants_run.sh iterate|variants|eval SECONDS
+# turn by turn). Usage: bash bench/gpu/variants_run.sh PHASE SECONDS
 set -uo pipefail
 phase=$1
 budget=${2:-560}
@@ -29,6 +32,9 @@ from core.settings import load_settings
 print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))" 2>&1 | tail -1
     timeout "$budget" python3 -m learner learn iterate --iterations 1 --users 500 --until train \
       2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30 ;;
+  resume)
+    timeout "$budget" python3 -m learner learn iterate --iterations 1 2>&1 | quiet \
+      | tee -a "$OUT/resume.log" | tail -40 ;;
   variants)
     # The same selection on length-balanced pairs (`learn train` publishes it as a
     # candidate); then the iteration resumes at the gate, which judges the main recipe's
@@ -48,7 +54,10 @@ print(','.join(['base', *[m.id for m in AdapterRegistry(s.adapters_dir, Database
     timeout "$budget" python3 -m learner eval --split test --users 200 --seeds "${SEEDS:-1}" --turns 5 \
       --systems "$systems" --out "/tmp/lr/runs/${EVAL_NAME:-eval-test}" --seed 7 --no-progress --no-memory \
       2>&1 | quiet | tail -40
-    cd /tmp/lr && tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.db*' runs adapters
+    # Reports, transcripts, the iteration's state and pairs, the adapters' manifests; in
+    # parts under the 16 MiB a returned file may have.
+    (cd /tmp/lr && tar czf - --exclude='*.safetensors' --exclude='*.db*' runs adapters) \
+      | split -b 15m - "$OUT/runs.tgz."
     # The active (promoted) adapter whole, in parts under the 16 MiB a returned file may have.
     active=$(cd "$OLDPWD" && python3 -c "
 from core.settings import load_settings
