@@ -30,7 +30,7 @@ from pathlib import Path
 from core.runtime import ensure_embedded_model
 from core.settings import load_settings
 print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))" 2>&1 | tail -1
-    timeout "$budget" python3 -m learner learn iterate --iterations 1 --users 500 --until train \
+    timeout "$budget" python3 -m learner learn iterate --iterations 1 --users "${USERS:-500}" --until train \
       2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30 ;;
   resume)
     timeout "$budget" python3 -m learner learn iterate --iterations 1 2>&1 | quiet \
