@@ -74,7 +74,8 @@ class ModelRoleSettings:
     # Name of the env var holding the API key; the key itself never enters settings.
     api_key_env: str = "OPENAI_API_KEY"
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # float64 is a reference precision: the same tokens whatever the batch layout.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
     load_in_4bit: bool = True  # only honoured on CUDA
     max_retries: int = 4
     concurrency: int = 8

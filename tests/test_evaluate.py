@@ -283,10 +283,14 @@ def test_systems_generated_at_once_give_the_same_dialogues_as_one_after_another(
     config_file: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """The default runs base and the adapter concurrently (their decode steps share
-    batches, one adapter per row); per-row seeds make it the same evaluation."""
+    batches, one adapter per row); per-row seeds make it the same evaluation, up to the
+    float rounding of another batch layout (the test runs in fp64 to rule that out)."""
     peaked = _peaked_model(tiny_model_dir, tmp_path / "tiny-peaked")
     text = config_file.read_text(encoding="utf-8")
-    config_file.write_text(text.replace(json.dumps(str(tiny_model_dir)), json.dumps(str(peaked))))
+    text = text.replace(json.dumps(str(tiny_model_dir)), json.dumps(str(peaked)))
+    # In fp32 two batch layouts sum in another order, and a draw next to a sampling
+    # boundary can flip (seen once in a few hundred runs); fp64 leaves only the claim.
+    config_file.write_text(text.replace('device = "cpu"', 'device = "cpu"\ndtype = "float64"'))
     _publish_random_lora(config_file, peaked, tmp_path)
     together = _eval_transcripts(config_file, tmp_path / "together")
     apart = _eval_transcripts(config_file, tmp_path / "apart", "--sequential")
