@@ -6,10 +6,14 @@
 #   iterate   learn iterate --until train (generate, select, train)
 #   resume    learn iterate: the rest of the iteration (the gate, promotion)
 #   variants  one other recipe on the same selection (length-balanced pairs), then resume
+#   restore   a fresh machine (after setup) takes back the state a lost one returned
 #   eval      base and the adapters on the 200 test users; SYSTEMS=base,ID EVAL_NAME=eval-a
 #             splits it (two systems of 200 users take about one call)
 # A phase cut by its slice resumes where it stopped when run again (dialogues are stored
-# turn by turn). Usage: bash bench/gpu/variants_run.sh PHASE SECONDS
+# turn by turn). A machine that waits too long for its next call goes back with /tmp, so
+# each learning phase returns the data dir (without the materialised model) as
+# $OUT/state.tgz.*; copy those here into .gpu/state/ and run `restore` with
+# carry [".gpu/state"] on the fresh machine. Usage: bash bench/gpu/variants_run.sh PHASE SECONDS
 set -uo pipefail
 phase=$1
 budget=${2:-560}
@@ -23,18 +27,28 @@ export UPC_CHATBOT__LOAD_IN_4BIT=false UPC_LIMITS__MAX_BATCH_SIZE=2048 UPC_GENER
 # The main recipe: DPO alone from the base, all pairs (dpo_rejected_turn_end off: default).
 export UPC_LEARNER__EPOCHS=0 UPC_LEARNER__DPO=true UPC_LEARNER__DPO_LEARNING_RATE=5e-5
 quiet() { grep --line-buffered -v -E "it/s\]|s/it\]|Warning|warn|Loading weights"; }
-case "$phase" in
-  iterate)
-    python3 -c "
+snapshot() {
+  (cd /tmp && tar czf - --exclude=lr/models lr) | split -b 15m - "$OUT/state.tgz."
+  du -ch "$OUT"/state.tgz.* | tail -1
+}
+if [ "$phase" = restore ]; then
+  rm -rf /tmp/lr && cat .gpu/state/state.tgz.* | tar -C /tmp -xzf - && du -sh /tmp/lr
+fi
+python3 -c "
 from pathlib import Path
 from core.runtime import ensure_embedded_model
 from core.settings import load_settings
 print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))" 2>&1 | tail -1
+case "$phase" in
+  restore) ;;
+  iterate)
     timeout "$budget" python3 -m learner learn iterate --iterations 1 --users "${USERS:-500}" --until train \
-      2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30 ;;
+      2>&1 | quiet | tee -a "$OUT/iterate.log" | tail -30
+    snapshot ;;
   resume)
     timeout "$budget" python3 -m learner learn iterate --iterations 1 2>&1 | quiet \
-      | tee -a "$OUT/resume.log" | tail -40 ;;
+      | tee -a "$OUT/resume.log" | tail -40
+    snapshot ;;
   variants)
     # The same selection on length-balanced pairs (`learn train` publishes it as a
     # candidate); then the iteration resumes at the gate, which judges the main recipe's
@@ -42,7 +56,8 @@ print(ensure_embedded_model(load_settings().models_dir, Path('/tmp/smol.gguf')))
     { UPC_LEARNER__DPO_BALANCE_LENGTH=true \
         python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -12
       timeout "$budget" python3 -m learner learn iterate --iterations 1 2>&1 | quiet | tail -30
-    } | tee -a "$OUT/variants.log" ;;
+    } | tee -a "$OUT/variants.log"
+    snapshot ;;
   eval)
     systems=${SYSTEMS:-$(python3 -c "
 from core.settings import load_settings
