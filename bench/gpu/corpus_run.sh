@@ -1,7 +1,7 @@
-# Run on the device machine after .gpu/b's wheels were installed into /tmp/site and the
-# first GGUF half was copied to /tmp (docs/benchmarks.md, corpus_throughput on GPU).
+# Device machine, after isco800_setup.sh has unpacked bench/gpu/bundle.sh's parts (the GGUF
+# at /tmp/smol.gguf; the wheels and MiniLM in /tmp/site): corpus_throughput on GPU
+# (docs/benchmarks.md).
 set -o pipefail
-cat /tmp/gguf.part.aa .gpu/d/gguf.part.ab > /tmp/smol.gguf || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UPC_DATA_DIR=/tmp/gpu-data
 python3 - <<'PY' || exit 1
 from pathlib import Path

