@@ -57,6 +57,7 @@ def test_a_v1_reply_does_not_hold_up_the_server(one_slot_app):
     # waited for the whole reply.
     answers: list[httpx.Response] = []
     caller = threading.Thread(target=_ask, args=(one_slot_app, False, answers))
+    asked = time.monotonic()
     caller.start()
     time.sleep(0.3)
     started = time.monotonic()
@@ -64,9 +65,14 @@ def test_a_v1_reply_does_not_hold_up_the_server(one_slot_app):
     waited = time.monotonic() - started
     still_running = caller.is_alive()
     caller.join(timeout=300)
+    reply_s = time.monotonic() - asked
     assert health.status_code == 200 and answers[0].status_code == 200
     assert still_running, "the reply ended before the health check: nothing was measured"
-    assert waited < 0.5, f"/healthz took {waited:.2f} s during a /v1 reply"
+    # Held up, /healthz would wait for the rest of the reply; the bound is relative to
+    # the reply so a loaded box (both slower) measures the same thing.
+    assert waited < max(0.5, reply_s / 4), (
+        f"/healthz took {waited:.2f} s of a {reply_s:.1f} s reply"
+    )
 
 
 def test_v1_answers_a_full_queue_with_429_and_retry_after(one_slot_app):

@@ -85,11 +85,15 @@ def test_probe6_per_account_backoff_then_per_address_and_health_stays_fast(throt
     with ThreadPoolExecutor(13) as pool:
         health = pool.submit(_health_latencies, app, stop)
         time.sleep(0.3)
+        began = time.perf_counter()
         burst = list(pool.map(lambda i: login(app, f"ghost-{i}", "short1").status_code, range(12)))
+        burst_s = time.perf_counter() - began
         stop.set()
         latencies = health.result()
     assert burst == [400] * 12
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+    # Hashing on the event loop made one /healthz wait for nearly the whole burst (2.7 s of
+    # ~3 s); the bound is relative to the burst so a loaded box measures the same thing.
+    assert len(latencies) >= 3 and max(latencies) < max(1.0, burst_s / 2), (latencies, burst_s)
 
     # The address has now failed 17 times; a few more and every name from it must wait.
     codes = [login(app, f"ghost-x{i}", "short1").status_code for i in range(6)]
