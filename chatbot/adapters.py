@@ -85,6 +85,10 @@ class AdapterManager:
             old = self._active
             if adapter_id != BASE_ADAPTER:
                 self._ensure_loaded(adapter_id)
+            # A serving engine also serves it to clients that name no adapter.
+            serve_by_default = getattr(self.model, "serve_by_default", None)
+            if serve_by_default is not None:
+                serve_by_default(adapter_id)
             self._active = adapter_id
             if old != BASE_ADAPTER and not self._needed_by_ab(old):
                 self.model.unload_adapter(old)  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from chatbot.chat import ChatService
 from chatbot.downloads import Downloads
 from chatbot.memory import MemoryService
 from core.embeddings import Embedder
+from core.engine_model import EngineModel
 from core.llamacpp_model import LlamaCppModel
 from core.runtime import ModelPool
 from core.settings import Settings
@@ -145,6 +146,8 @@ def _adapter_files(model: ChatModel, registry: AdapterRegistry) -> Callable[[str
     into the registry once if the adapter has none yet), torch the adapter directory."""
     if isinstance(model, LlamaCppModel):
         return lambda adapter_id: registry.gguf_path(adapter_id, base_config=model.gguf_path)
+    if isinstance(model, EngineModel) and model.engine == "llamacpp":
+        return registry.gguf_path  # an engine's own base is not here to check against
     return registry.verified_path
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from core.engine_model import EngineModel
 from core.llamacpp_model import LlamaCppModel
 from core.local_model import LocalModel
 from core.openai_model import OpenAIModel
@@ -219,10 +220,21 @@ def build_model(
     if role.backend == "openai":
         if not role.base_url:
             raise ValueError("the openai backend needs base_url")
+        api_key = os.environ.get(role.api_key_env) or None
+        if role.engine:
+            return EngineModel(
+                role.base_url,
+                role.model,
+                engine=role.engine,
+                adapter_dir=role.engine_adapter_dir,
+                api_key=api_key,
+                max_retries=role.max_retries,
+                concurrency=role.concurrency,
+            )
         return OpenAIModel(
             role.base_url,
             role.model,
-            api_key=os.environ.get(role.api_key_env) or None,
+            api_key=api_key,
             max_retries=role.max_retries,
             concurrency=role.concurrency,
         )

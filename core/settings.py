@@ -79,6 +79,12 @@ class ModelRoleSettings:
     load_in_4bit: bool = True  # only honoured on CUDA
     max_retries: int = 4
     concurrency: int = 8
+    # The openai backend's engine when it takes LoRA adapters at run time, so promotion
+    # pushes them there (core.engine_model): "llamacpp" or "vllm"; empty: none.
+    engine: Literal["", "llamacpp", "vllm"] = ""
+    # The adapter store as the engine sees it (another host or container); empty: the
+    # same paths as this process.
+    engine_adapter_dir: str = ""
 
 
 @dataclass
@@ -441,6 +447,8 @@ def _validate(settings: Settings) -> None:
         role_settings: ModelRoleSettings = getattr(settings, role)
         if role_settings.backend == "openai" and not role_settings.base_url:
             raise SettingsError(f"{role}.base_url is required for the openai backend")
+        if role_settings.engine and role_settings.backend != "openai":
+            raise SettingsError(f"{role}.engine needs {role}.backend = openai")
 
 
 def _without_password(url: str) -> str:
