@@ -112,17 +112,10 @@ class EngineModel(OpenAIModel):
         )
 
     def unload_adapter(self, adapter_id: str) -> None:
+        """Stop routing to `adapter_id`. The engine keeps it: other replicas may still
+        route to it for a poll interval, and a rollback needs it back at once."""
         with self._lock:
-            handle = self._loaded.pop(adapter_id, None)
-        if handle is None or self.engine != "vllm":
-            return  # llama.cpp keeps its files loaded; requests just stop picking it
-        try:
-            response = self._http.post("/v1/unload_lora_adapter", json={"lora_name": adapter_id})
-        except httpx.HTTPError as exc:
-            log.warning("could not unload %s from %s: %s", adapter_id, self.root, exc)
-            return
-        if response.status_code >= 400:
-            log.warning("%s refused to unload %s: %s", self.root, adapter_id, _detail(response))
+            self._loaded.pop(adapter_id, None)
 
     def serve_by_default(self, adapter_id: str) -> None:
         """Make `adapter_id` what the engine serves to requests that pick no adapter
