@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from core.chroma_client import open_chroma
 from learner.erasure_copies import compact_chroma, purge_downloads, purge_exports
 from learner.logged import LOGGED_PREFIX, load_salt, user_hash
 from learner.registry import AdapterRegistry
@@ -69,6 +70,10 @@ class ErasureReport:
     exports_deleted: list[str] = field(default_factory=list)
     download_copies_deleted: int = 0
     chroma_rebuilt: bool = False
+    # Vectors deleted from a Chroma server, and why a server could not be reached: its
+    # copies of the user's vectors then remain until `upc memory rebuild`.
+    chroma_server_vectors: int = 0
+    chroma_server_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,19 +96,31 @@ def _purge_memory(
         count = s.execute(delete(MemoryFactRow).where(MemoryFactRow.user_id == user_id)).rowcount
         s.execute(delete(MemoryFactHistoryRow).where(MemoryFactHistoryRow.user_id == user_id))
     if chroma_dir is not None and chroma_dir.is_dir():
-        import chromadb
-        from chromadb.config import Settings as ChromaSettings
-
-        client = chromadb.PersistentClient(
-            path=str(chroma_dir), settings=ChromaSettings(anonymized_telemetry=False)
-        )
-        try:
-            collection = client.get_collection(DEFAULT_COLLECTION)
-        except Exception:  # no collection yet: nothing indexed
-            log.debug("no memory collection in %s", chroma_dir)
-        else:
-            collection.delete(where={"user_id": user_id})
+        _delete_vectors(open_chroma(path=chroma_dir), DEFAULT_COLLECTION, user_id)
     return int(count)
+
+
+def _delete_vectors(client: Any, collection_name: str, user_id: str) -> int:
+    """Delete the user's vectors from one collection; how many there were."""
+    try:
+        collection = client.get_collection(collection_name)
+    except Exception:  # no collection yet: nothing indexed
+        log.debug("no memory collection %s", collection_name)
+        return 0
+    where = {"user_id": user_id}
+    count = len(collection.get(where=where, include=[])["ids"])
+    collection.delete(where=where)
+    return count
+
+
+def _purge_server(report: ErasureReport, url: str, collection: str, user_id: str) -> None:
+    try:
+        report.chroma_server_vectors = _delete_vectors(open_chroma(url=url), collection, user_id)
+    except Exception as exc:  # the server's fault: the database erasure stands
+        report.chroma_server_error = f"the Chroma server at {url} failed: {exc}"
+        log.error(
+            "erasure: %s; run `upc memory rebuild` once it is back", report.chroma_server_error
+        )
 
 
 def _rewrite_jsonl(path: Path, drop: set[str]) -> int:
@@ -198,10 +215,17 @@ def erase_user(
     registry: AdapterRegistry | None = None,
     memory: MemoryPurger | None = None,
     chroma_dir: Path | None = None,
+    chroma_url: str | None = None,
+    memory_collection: str = DEFAULT_COLLECTION,
     exports_dir: Path | None = None,
     downloads_dir: Path | None = None,
 ) -> ErasureReport:
-    """Delete the user and everything derived from them; returns what was removed."""
+    """Delete the user and everything derived from them; returns what was removed.
+
+    With `chroma_url`, the user's vectors are also deleted from that Chroma server (the
+    app's memory service does this itself when it is passed as `memory`); a server that
+    fails is reported in `chroma_server_error` and the rest of the erasure still runs.
+    """
     uhash = user_hash(user_id, load_salt(data_dir))
     report = ErasureReport(user_hash=uhash)
     with db.session() as s:
@@ -209,6 +233,8 @@ def erase_user(
         conv_ids = list(s.scalars(select(Conversation.id).where(Conversation.user_id == user_id)))
     drop = {f"{LOGGED_PREFIX}{i}" for i in turn_ids}
     report.memory_facts = _purge_memory(db, user_id, memory, chroma_dir)
+    if chroma_url and memory is None:
+        _purge_server(report, chroma_url, memory_collection, user_id)
     with db.session() as s:
         msg_ids = select(Message.id).where(Message.conversation_id.in_(conv_ids))
         report.feedback = s.execute(

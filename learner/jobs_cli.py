@@ -146,8 +146,16 @@ def _erase(args: argparse.Namespace, settings: Settings) -> int:
         runs_dir=settings.runs_dir,
         registry=AdapterRegistry(settings.adapters_dir, db),
         chroma_dir=settings.chroma_dir,
+        chroma_url=settings.memory.chroma_url,
         exports_dir=settings.exports_dir,
         downloads_dir=settings.console_downloads_dir,
     )
     print(json.dumps(report.to_dict(), indent=2))
+    if report.chroma_server_error:
+        print(
+            f"error: {report.chroma_server_error}; the user's vectors stay there until "
+            "`upc memory rebuild` runs against it (everything else is erased)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

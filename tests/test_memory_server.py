@@ -16,9 +16,10 @@ import pytest
 
 from chatbot.memory import MemoryService
 from core.embeddings import Embedder
+from learner.erasure import erase_user, find_user_id
 from storage import Database
 from storage.models import User
-from tests.servers import ChromaServer
+from tests.servers import ChromaServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,42 @@ def test_add_query_delete_rebuild_on_the_server(db, embedder, chroma_server) -> 
     assert len(_server_ids(service)) == 3
     assert service.forget_all(bo) == 2
     assert _server_ids(service, user_id=bo) == set()
+    service.close()
+
+
+def test_erasure_from_the_cli_path_reaches_the_server(db, embedder, chroma_server, data_dir):
+    """`upc jobs erase` runs without the app's memory service: it deletes the user's
+    vectors on the server itself, and a dead server is reported, not skipped silently."""
+    service = _service(db, embedder, chroma_server)
+    ann, bo = _user(db, "ann"), _user(db, "bo")
+    service.remember(ann, "I'm a pediatric nurse and I restore old motorbikes")
+    service.remember(bo, "I work as a baker and I live in Oslo")
+    assert len(_server_ids(service, user_id=ann)) == 2
+    report = erase_user(
+        db,
+        ann,
+        data_dir=data_dir,
+        runs_dir=data_dir / "runs",
+        chroma_url=chroma_server.url,
+        memory_collection=service.index.collection_name,
+    )
+    assert report.memory_facts == 2 and report.chroma_server_vectors == 2
+    assert report.chroma_server_error is None
+    assert _server_ids(service, user_id=ann) == set()
+    assert len(_server_ids(service, user_id=bo)) == 2
+    assert sorted(f.text for f in service.list_facts(bo)) == ["lives in Oslo", "works as a baker"]
+
+    dead = erase_user(
+        db,
+        bo,
+        data_dir=data_dir,
+        runs_dir=data_dir / "runs",
+        chroma_url=f"http://127.0.0.1:{free_port()}",
+        memory_collection=service.index.collection_name,
+    )
+    assert dead.memory_facts == 2 and dead.chroma_server_vectors == 0
+    assert "the Chroma server at http://127.0.0.1:" in (dead.chroma_server_error or "")
+    assert find_user_id(db, "bo") is None  # the database erasure stands
     service.close()
 
 

@@ -19,12 +19,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 
 from chatbot.memory.facts import FactVector
+from core.chroma_client import open_chroma
 
 __all__ = ["VectorIndex"]
 
@@ -63,32 +62,7 @@ class VectorIndex:
     # ------------------------------------------------------------------ connection
 
     def _connect(self) -> Any:
-        import chromadb
-        from chromadb.config import Settings as ChromaSettings
-
-        chroma_settings = ChromaSettings(anonymized_telemetry=False)
-        if self.chroma_url:
-            parts = urlsplit(self.chroma_url if "//" in self.chroma_url else f"//{self.chroma_url}")
-            ssl = parts.scheme == "https"
-            if not parts.hostname:
-                raise ValueError(f"cannot parse the Chroma URL {self.chroma_url!r}")
-            port = parts.port or (443 if ssl else 8000)
-            # The client's constructor calls the server with no timeout: ask first, bounded.
-            scheme = "https" if ssl else "http"
-            httpx.get(
-                f"{scheme}://{parts.hostname}:{port}/api/v2/heartbeat", timeout=self.timeout_s
-            ).raise_for_status()
-            client = chromadb.HttpClient(
-                host=parts.hostname,
-                port=port,
-                ssl=ssl,
-                settings=chroma_settings,
-            )
-            _set_timeout(client, self.timeout_s)
-            return client
-        assert self.chroma_path is not None
-        self.chroma_path.mkdir(parents=True, exist_ok=True)
-        return chromadb.PersistentClient(path=str(self.chroma_path), settings=chroma_settings)
+        return open_chroma(path=self.chroma_path, url=self.chroma_url, timeout_s=self.timeout_s)
 
     def _open_collection(self, client: Any) -> Any:
         # embedding_function=None: we always pass MiniLM vectors; Chroma's default downloads.
@@ -305,19 +279,6 @@ def _add(method: Callable[..., Any], rows: Sequence[FactVector]) -> None:
         embeddings=np.stack([r.vector for r in rows]).astype(np.float32),
         metadatas=[{"user_id": r.user_id, "category": r.category, "key": r.key} for r in rows],
     )
-
-
-def _set_timeout(client: Any, timeout_s: float) -> None:
-    """Chroma's HTTP client waits forever by default; bound its requests.
-
-    The client keeps its httpx session on its server API object; without one (another
-    client version) requests keep Chroma's own default.
-    """
-    session = getattr(getattr(client, "_server", None), "_session", None)
-    if isinstance(session, httpx.Client):
-        session.timeout = httpx.Timeout(timeout_s)
-    else:
-        log.warning("cannot bound the Chroma client's request timeout (unknown client)")
 
 
 def _looks_like_chroma_dir(path: Path) -> bool:
