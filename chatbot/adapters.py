@@ -41,6 +41,8 @@ class AdapterManager:
         ab_source: Callable[[], ABSplit | None] | None = None,
         poll_s: float = 2.0,
         on_failure: Callable[[str, str, Exception], None] | None = None,
+        prepare_source: Callable[[], list[str]] | None = None,
+        prepare_every_s: float = 10.0,
     ):
         self.model = model
         # `source` names the wanted adapter cheaply; `resolve` verifies it and gives its
@@ -52,6 +54,12 @@ class AdapterManager:
         # Told (wanted, still served, error) when the wanted adapter can't be loaded, so the
         # registry can point back at what is really served.
         self.on_failure = on_failure
+        # Adapters likely to be activated next (new candidates): a model that can hold
+        # adapters ahead of use (`prepare_adapters`) gets them, so activation is instant.
+        self.prepare_source = prepare_source
+        self.prepare_every_s = prepare_every_s
+        self._prepared: tuple[str, ...] = ()
+        self._prepare_at = 0.0
         self._active = BASE_ADAPTER
         self._ab: ABSplit | None = None
         self._lock = threading.Lock()
@@ -120,11 +128,32 @@ class AdapterManager:
                 split = self.ab_source()
                 if split != self._ab:
                     self.set_ab(split)
+            self._prepare()
             self.last_error = None
         except Exception as exc:
             if str(exc) != self.last_error:
                 log.error("adapter sync failed, still serving %s: %s", self._active, exc)
             self.last_error = str(exc)
+
+    def _prepare(self) -> None:
+        prepare = getattr(self.model, "prepare_adapters", None)
+        if prepare is None or self.prepare_source is None or self.resolve is None:
+            return
+        if time.monotonic() < self._prepare_at:
+            return
+        self._prepare_at = time.monotonic() + self.prepare_every_s
+        wanted = tuple(self.prepare_source())
+        if wanted == self._prepared:
+            return
+        # Recorded first: a set that fails is not retried (and restarted) every poll.
+        self._prepared = wanted
+        files = {}
+        for adapter_id in wanted:
+            try:
+                files[adapter_id] = self.resolve(adapter_id)
+            except Exception as exc:
+                log.warning("not preparing adapter %s: %s", adapter_id, exc)
+        prepare(files)
 
     def _activate_or_report(self, wanted: str) -> None:
         try:
@@ -140,6 +169,7 @@ class AdapterManager:
     def start(self) -> None:
         if self._thread is not None or self.source is None:
             return
+        self._prepare_at = time.monotonic() + self.poll_s  # the watcher prepares, not start-up
         self.sync()
         self._thread = threading.Thread(target=self._watch, name="upc-adapter-watch", daemon=True)
         self._thread.start()

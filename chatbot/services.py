@@ -164,6 +164,7 @@ def build_services(settings: Settings, *, chatbot_model: ChatModel | None = None
         resolve=_adapter_files(model, registry),
         ab_source=lambda: load_ab_split(settings.adapters_dir),
         on_failure=lambda wanted, serving, exc: registry.revert_failed(wanted, serving, str(exc)),
+        prepare_source=registry.newest_candidates,
     )
     embedder = Embedder()
     memory = _build_memory(settings, db, model, embedder)

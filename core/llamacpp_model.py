@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,8 @@ class LlamaCppModel:
         self._admitted = 0
         self._count_lock = threading.Lock()
         self._adapters: dict[str, Path] = {}
+        # Held ahead of use (`prepare_adapters`): kept in every server start.
+        self._prepared: dict[str, Path] = {}
         self._adapter_lock = threading.Lock()  # one change of the adapter set at a time
         self._closed = False
         self._pool = ServerPool(
@@ -200,18 +202,49 @@ class LlamaCppModel:
         with self._adapter_lock:
             if adapter_id in self._adapters:
                 return
-            try:
-                lora = self._lora_file(adapter_id, Path(path))
-                check_lora(lora, self.info)
-            except (GgufError, GgufLoraError) as exc:
-                raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
-            wanted = {**self._adapters, adapter_id: lora}
+            held = self._pool.held().get(adapter_id)
+            if held is not None:  # prepared, or unloaded since the last start: no restart
+                self._adapters = {**self._adapters, adapter_id: held}
+                log.info("adapter %s served by llama.cpp (already held)", adapter_id)
+                return
+            lora = self._checked_lora(adapter_id, Path(path))
+            wanted = {**self._prepared, **self._adapters, adapter_id: lora}
             try:
                 self._pool.start(wanted)
             except ModelError as exc:
                 raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
-            self._adapters = wanted
+            self._adapters = {**self._adapters, adapter_id: lora}
         log.info("adapter %s served by llama.cpp (start %.2fs)", adapter_id, self.last_swap_s)
+
+    def prepare_adapters(self, adapters: Mapping[str, str | Path]) -> list[str]:
+        """Hold these adapters' LoRAs in the serving server before anyone asks for them,
+        so `load_adapter` of one later needs no server start (activation in well under a
+        second instead of a model load). Starts a new server, as a swap does, only when
+        the held set changes. An adapter that doesn't fit the model is skipped with a
+        warning (loading it later fails as usual); returns the ids now held."""
+        with self._adapter_lock:
+            files: dict[str, Path] = {}
+            for adapter_id, path in adapters.items():
+                if adapter_id in self._adapters:
+                    continue
+                try:
+                    files[adapter_id] = self._checked_lora(adapter_id, Path(path))
+                except AdapterLoadError as exc:
+                    log.warning("not preparing %s: %s", adapter_id, exc)
+            wanted = {**files, **self._adapters}
+            if set(wanted) - set(self._pool.held()):
+                self._pool.start(wanted)
+                log.info("llama.cpp now holds %s (start %.2fs)", sorted(wanted), self.last_swap_s)
+            self._prepared = files
+            return sorted(self._pool.held())
+
+    def _checked_lora(self, adapter_id: str, path: Path) -> Path:
+        try:
+            lora = self._lora_file(adapter_id, path)
+            check_lora(lora, self.info)
+        except (GgufError, GgufLoraError) as exc:
+            raise AdapterLoadError(f"adapter {adapter_id} could not be loaded: {exc}") from exc
+        return lora
 
     def _lora_file(self, adapter_id: str, path: Path) -> Path:
         """A GGUF file as given; an adapter directory's listed GGUF LoRA, else one converted

@@ -109,6 +109,11 @@ class ServerPool:
             current.in_flight += 1
             return current
 
+    def held(self) -> dict[str, Path]:
+        """The LoRA files the serving server holds (adapter id -> file)."""
+        with self._lock:
+            return dict(self._wanted)
+
     def current_pid(self) -> int:
         with self._lock:
             if self._current is None:

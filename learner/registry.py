@@ -164,6 +164,12 @@ class AdapterRegistry:
                 log.warning("skipping adapter dir %s: %s", entry.name, exc)
         return sorted(out, key=lambda m: (m.created_at, m.id))
 
+    def newest_candidates(self, limit: int = 2) -> list[str]:
+        """The `limit` newest adapters waiting as candidates: what a gate or an operator
+        is likeliest to activate next (a server may hold them ahead of use)."""
+        candidates = [m.id for m in self.list() if m.status == "candidate"]
+        return candidates[-limit:] if limit > 0 else []
+
     def verify(self, adapter_id: str) -> AdapterManifest:
         """Full check of a published adapter; raises AdapterVerificationError with the cause."""
         path = self.path(adapter_id)

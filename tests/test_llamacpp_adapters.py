@@ -52,7 +52,7 @@ def env(tmp_path_factory, embedded_model_dir, tiny_model_dir):
     root = tmp_path_factory.mktemp("llamacpp-adapters")
     db = Database(f"sqlite:///{root}/upc.db", data_dir=root)
     registry = AdapterRegistry(root / "adapters", db)
-    for seed, name in enumerate(("one", "two")):
+    for seed, name in enumerate(("one", "two", "three", "four")):
         src = _random_lora(embedded_model_dir, root / f"src-{name}", seed=seed, scale=0.5)
         registry.import_dir(src, adapter_id=name, base_config=embedded_model_dir)
     # A LoRA for another model (the tiny 2-layer one): its GGUF converts, but can't fit.
@@ -171,21 +171,35 @@ def test_hot_swap_under_eight_streams_fails_no_request(env):
         t.start()
     swaps = []
     try:
-        for name in ("one", "two"):
-            time.sleep(1.5)
-            old_pid = model.server_pid
-            registry.activate(name)
-            assert _wait(lambda name=name: manager.active == name), manager.last_error
-            swaps.append(manager.last_swap_s)
-            # The old server drains its streams, then its process ends.
-            assert _wait(lambda pid=old_pid: not _alive(pid), 60), "old server never closed"
+        # Adapters no server of this model has held yet: each swap starts a new server.
         time.sleep(1.5)
+        old_pid = model.server_pid
+        registry.activate("three")
+        assert _wait(lambda: manager.active == "three"), manager.last_error
+        swaps.append(manager.last_swap_s)
+        # The old server drains its streams, then its process ends.
+        assert _wait(lambda pid=old_pid: not _alive(pid), 60), "old server never closed"
+        # A new candidate is prepared while the streams go on (the same kind of swap, off
+        # the activation path); activating it then starts nothing.
+        manager.prepare_every_s = 0.0
+        manager.prepare_source = lambda: ["four"]
+        old_pid = model.server_pid
+        assert _wait(lambda: model.server_pid != old_pid, 60), "four was never prepared"
+        assert _wait(lambda pid=old_pid: not _alive(pid), 60), "old server never closed"
+        time.sleep(1.5)
+        prepared_pid = model.server_pid
+        registry.activate("four")
+        assert _wait(lambda: manager.active == "four"), manager.last_error
+        swaps.append(manager.last_swap_s)
+        assert model.server_pid == prepared_pid, "activating a prepared adapter restarted"
+        assert _wait(lambda: served["four"] > 0, 120), served
     finally:
+        manager.prepare_source = None
         stop.set()
         for t in users:
             t.join(timeout=120)
     assert failures == []
-    assert served[BASE_ADAPTER] and served["one"] and served["two"], served
+    assert served[BASE_ADAPTER] and served["three"] and served["four"], served
     assert all(s is not None for s in swaps)
 
 
