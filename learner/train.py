@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from core.devices import worth_quantizing
+from core.embeddings import Embedder
 from core.learner_settings.train import TrainSettings
 from core.prompting import load_prompt
 from learner.distributed import current_rank
 from learner.dpo_loop import DpoPair, balance_lengths, run_dpo
+from learner.pair_filters import drifting_pairs
 from learner.sft_data import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -92,6 +94,7 @@ class TrainConfig:
     dpo_length_alpha: float = 0.0
     dpo_balance_length: bool = False
     dpo_rejected_turn_end: bool = False
+    dpo_relevance_margin: float = -1.0
 
     @classmethod
     def from_settings(cls, learner: TrainSettings, **overrides: Any) -> TrainConfig:
@@ -117,6 +120,7 @@ class TrainConfig:
             "dpo_length_alpha": learner.dpo_length_alpha,
             "dpo_balance_length": learner.dpo_balance_length,
             "dpo_rejected_turn_end": learner.dpo_rejected_turn_end,
+            "dpo_relevance_margin": learner.dpo_relevance_margin,
         }
         values.update(overrides)
         return cls(**values)
@@ -438,7 +442,8 @@ def train_adapter(
                 # DPO alone with nothing to learn would publish the base under a new id.
                 raise TrainingDataError(
                     f"DPO alone, and none of the {len(pairs)} preference pairs is left to train"
-                    " on (too long, or dropped by learner.dpo_balance_length)"
+                    " on (too long, or dropped by learner.dpo_balance_length or"
+                    " learner.dpo_relevance_margin)"
                 )
         tokens = sum(len(ex.input_ids) for ex in examples)
         if rank.main:
@@ -521,9 +526,20 @@ def _train_dpo(
 ) -> dict[str, Any]:
     """DPO on the recorded pairs (chosen = best attempt, rejected = worst) after SFT, with
     the SFT policy as the reference. Plain torch (learner.dpo_loop): no trl needed."""
+    drifting = 0
+    if config.dpo_relevance_margin >= 0:
+        flags = drifting_pairs(pairs, Embedder(), config.dpo_relevance_margin)
+        drifting = sum(flags)
+        pairs = [p for p, drifts in zip(pairs, flags, strict=True) if not drifts]
+        log.info("DPO: %d of %d pairs drop for drifting from the user", drifting, len(flags))
     examples, built = dpo_pairs(tokenizer, pairs, config)
     if not examples:
-        return {"pairs": 0, "pairs_dropped_for_length": built, "steps": 0}
+        return {
+            "pairs": 0,
+            "pairs_dropped_for_length": built,
+            "pairs_dropped_for_drift": drifting,
+            "steps": 0,
+        }
     dpo_config = dataclasses.replace(
         config, max_steps=-1, epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate
     )
@@ -550,6 +566,7 @@ def _train_dpo(
     return {
         "pairs": len(examples),
         "pairs_dropped_for_length": built - len(examples),
+        "pairs_dropped_for_drift": drifting,
         "mean_length_gap": round(sum(p.length_gap for p in examples) / len(examples), 2),
         "steps": result.steps,
         "seconds": round(result.seconds, 3),

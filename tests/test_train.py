@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from core.embeddings import Embedder
+from core.settings import load_settings
 from learner.dpo_loop import DpoPair, balance_lengths, run_dpo
+from learner.pair_filters import drifting_pairs
 from learner.sft_data import load_pairs, without_turn_end
 from learner.sft_loop import _collate, _collate_packed, _loss_sum, pack_rows
 from learner.train import (
@@ -364,7 +367,12 @@ def test_dpo_with_balanced_lengths_reports_the_dropped_pairs(tiny_model_dir, sft
         pairs_path=_pairs_file(tmp_path),
     )  # fmt: skip
     # Both pairs prefer the longer reply and none the shorter: none is left to learn from.
-    assert result.dpo == {"pairs": 0, "pairs_dropped_for_length": 2, "steps": 0}
+    assert result.dpo == {
+        "pairs": 0,
+        "pairs_dropped_for_length": 2,
+        "pairs_dropped_for_drift": 0,
+        "steps": 0,
+    }
     # DPO alone with no pair left refuses, rather than publish the base under a new id.
     with pytest.raises(TrainingDataError, match="none of the 2 preference pairs"):
         train_adapter(
@@ -425,3 +433,37 @@ def test_packed_rows_give_the_same_loss_as_padded_rows(tiny_model_dir, tokenizer
     assert int(n_padded) == int(n_packed) > 0
     # Block-diagonal attention and restarted positions: no example sees another.
     assert float(packed) == pytest.approx(float(padded), rel=1e-4)
+
+
+def test_pairs_that_drift_from_the_user_are_dropped_before_dpo(tiny_model_dir, sft_file, tmp_path):
+    prompt = DIALOGUES[0]["messages"][:3]  # the user: "I am Ana, a welder from Porto."
+    on_topic = "Welding in Porto sounds demanding. Do you work on ships or on bridges?"
+    off_topic = "I baked sourdough bread this morning and the crust came out lovely."
+    rows = [
+        {"pair_id": "keep", "prompt": prompt, "chosen": on_topic, "rejected": "How can I help?"},
+        {"pair_id": "drift", "prompt": prompt, "chosen": off_topic, "rejected": on_topic},
+        {"pair_id": "keep-2", "prompt": prompt, "chosen": on_topic, "rejected": off_topic},
+    ]
+    encoder = Embedder()
+    assert drifting_pairs(rows, encoder, 0.1) == [False, True, False]
+    assert drifting_pairs(rows, encoder, 1.5) == [False, False, False]  # cosines span < 1.5
+    # A greeting pair (no user message yet) is never called drifting.
+    opening = {**rows[1], "prompt": prompt[:2]}
+    assert drifting_pairs([opening], encoder, 0.0) == [False]
+    with pytest.raises(ValueError, match="margin"):
+        drifting_pairs(rows, encoder, -0.1)
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = _fast(dpo=True, epochs=0, max_steps=-1, dpo_learning_rate=1e-3)
+    result = train_adapter(
+        tiny_model_dir, sft_file, tmp_path / "adapter",
+        dataclasses.replace(config, dpo_relevance_margin=0.1), system_prompt=SYSTEM,
+        pairs_path=pairs,
+    )  # fmt: skip
+    assert result.dpo is not None
+    assert result.dpo["pairs"] == 2 and result.dpo["pairs_dropped_for_drift"] == 1
+    # Off by default: every pair trains.
+    assert TrainConfig().dpo_relevance_margin < 0
+    settings = load_settings(env={"UPC_LEARNER__DPO_RELEVANCE_MARGIN": "0.1"})
+    assert TrainConfig.from_settings(settings.learner.train).dpo_relevance_margin == 0.1

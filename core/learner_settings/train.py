@@ -41,3 +41,6 @@ class TrainSettings:
     # False: a rejected reply's end-of-turn is never a DPO label. Pushing it down teaches
     # "don't stop here" wherever a worse reply happened to stop, and replies run to the cap.
     dpo_rejected_turn_end: bool = False
+    # >= 0: drop the pairs whose chosen reply is less related to the user's last message
+    # than the rejected one by more than this (MiniLM cosine); < 0: keep every pair.
+    dpo_relevance_margin: float = -1.0
