@@ -5,7 +5,7 @@
 # warm machine keeps /tmp/lr between calls. Phases:
 #   iterate   learn iterate --until train (generate, select, train)
 #   resume    learn iterate: the rest of the iteration (the gate, promotion)
-#   variants  one other recipe on the same selection (length-balanced pairs), then resume
+#   variants  one other recipe on the same selection (drifting pairs dropped), then resume
 #   restore   a fresh machine (after setup) takes back the state a lost one returned
 #   eval      base and the adapters on the 200 test users; SYSTEMS=base,ID EVAL_NAME=eval-a
 #             splits it (two systems of 200 users take about one call)
@@ -50,10 +50,10 @@ case "$phase" in
       | tee -a "$OUT/resume.log" | tail -40
     snapshot ;;
   variants)
-    # The same selection on length-balanced pairs (`learn train` publishes it as a
-    # candidate); then the iteration resumes at the gate, which judges the main recipe's
-    # adapter against base.
-    { UPC_LEARNER__DPO_BALANCE_LENGTH=true \
+    # The same selection without the pairs whose chosen reply drifts from the user's last
+    # message (`learn train` publishes it as a candidate); then the iteration resumes at
+    # the gate, which judges the main recipe's adapter against base.
+    { UPC_LEARNER__DPO_RELEVANCE_MARGIN=0.1 \
         python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -12
       timeout "$budget" python3 -m learner learn iterate --iterations 1 2>&1 | quiet | tail -30
     } | tee -a "$OUT/variants.log"
