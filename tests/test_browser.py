@@ -34,16 +34,20 @@ def bot_texts(page):
 
 
 def wait_until_settled(page, count: int, quiet_ms: int = 2000, timeout_ms: int = 120_000):
-    """Wait until there are `count` bot messages whose text stopped changing."""
+    """Wait until there are `count` bot messages whose text stopped changing and no event
+    is still running (on a loaded box a stream may pause longer than `quiet_ms`)."""
     page.evaluate(
         """async ([count, quietMs, timeoutMs]) => {
             let last = null, since = Date.now();
             const t0 = Date.now();
+            const running = () => document.querySelector(
+                '#chatbot .pending, #chatbot.generating, #chatbot .generating, .progress-text, .eta-bar');
             while (Date.now() - t0 < timeoutMs) {
                 const bots = [...document.querySelectorAll('#chatbot .bot')].map(e => e.innerText);
-                const key = JSON.stringify(bots);
+                const key = JSON.stringify(bots) + (running() ? ' running' : '');
                 if (key !== last) { last = key; since = Date.now(); }
-                else if (bots.length >= count && bots[count - 1].trim() && Date.now() - since > quietMs) return;
+                else if (!running() && bots.length >= count && bots[count - 1].trim()
+                         && Date.now() - since > quietMs) return;
                 await new Promise(r => setTimeout(r, 100));
             }
             throw new Error('chat did not settle');
