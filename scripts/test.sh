@@ -26,5 +26,8 @@ echo "==> ruff"
 echo "==> pytest"
 # Two workers, each test file whole on one of them: much of the suite waits on servers,
 # subprocesses and the model, so two files at once use the two cores better than one.
+# Files go out in collection order (tests/conftest.py puts the slowest first); xdist's
+# default hands out the files with the most tests first, which left the 10-minute
+# single-test learning file to the end, on one core.
 exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${UPC_TEST_WORKERS:-2}" \
-  --dist loadfile --durations=15 "$@"
+  --dist loadfile --no-loadscope-reorder --durations=15 "$@"
