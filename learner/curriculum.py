@@ -207,6 +207,19 @@ def is_held_out(dialogue_id: str, ratio: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < ratio
 
 
+def held_out_part(dialogue_ids: Sequence[str], ratio: float) -> list[str]:
+    """The ids held out for the held-out loss, by `is_held_out`, but never all of them: a
+    small iteration whose every dialogue falls on the held-out side (3 of 3 at ratio 0.1
+    happens once in a thousand) still trains, on the one whose hash is highest."""
+    if len(dialogue_ids) < 2:
+        return []
+    held = [i for i in dialogue_ids if is_held_out(i, ratio)]
+    if len(held) == len(dialogue_ids):
+        keep = max(held, key=lambda i: hashlib.sha256(i.encode("utf-8")).digest()[:4])
+        held = [i for i in held if i != keep]
+    return held
+
+
 def iteration_dir(runs_dir: Path, iteration: int) -> Path:
     return Path(runs_dir) / f"iter-{iteration:03d}"
 
@@ -280,11 +293,14 @@ def select_iteration(
     difficult = [d for d in done if is_difficult_dialogue(d, alpha, beta)]
     failed = [d for d in dialogues if d.status == "failed"]
     pairs = [p for d in done for p in preference_pairs(d, system_prompt, pair_min_gap)]
-    held = [d for d in easy if is_held_out(d.id, holdout_ratio)] if len(easy) > 1 else []
-    held_ids = {d.id for d in held}
+    held = held_out_part([d.id for d in easy], holdout_ratio)
+    held_ids = set(held)
     sft, heldout = (
         _targets(part, system_prompt, skip_flagged, max_opener_share)
-        for part in ([d for d in easy if d.id not in held_ids], held)
+        for part in (
+            [d for d in easy if d.id not in held_ids],
+            [d for d in easy if d.id in held_ids],
+        )
     )
     # The ids the files hold: an easy dialogue whose every reply hit the cap gives no row.
     training_ids = sorted({row["dialogue_id"] for row in sft} | {p.dialogue_id for p in pairs})

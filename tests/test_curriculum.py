@@ -17,6 +17,7 @@ from learner.curriculum import (
     cap_openers,
     compute_stats,
     cumulative_training_files,
+    held_out_part,
     is_difficult_dialogue,
     is_difficult_turn,
     is_held_out,
@@ -304,6 +305,21 @@ def test_held_out_split_is_stable_and_near_the_ratio() -> None:
     assert 150 < len(held) < 250
     assert held == [i for i in ids if is_held_out(i, 0.1)]
     assert not any(is_held_out(i, 0.0) for i in ids)
+    assert held_out_part(ids, 0.1) == held  # the split itself, when some are left to train
+
+
+def test_a_small_iteration_never_holds_out_every_dialogue() -> None:
+    # The ids of a real worker run whose three easy dialogues all hashed under 0.1.
+    ids = [
+        "493aa3725429426499182094426f4237",
+        "c803b964ea2141e095c092910506d21d",
+        "e617334aa730407ab84f4c34a6688905",
+    ]
+    assert all(is_held_out(i, 0.1) for i in ids)
+    held = held_out_part(ids, 0.1)
+    assert len(held) == 2 and set(held) < set(ids)
+    assert held == held_out_part(ids, 0.1)  # the same one trains every time
+    assert held_out_part(ids[:1], 0.1) == [] and held_out_part([], 0.1) == []
 
 
 def test_cumulative_training_files_join_every_iteration(settings: Settings) -> None:
