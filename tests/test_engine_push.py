@@ -13,7 +13,6 @@ import socket
 
 import httpx
 import pytest
-import torch
 
 from chatbot.console.data import ConsoleData
 from chatbot.services import build_services
@@ -25,28 +24,12 @@ from core.settings import SettingsError, load_settings, masked_dict
 from core.types import BASE_ADAPTER, ChatMessage, GenerationParams, ModelError
 from learner.registry import AdapterRegistry
 from storage import Database
+from tests.test_llamacpp_adapters import _random_lora
 
 pytestmark = pytest.mark.slow
 
 MSGS = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi, I keep bees.")]
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0)
-
-
-def _random_lora(base_dir, out_dir, seed):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
-    )
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.mul_(0.5)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +40,7 @@ def engine(tmp_path_factory, embedded_model_dir):
     db = Database(f"sqlite:///{data_dir}/upc.db", data_dir=data_dir)
     registry = AdapterRegistry(data_dir / "adapters", db)
     for seed, name in enumerate(("one", "two", "late")):
-        src = _random_lora(embedded_model_dir, root / f"src-{name}", seed=seed)
+        src = _random_lora(embedded_model_dir, root / f"src-{name}", seed=seed, scale=0.5)
         registry.import_dir(src, adapter_id=name, base_config=embedded_model_dir)
     # The operator's server: started with the adapters that existed then ("late" came after).
     loras = tuple(str(registry.gguf_path(name)) for name in ("one", "two"))
