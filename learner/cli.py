@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -96,11 +97,37 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--parent", choices=("base", "active"), default="base", help="train from (default base)"
     )
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="train on these recorded preference pairs alone (JSON lines, plain or .gz; "
+        "DPO alone: learner.dpo on, learner.epochs 0) instead of the iteration's selection",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_generate, _add_select, _add_train, _add_sanity]
+def _add_gate(sub: Any) -> None:
+    p = sub.add_parser(
+        "gate",
+        help="judge a published adapter against the active one (paired, validation users)",
+        description="The gate of `learn iterate` on its own: the candidate and the active "
+        "adapter talk with the same validation users under the same seeds, the gate critic "
+        "scores them, and the critic-free checks must not regress. The decision is recorded "
+        "on the adapter; --promote activates it when it passes.",
+    )
+    p.add_argument("--adapter", required=True, help="the candidate adapter id")
+    p.add_argument("--promote", action="store_true", help="activate the adapter if it passes")
+    p.set_defaults(func=_gate)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _add_generate,
+    _add_select,
+    _add_train,
+    _add_gate,
+    _add_sanity,
+]
 
 
 def register(subparsers: Any) -> Any:
@@ -245,9 +272,16 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     db = Database.from_settings(settings)
     try:
         registry = AdapterRegistry(settings.adapters_dir, db)
+        if args.iteration < 1:
+            raise ValueError("--iteration must be 1 or more")
+        selection = (
+            stages.recorded_pairs(settings.runs_dir, args.iteration, Path(args.pairs))
+            if args.pairs
+            else stages.load_selection(settings.runs_dir, args.iteration)
+        )
         outcome = stages.train(
             registry,
-            stages.load_selection(settings.runs_dir, args.iteration),
+            selection,
             runs_dir=settings.runs_dir,
             base=stages.BaseModel.from_settings(settings),
             config=TrainConfig.from_settings(settings.learner.train),
@@ -267,6 +301,31 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         summary = {"adapter_id": outcome.adapter_id, "reused": outcome.reused}
         print(json.dumps({**summary, "note": outcome.note, "metrics": outcome.metrics}, indent=2))
     return 0 if outcome.adapter_id else 1
+
+
+def _gate(args: argparse.Namespace, settings: Settings) -> int:
+    parts = LoopParts.from_settings(settings)
+    try:
+        decision = stages.gate(
+            parts.registry,
+            args.adapter,
+            pool=parts.pool,
+            critic=parts.critic("gate"),
+            personas=stages.gate_users(parts.catalog, settings.learner.gate),
+            embedder=parts.embedder,
+            config=settings.learner.gate,
+            generation=stages.generation_config(settings),
+        )
+        promoted = args.promote and stages.promote(parts.registry, decision)
+    except ValueError as exc:  # AdapterError included
+        print(f"error: {exc}")
+        return 2
+    finally:
+        parts.close()
+    print(json.dumps({**decision.to_dict(), "promoted": promoted}, indent=2, default=str))
+    print(f"\n{'PROMOTED' if promoted else 'passed' if decision.promote else 'refused'}: "
+          f"{decision.reason}")  # fmt: skip
+    return 0 if decision.promote else 1
 
 
 def _sanity(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import hashlib
 import json
 import logging
 import shutil
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ __all__ = [
     "hot_load",
     "mix_logged",
     "promote",
+    "recorded_pairs",
     "select",
     "select_logged",
     "train",
@@ -97,7 +100,8 @@ class Selection:
 
     iteration: int
     run_dir: Path
-    source: Literal["curriculum", "logged"] = "curriculum"
+    # "pairs": preference pairs recorded by an earlier run, alone (`recorded_pairs`).
+    source: Literal["curriculum", "logged", "pairs"] = "curriculum"
     # None for a retrain on logged examples alone (no corpus was generated).
     stats: IterationStats | None = None
     sft_count: int = 0
@@ -411,6 +415,39 @@ def load_selection(runs_dir: Path, iteration: int) -> Selection:
     )
 
 
+def recorded_pairs(runs_dir: Path, iteration: int, pairs_file: Path) -> Selection:
+    """A training set of preference pairs alone, recorded by an earlier run (a committed
+    `pairs.jsonl.gz` too): copied, checked row by row, under `iter-KKK/recorded/`, so an
+    adapter can be retrained by another recipe without generating the corpus again."""
+    raw = Path(pairs_file).read_bytes()
+    try:
+        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{pairs_file}: not UTF-8 JSON lines, plain or gzip ({exc})") from exc
+    ids: set[str] = set()
+    lines = [line for line in text.splitlines() if line.strip()]
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{pairs_file}:{n}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= row.keys():
+            raise ValueError(f"{pairs_file}:{n}: a pair needs prompt, chosen and rejected")
+        ids.add(str(row.get("dialogue_id", "")))
+    if not lines:
+        raise ValueError(f"{pairs_file}: no preference pairs")
+    run_dir = iteration_dir(runs_dir, iteration) / "recorded"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return Selection(
+        iteration=iteration,
+        run_dir=run_dir,
+        source="pairs",
+        pair_count=len(lines),
+        dialogue_ids=tuple(sorted(ids - {""})),
+    )
+
+
 # ---------------------------------------------------------------------- train
 def _hash_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -437,21 +474,27 @@ def train(
     recording it is found, verified and reused.
     """
     k = selection.iteration
-    sft = selection.sft_path
+    sft: Path | None = selection.sft_path
     parent = None if parent_id == BASE_ADAPTER else parent_id
-    if not sft.is_file() or not sft.read_text(encoding="utf-8").strip():
+    pairs = selection.pairs_path
+    dpo_alone = config.dpo and config.epochs <= 0 and config.max_steps <= 0
+    if selection.source == "pairs":
+        if not dpo_alone:
+            raise ValueError("recorded pairs train DPO alone: learner.dpo on, learner.epochs 0")
+        sft = None
+    elif sft is None or not sft.is_file() or not sft.read_text(encoding="utf-8").strip():
         note = "no training examples (no easy dialogue, or every reply was flagged)"
         log.warning("iteration %d: %s", k, note)
         return TrainOutcome(adapter_id=None, parent_id=parent, note=note)
     settings_dict = config.to_dict()
     heldout: Path | None = selection.heldout_path if selection.heldout_path.is_file() else None
     rank = current_rank()  # under torchrun: every rank trains, the first one publishes
-    if parent is None and cumulative and k > 1:
+    if parent is None and cumulative and k > 1 and sft is not None:
         if rank.main:
             cumulative_training_files(runs_dir, k)
         barrier(rank)
         sft, heldout = cumulative_paths(runs_dir, k)
-    set_hash = _hash_file(sft)
+    set_hash = _hash_file(sft if sft is not None else pairs)
     fingerprint = json.dumps([set_hash, parent, settings_dict], sort_keys=True)
     adapter_id = f"it{k:03d}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:10]}"
     if registry.exists(adapter_id):
@@ -462,7 +505,6 @@ def train(
     staging = selection.run_dir / "adapter-staging"
     if rank.main:
         shutil.rmtree(staging, ignore_errors=True)
-    pairs = selection.pairs_path
     result = train_adapter(
         base.path,
         sft,

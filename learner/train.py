@@ -306,7 +306,7 @@ def _loop_settings(config: TrainConfig) -> dict[str, Any]:
 
 def _training_data(
     base_model: str | Path,
-    sft_path: Path,
+    sft_path: Path | None,
     heldout_path: Path | None,
     pairs_path: Path | None,
     config: TrainConfig,
@@ -318,8 +318,13 @@ def _training_data(
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = tokenize_all(
-        tokenizer, load_sft_dialogues(Path(sft_path), system_prompt), config.max_seq_len
+    # DPO alone on recorded pairs (`upc learn train --pairs`) has no SFT set.
+    examples = (
+        tokenize_all(
+            tokenizer, load_sft_dialogues(Path(sft_path), system_prompt), config.max_seq_len
+        )
+        if sft_path is not None
+        else []
     )
     heldout = (
         tokenize_all(
@@ -328,7 +333,7 @@ def _training_data(
         if heldout_path is not None and Path(heldout_path).is_file()
         else []
     )
-    if not examples:
+    if not examples and sft_path is not None:
         raise TrainingDataError(f"{sft_path} holds no dialogue with an assistant reply to learn")
     pairs = (
         load_pairs(Path(pairs_path), system_prompt)
@@ -368,7 +373,7 @@ def _trainable_model(
 
 def train_adapter(
     base_model: str | Path,
-    sft_path: Path,
+    sft_path: Path | None,
     output_dir: Path,
     config: TrainConfig,
     *,
@@ -399,9 +404,11 @@ def train_adapter(
     tokenizer, examples, heldout, pairs = _training_data(
         base_model, sft_path, heldout_path, pairs_path, config, system_prompt
     )
-    if config.epochs <= 0 and config.max_steps <= 0 and not pairs:
-        raise TrainingDataError("epochs 0 trains DPO alone, and there are no preference pairs")
     sft_on = config.epochs > 0 or config.max_steps > 0
+    if not sft_on and not pairs:
+        raise TrainingDataError("epochs 0 trains DPO alone, and there are no preference pairs")
+    if sft_on and not examples:
+        raise TrainingDataError("SFT needs examples: pairs alone train with learner.epochs = 0")
     total_steps, warmup = plan_steps(len(examples), config) if sft_on else (0, 0)
     if status is not None:
         status.start(run_id, iteration=iteration, adapter_id=adapter_id, total_steps=total_steps)

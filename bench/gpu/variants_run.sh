@@ -6,6 +6,7 @@
 #   iterate   learn iterate --until train (generate, select, train)
 #   resume    learn iterate: the rest of the iteration (the gate, promotion)
 #   variants  one other recipe on the same selection (drifting pairs dropped), then resume
+#   pairs     one recipe on a run's recorded pairs (RECORDED, committed), then `learn gate`
 #   restore   a fresh machine (after setup) takes back the state a lost one returned
 #   eval      base and the adapters on the 200 test users; SYSTEMS=base,ID EVAL_NAME=eval-a
 #             splits it (two systems of 200 users take about one call)
@@ -57,6 +58,29 @@ case "$phase" in
         python3 -m learner learn train --iteration 1 --no-progress 2>&1 | quiet | tail -12
       timeout "$budget" python3 -m learner learn iterate --iterations 1 2>&1 | quiet | tail -30
     } | tee -a "$OUT/variants.log"
+    snapshot ;;
+  pairs)
+    # Another recipe (its UPC_LEARNER__* on the command line) retrained on the pairs a run
+    # recorded (RECORDED), no corpus generated again; then gated alone against the active
+    # adapter (promoted when it passes).
+    recorded=${RECORDED:-docs/results/isco800-2026-12-02-b/pairs.jsonl.gz}
+    { python3 -m learner learn train --iteration "${ITERATION:-1}" --pairs "$recorded" \
+        --no-progress 2>&1 | quiet | tee /tmp/train.out | tail -30
+      id=$(python3 -c "import json,sys; t=open('/tmp/train.out').read(); print(json.JSONDecoder().raw_decode(t[t.index('{'):])[0]['adapter_id'])")
+      echo "candidate: $id"
+      timeout "$budget" python3 -m learner learn gate --adapter "$id" --promote 2>&1 | quiet \
+        > "$OUT/gate-$id.out"
+      python3 - "$OUT/gate-$id.out" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+d = json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
+print({k: d[k] for k in ("promote", "promoted", "delta", "lower", "upper", "n_users")})
+print("regressions:", [(r["key"], r.get("baseline"), r.get("candidate")) for r in d["regressions"]])
+for side in ("baseline", "candidate"):
+    print(side, {k: v for k, v in d[side].items() if isinstance(v, (int, float))})
+print(text.strip().splitlines()[-1])
+PY
+    } | tee -a "$OUT/pairs.log"
     snapshot ;;
   eval)
     systems=${SYSTEMS:-$(python3 -c "
