@@ -52,5 +52,6 @@ def drifting_pairs(
     to_chosen = (user * chosen).sum(axis=1)
     to_rejected = (user * rejected).sum(axis=1)
     return [
-        bool(u) and c < r - margin for u, c, r in zip(users, to_chosen, to_rejected, strict=True)
+        bool(u) and bool(c < r - margin)
+        for u, c, r in zip(users, to_chosen, to_rejected, strict=True)
     ]

@@ -463,6 +463,9 @@ def test_pairs_that_drift_from_the_user_are_dropped_before_dpo(tiny_model_dir, s
     )  # fmt: skip
     assert result.dpo is not None
     assert result.dpo["pairs"] == 2 and result.dpo["pairs_dropped_for_drift"] == 1
+    # The metrics go into the adapter's JSON manifest (numpy numbers once broke publishing).
+    assert json.loads(json.dumps(result.metrics()))["dpo"]["pairs_dropped_for_drift"] == 1
+    assert all(type(flag) is bool for flag in drifting_pairs(rows, encoder, 0.1))
     # Off by default: every pair trains.
     assert TrainConfig().dpo_relevance_margin < 0
     settings = load_settings(env={"UPC_LEARNER__DPO_RELEVANCE_MARGIN": "0.1"})
