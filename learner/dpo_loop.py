@@ -38,6 +38,10 @@ class DpoPair:
         """Reply tokens of the chosen side minus the rejected side."""
         return int(self.chosen.label_tokens - self.rejected.label_tokens)
 
+    @property
+    def chosen_tokens(self) -> int:
+        return int(self.chosen.label_tokens)
+
 
 def balance_lengths(pairs: list[DpoPair]) -> list[DpoPair]:
     """Drop the pairs with the largest length gap on the majority side until as many pairs
@@ -112,13 +116,18 @@ def run_dpo(
     seed: int,
     on_step: StepHook | None = None,
     length_alpha: float = 0.0,
+    chosen_nll: float = 0.0,
 ) -> DpoResult:
     """Train the trainable (LoRA) parameters on ``pairs`` for ``total_steps`` steps.
 
     ``length_alpha`` > 0 adds alpha x (chosen minus rejected reply tokens) to each pair's
     margin inside the sigmoid (R-DPO, Park et al., 2024): the part of a preference that
     length explains is then credited to length, not to the policy. Where critics prefer
-    longer replies, plain DPO learns length itself, and longer replies run into the cap."""
+    longer replies, plain DPO learns length itself, and longer replies run into the cap.
+
+    ``chosen_nll`` > 0 adds that weight x each chosen reply's mean token negative
+    log-likelihood to the loss (RPO): the policy keeps the chosen text likely instead of
+    only widening the gap between the two replies."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -149,6 +158,9 @@ def run_dpo(
         margin = (chosen - ref_c) - (rejected - ref_r)
         gap = torch.tensor([float(p.length_gap) for p in part], device=chosen.device)
         loss = -torch.nn.functional.logsigmoid(beta * margin + length_alpha * gap).mean()
+        if chosen_nll > 0:
+            tokens = torch.tensor([p.chosen_tokens for p in part], device=chosen.device)
+            loss = loss + chosen_nll * (-chosen / tokens.clamp(min=1)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()

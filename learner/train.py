@@ -95,6 +95,7 @@ class TrainConfig:
     dpo_balance_length: bool = False
     dpo_rejected_turn_end: bool = False
     dpo_relevance_margin: float = -1.0
+    dpo_chosen_nll: float = 0.0
 
     @classmethod
     def from_settings(cls, learner: TrainSettings, **overrides: Any) -> TrainConfig:
@@ -121,6 +122,7 @@ class TrainConfig:
             "dpo_balance_length": learner.dpo_balance_length,
             "dpo_rejected_turn_end": learner.dpo_rejected_turn_end,
             "dpo_relevance_margin": learner.dpo_relevance_margin,
+            "dpo_chosen_nll": learner.dpo_chosen_nll,
         }
         values.update(overrides)
         return cls(**values)
@@ -568,6 +570,7 @@ def _train_dpo(
         seed=config.seed,
         on_step=_status_hook(status, run_id),
         length_alpha=config.dpo_length_alpha,
+        chosen_nll=config.dpo_chosen_nll,
     )
     history.extend(result.loss_history)
     return {

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from core.embeddings import Embedder
 from core.settings import load_settings
-from learner.dpo_loop import DpoPair, balance_lengths, run_dpo
+from learner.dpo_loop import DpoPair, balance_lengths, reply_logps, run_dpo
 from learner.pair_filters import drifting_pairs
 from learner.sft_data import load_pairs, without_turn_end
 from learner.sft_loop import _collate, _collate_packed, _loss_sum, pack_rows
@@ -328,6 +328,42 @@ def test_dpo_length_term_credits_length_not_the_policy(tiny_model_dir, tokenizer
     assert first_losses[1] < first_losses[0]
     # ...and the policy is pushed less towards the longer reply.
     assert 0 < margins[1] < margins[0]
+
+
+def test_dpo_chosen_nll_keeps_the_chosen_reply_likely(tiny_model_dir, tokenizer):
+    prompt = DIALOGUES[0]["messages"][:3]
+    chosen_text = "Welding in Porto sounds demanding. Do you work on ships?"
+    chosen, rejected = (
+        build_example(tokenizer, "d1", [*prompt, {"role": "assistant", "content": text}], 256)
+        for text in (chosen_text, "How can I help you today?")
+    )
+    first_losses, chosen_logps = [], []
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        pair = DpoPair(chosen, rejected)
+        result = run_dpo(
+            model, [pair], pad_id=tokenizer.pad_token_id, device="cpu", beta=0.1,
+            learning_rate=1e-3, total_steps=3, warmup_steps=0, schedule="constant",
+            batch_size=1, max_grad_norm=1.0, seed=0, chosen_nll=weight,
+        )  # fmt: skip
+        first_losses.append(result.loss_history[0]["loss"])
+        batch = _collate([chosen], tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            chosen_logps.append((pair.ref_chosen, float(reply_logps(model, batch)[0])))
+    # At the first step policy = reference: DPO's loss is log 2, plus the chosen reply's
+    # mean token NLL under the model when the term is on.
+    ref_logp = chosen_logps[0][0]
+    assert first_losses[0] == pytest.approx(0.6931, abs=1e-3)
+    expected = 0.6931 - ref_logp / chosen.label_tokens
+    assert first_losses[1] == pytest.approx(expected, rel=1e-3)
+    # With the term the chosen reply ends up more likely than with DPO alone.
+    assert chosen_logps[1][1] > chosen_logps[0][1]
+    assert TrainConfig().dpo_chosen_nll == 0.0
+    settings = load_settings(env={"UPC_LEARNER__DPO_CHOSEN_NLL": "0.5"})
+    assert TrainConfig.from_settings(settings.learner.train).dpo_chosen_nll == 0.5
 
 
 def test_balanced_pairs_leave_no_length_signal(tokenizer):

@@ -44,3 +44,7 @@ class TrainSettings:
     # >= 0: drop the pairs whose chosen reply is less related to the user's last message
     # than the rejected one by more than this (MiniLM cosine); < 0: keep every pair.
     dpo_relevance_margin: float = -1.0
+    # > 0: add this weight x the chosen reply's mean token NLL to the DPO loss (RPO, Pang et
+    # al., 2024). DPO alone can lower both replies' likelihood and move mass to text neither
+    # holds (placeholders, role flips); the NLL term keeps the chosen reply likely.
+    dpo_chosen_nll: float = 0.0
