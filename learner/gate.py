@@ -11,11 +11,13 @@ traits revealed, ...) worse than its tolerance. `decide` is a pure function of t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from core.types import BASE_ADAPTER, ChatModel
@@ -35,6 +37,7 @@ __all__ = [
     "record_decision",
     "run_gate",
     "run_variant",
+    "write_gate_transcripts",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,6 +136,8 @@ class GateDecision:
     seeds: tuple[int, ...] = ()
     regressions: tuple[dict[str, Any], ...] = ()
     checks: dict[str, Any] = field(default_factory=dict)
+    # The JSONL of both sides' dialogues with their scores ("" when none was written).
+    transcripts: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,6 +263,28 @@ def run_variant(
     )
 
 
+def write_gate_transcripts(
+    path: Path, seeds: Sequence[int], n_users: int, sides: dict[str, list[DialogueRecord]]
+) -> Path:
+    """One line per dialogue: side (candidate / baseline), adapter, seed, user and the whole
+    `DialogueRecord` with the gate critic's scores; written whole, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for side, dialogues in sides.items():
+            for k, record in enumerate(dialogues):
+                row = {
+                    "side": side,
+                    "adapter": record.adapter or BASE_ADAPTER,
+                    "seed": seeds[min(k // max(n_users, 1), len(seeds) - 1)],
+                    "persona_id": record.persona_id,
+                    "dialogue": asdict(record),
+                }
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def record_decision(
     registry: AdapterRegistry, decision: GateDecision, *, iteration: int | None = None
 ) -> None:
@@ -333,9 +360,11 @@ def run_gate(
     runner: DialogueRunner | None = None,
     checks: ChecksFn | None = None,
     tolerance: float = 0.10,
+    transcripts_dir: Path | None = None,
 ) -> GateDecision:
     """Evaluate candidate vs the active adapter (or base), paired on the same users and
-    seeds; record the decision and its numbers, and promote if it wins."""
+    seeds; record the decision and its numbers, and promote if it wins. With
+    ``transcripts_dir`` both sides' dialogues are kept there, one JSONL per gate."""
     baseline_id = registry.active_id()
     if baseline_id == candidate_id:
         raise AdapterError(f"{candidate_id} is already the active adapter")
@@ -362,7 +391,18 @@ def run_gate(
     decision = decide(
         cand, base, margin, regressed=regressed, critic_id=str(getattr(critic, "model_id", ""))
     )
-    decision = dataclasses.replace(decision, seeds=seeds, checks=check_values)
+    transcripts = ""
+    if transcripts_dir is not None:
+        written = write_gate_transcripts(
+            Path(transcripts_dir) / f"{candidate_id}-vs-{baseline_id}.jsonl",
+            seeds,
+            len(personas),
+            {"candidate": cand_dialogues, "baseline": base_dialogues},
+        )
+        transcripts = str(written)
+    decision = dataclasses.replace(
+        decision, seeds=seeds, checks=check_values, transcripts=transcripts
+    )
     record_decision(registry, decision, iteration=iteration)
     log.info("gate for %s: %s", candidate_id, decision.reason)
     if decision.promote and promote:

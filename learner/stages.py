@@ -587,6 +587,7 @@ def gate(
             user_params=generation.user_params,
         ),
         checks=checks,
+        transcripts_dir=pool.settings.runs_dir / "gates",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -242,6 +243,23 @@ def test_stages_share_one_model_pool(tiny_model_dir, tmp_path, monkeypatch):
         )
         assert isinstance(decision, GateDecision) and decision.candidate_id == trained.adapter_id
         assert decision.baseline_id == BASE_ADAPTER and decision.n_users == 2
+        # Both sides' dialogues are kept for reading, one line each (2 users x 1 seed).
+        lines = Path(decision.transcripts).read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert Path(decision.transcripts).parent == settings.runs_dir / "gates"
+        assert [(r["side"], r["adapter"]) for r in rows] == [
+            ("candidate", trained.adapter_id),
+            ("candidate", trained.adapter_id),
+            ("baseline", BASE_ADAPTER),
+            ("baseline", BASE_ADAPTER),
+        ]
+        users = {p.id for p in stages.gate_users(parts.catalog, learner.gate)}
+        assert {r["persona_id"] for r in rows} == users and {r["seed"] for r in rows} == {
+            learner.gate.gate_seed
+        }
+        turns = [t for r in rows for t in r["dialogue"]["turns"]]
+        assert turns and all("final_score" in t and t["final_reply"] for t in turns)
+        assert parts.registry.get(trained.adapter_id).gate["transcripts"] == decision.transcripts
         assert parts.registry.active_id() == BASE_ADAPTER  # the gate never promotes itself
         assert stages.promote(parts.registry, decision) is True
         told: list[str] = []
