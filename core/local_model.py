@@ -2,9 +2,8 @@
 
 All model work (forward passes, adapter loads and unloads, exclusive jobs such as the critic's
 logit scoring) runs on a single worker thread, so adapters can be swapped safely between
-batches while requests stream. Concurrent chat requests that arrive within a short window
-are decoded together in one left-padded batch: one forward pass per token for all of them.
-"""
+batches while requests stream. Requests that arrive within a short window are decoded
+together in one left-padded batch: one forward pass per token for all of them."""
 
 from __future__ import annotations
 

@@ -13,11 +13,13 @@ dialogues are engaged again next iteration.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
 import os
 import random
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ __all__ = [
     "SelectionResult",
     "TrainingSet",
     "compute_stats",
+    "copy_recorded_pairs",
     "cumulative_training_files",
     "is_difficult_dialogue",
     "is_difficult_turn",
@@ -458,3 +461,29 @@ def cumulative_training_files(runs_dir: Path, iteration: int) -> tuple[Path, Pat
     _write_atomic(train, "".join(x + "\n" for x in parts["sft.jsonl"]))
     _write_atomic(held, "".join(x + "\n" for x in parts["heldout.jsonl"]))
     return train, held
+
+
+def copy_recorded_pairs(source: Path, target: Path) -> tuple[int, tuple[str, ...]]:
+    """Check preference pairs recorded by a run (JSON lines, plain or gzip) row by row and
+    write them to `target` as plain JSON lines; their count and dialogue ids. Errors name
+    the file and the line."""
+    raw = source.read_bytes()
+    try:
+        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{source}: not UTF-8 JSON lines, plain or gzip ({exc})") from exc
+    ids: set[str] = set()
+    lines = [line for line in text.splitlines() if line.strip()]
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}:{n}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= row.keys():
+            raise ValueError(f"{source}:{n}: a pair needs prompt, chosen and rejected")
+        ids.add(str(row.get("dialogue_id", "")))
+    if not lines:
+        raise ValueError(f"{source}: no preference pairs")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines), tuple(sorted(ids - {""}))

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import hashlib
 import json
 import logging
 import shutil
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from learner.checks import CriticFreeChecks, critic_free_checks
 from learner.critic import Critic, CriticRole, build_critic, critic_kind
 from learner.curriculum import (
     compute_stats,
+    copy_recorded_pairs,
     cumulative_paths,
     cumulative_training_files,
     iteration_dir,
@@ -417,34 +416,12 @@ def load_selection(runs_dir: Path, iteration: int) -> Selection:
 
 def recorded_pairs(runs_dir: Path, iteration: int, pairs_file: Path) -> Selection:
     """A training set of preference pairs alone, recorded by an earlier run (a committed
-    `pairs.jsonl.gz` too): copied, checked row by row, under `iter-KKK/recorded/`, so an
-    adapter can be retrained by another recipe without generating the corpus again."""
-    raw = Path(pairs_file).read_bytes()
-    try:
-        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-        raise ValueError(f"{pairs_file}: not UTF-8 JSON lines, plain or gzip ({exc})") from exc
-    ids: set[str] = set()
-    lines = [line for line in text.splitlines() if line.strip()]
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{pairs_file}:{n}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= row.keys():
-            raise ValueError(f"{pairs_file}:{n}: a pair needs prompt, chosen and rejected")
-        ids.add(str(row.get("dialogue_id", "")))
-    if not lines:
-        raise ValueError(f"{pairs_file}: no preference pairs")
+    `pairs.jsonl.gz` too), checked and copied under `iter-KKK/recorded/`, so an adapter can
+    be retrained by another recipe without generating the corpus again."""
     run_dir = iteration_dir(runs_dir, iteration) / "recorded"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    count, ids = copy_recorded_pairs(Path(pairs_file), run_dir / "pairs.jsonl")
     return Selection(
-        iteration=iteration,
-        run_dir=run_dir,
-        source="pairs",
-        pair_count=len(lines),
-        dialogue_ids=tuple(sorted(ids - {""})),
+        iteration=iteration, run_dir=run_dir, source="pairs", pair_count=count, dialogue_ids=ids
     )
 
 
