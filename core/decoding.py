@@ -261,6 +261,32 @@ def _prefill(
     return logits, mask, position, width
 
 
+def _stop_mask(stop_ids: Sequence[int], vocab: int, device: str) -> torch.Tensor:
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    mask[torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)] = True
+    return mask
+
+
+def _stream(
+    on_token: OnToken,
+    rows: Sequence[DecodeRow],
+    live: Sequence[int],
+    nxt: torch.Tensor,
+    grows: torch.Tensor,
+) -> None:
+    """Hand each streamed row's new token (if it grew) to ``on_token``."""
+    host, alive = nxt.tolist(), grows.tolist()
+    for k, r in enumerate(live):
+        if rows[r].streamed and alive[k]:
+            on_token(r, host[k])
+
+
+def _mark_first_tokens(first_token: list[float | None], live: Sequence[int], now: float) -> None:
+    for r in live:
+        if first_token[r] is None:
+            first_token[r] = now
+
+
 def decode_rows(
     model: Any,
     rows: Sequence[DecodeRow],
@@ -285,8 +311,7 @@ def decode_rows(
     sync_every = 1 if streaming or n == 1 else SYNC_EVERY
     max_new = max(r.max_new_tokens for r in rows)
     vocab = model.get_output_embeddings().weight.shape[0]
-    stop_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
-    stop_mask[torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)] = True
+    stop_mask = _stop_mask(stop_ids, vocab, device)
     any_sampled = any(r.temperature > 0 for r in rows)
     any_min = any(r.min_new_tokens > 0 for r in rows)
 
@@ -321,17 +346,10 @@ def decode_rows(
         state.stopped |= is_stop
         state.done |= is_stop | (state.lengths >= state.max_new)
         if streamed and on_token is not None:
-            host = nxt.tolist()
-            alive = grows.tolist()
-            for k, r in enumerate(live):
-                if rows[r].streamed and alive[k]:
-                    on_token(r, host[k])
+            _stream(on_token, rows, live, nxt, grows)
         last = step == max_new - 1
         if step % sync_every == sync_every - 1 or last:
-            now = time.perf_counter() - started
-            for r in live:
-                if first_token[r] is None:
-                    first_token[r] = now
+            _mark_first_tokens(first_token, live, time.perf_counter() - started)
             if check is not None:
                 _apply_check(check, state, live, reasons)
             if bool(state.done.all()) or last:

@@ -39,7 +39,7 @@ from learner.records import (
     TurnRecord,
 )
 from learner.reply_checks import opener
-from learner.store import CorpusStore, CurriculumState
+from learner.store import CorpusStore, CurriculumState, RunInfo
 
 __all__ = [
     "SelectionResult",
@@ -267,6 +267,21 @@ def _targets(
     return cap_openers(rows, max_opener_share)
 
 
+def _finished_run(store: CorpusStore, iteration: int) -> tuple[RunInfo, list[DialogueRecord]]:
+    """The iteration's generation run and its dialogues; an error when it is missing or
+    still running."""
+    run = store.get_run(iteration)
+    if run is None:
+        raise ValueError(f"iteration {iteration} has no generation run; run `upc learn generate`")
+    dialogues = store.dialogues(run.id)
+    if any(d.status == "running" for d in dialogues):
+        raise ValueError(
+            f"iteration {iteration} is unfinished; resume it with `upc learn generate "
+            f"--iteration {iteration}` first"
+        )
+    return run, dialogues
+
+
 def select_iteration(
     store: CorpusStore,
     runs_dir: Path,
@@ -281,15 +296,7 @@ def select_iteration(
     max_opener_share: float = 0.1,
 ) -> SelectionResult:
     """Write ``sft.jsonl``, ``heldout.jsonl``, ``pairs.jsonl`` and ``selection.json``."""
-    run = store.get_run(iteration)
-    if run is None:
-        raise ValueError(f"iteration {iteration} has no generation run; run `upc learn generate`")
-    dialogues = store.dialogues(run.id)
-    if any(d.status == "running" for d in dialogues):
-        raise ValueError(
-            f"iteration {iteration} is unfinished; resume it with `upc learn generate "
-            f"--iteration {iteration}` first"
-        )
+    run, dialogues = _finished_run(store, iteration)
     system_prompt = str(load_prompt("upc_system"))
     done = [d for d in dialogues if d.status == "done"]
     easy = [d for d in done if not is_difficult_dialogue(d, alpha, beta)]

@@ -342,6 +342,11 @@ def _training_data(
         if config.dpo and pairs_path is not None and Path(pairs_path).is_file()
         else []
     )
+    sft_on = config.epochs > 0 or config.max_steps > 0
+    if not sft_on and not pairs:
+        raise TrainingDataError("epochs 0 trains DPO alone, and there are no preference pairs")
+    if sft_on and not examples:
+        raise TrainingDataError("SFT needs examples: pairs alone train with learner.epochs = 0")
     return tokenizer, examples, heldout, pairs
 
 
@@ -407,10 +412,6 @@ def train_adapter(
         base_model, sft_path, heldout_path, pairs_path, config, system_prompt
     )
     sft_on = config.epochs > 0 or config.max_steps > 0
-    if not sft_on and not pairs:
-        raise TrainingDataError("epochs 0 trains DPO alone, and there are no preference pairs")
-    if sft_on and not examples:
-        raise TrainingDataError("SFT needs examples: pairs alone train with learner.epochs = 0")
     total_steps, warmup = plan_steps(len(examples), config) if sft_on else (0, 0)
     if status is not None:
         status.start(run_id, iteration=iteration, adapter_id=adapter_id, total_steps=total_steps)
@@ -428,32 +429,18 @@ def train_adapter(
         train_seconds, seen = 0.0, 0
         if sft_on:
             loop = run_sft(
-                model,
-                examples,
-                pad_id=pad_id,
-                device=device,
-                total_steps=total_steps,
-                warmup_steps=warmup,
-                **_loop_settings(config),
-                on_step=_status_hook(status, run_id),
-                progress_bar=progress_bar,
-                rank=rank,
-            )
+                model, examples, pad_id=pad_id, device=device, total_steps=total_steps,
+                warmup_steps=warmup, **_loop_settings(config), rank=rank,
+                on_step=_status_hook(status, run_id), progress_bar=progress_bar,
+            )  # fmt: skip
             history.extend(loop.loss_history)
             train_seconds, seen = loop.seconds, loop.tokens
         after = heldout_loss(model, heldout, pad_id=pad_id, device=device)
-        dpo_metrics = None
-        if pairs and rank.main:
-            dpo_metrics = _train_dpo(
-                model, tokenizer, pairs, config, device, status, run_id, history
-            )
-            if not sft_on and not dpo_metrics["steps"]:
-                # DPO alone with nothing to learn would publish the base under a new id.
-                raise TrainingDataError(
-                    f"DPO alone, and none of the {len(pairs)} preference pairs is left to train"
-                    " on (too long, or dropped by learner.dpo_balance_length or"
-                    " learner.dpo_relevance_margin)"
-                )
+        dpo_metrics = (
+            _train_dpo(model, tokenizer, pairs, config, device, status, run_id, history)
+            if pairs and rank.main
+            else None
+        )
         tokens = sum(len(ex.input_ids) for ex in examples)
         if rank.main:
             model.save_pretrained(str(output_dir), selected_adapters=["default"])
@@ -488,12 +475,16 @@ def train_adapter(
         tokens_trained=seen,
         ranks=rank.world,
     )
+    _report_done(status, result)
+    return result
+
+
+def _report_done(status: TrainingStatusStore | None, result: TrainResult) -> None:
     if status is not None:
-        status.update(run_id, status="done", step=result.steps)
+        status.update(result.run_id, status="done", step=result.steps)
     log.info("trained %d examples, %d steps, %.0f tokens/s on %s, final loss %s",
              result.examples, result.steps, result.tokens_per_s, result.device,
              result.final_loss)  # fmt: skip
-    return result
 
 
 def dpo_pairs(
@@ -535,13 +526,20 @@ def _train_dpo(
 ) -> dict[str, Any]:
     """DPO on the recorded pairs (chosen = best attempt, rejected = worst) after SFT, with
     the SFT policy as the reference. Plain torch (learner.dpo_loop): no trl needed."""
-    drifting = 0
+    offered, drifting = len(pairs), 0
     if config.dpo_relevance_margin >= 0:
         flags = drifting_pairs(pairs, Embedder(), config.dpo_relevance_margin)
         drifting = sum(flags)
         pairs = [p for p, drifts in zip(pairs, flags, strict=True) if not drifts]
         log.info("DPO: %d of %d pairs drop for drifting from the user", drifting, len(flags))
     examples, built = dpo_pairs(tokenizer, pairs, config)
+    if not examples and config.epochs <= 0 and config.max_steps <= 0:
+        # DPO alone with nothing to learn would publish the base under a new id.
+        raise TrainingDataError(
+            f"DPO alone, and none of the {offered} preference pairs is left to train on"
+            " (too long, or dropped by learner.dpo_balance_length or"
+            " learner.dpo_relevance_margin)"
+        )
     if not examples:
         return {
             "pairs": 0,

@@ -162,3 +162,20 @@ def test_checker_allows_own_layer_and_below():
     source = "from chatbot.memory import X\nfrom learner.registry import Y\nimport core.settings\n"
     assert check_source(source, "chatbot") == []
     assert check_source("from . import sibling\n", "storage") == []
+
+
+def test_no_giant_modules_or_functions():
+    """Issue 14's limits: no module over 600 lines, no function over 100."""
+    big_modules, big_functions = [], []
+    for package in sorted(PROJECT):
+        for path in sorted((REPO / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            name = str(path.relative_to(REPO))
+            if len(text.splitlines()) > 600:
+                big_modules.append(name)
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    assert node.end_lineno is not None
+                    if node.end_lineno - node.lineno + 1 > 100:
+                        big_functions.append(f"{name}:{node.name}")
+    assert big_modules == [] and big_functions == []
