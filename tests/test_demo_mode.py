@@ -108,7 +108,10 @@ def test_demo_bounds_message_length_and_rate(demo_app):
     started = time.monotonic()
     for i in range(10):
         _, history, status, _ = client.predict(f"Message {i}.", history, bid, api_name="/send")
-        assert status == "", status
+        # A sampled 2-token reply can come out blank: the product then says so and keeps
+        # the message. What is bounded here is the rate: none of these ten is refused.
+        assert status == "" or "empty reply" in status, status
+        assert [_text(m) for m in history if m["role"] == "user"][-1] == f"Message {i}."
     if time.monotonic() - started > 55:
         pytest.skip("replies too slow on this machine to stay within the one-minute window")
     _, after, status, _ = client.predict("One more.", history, bid, api_name="/send")

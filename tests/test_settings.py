@@ -100,7 +100,7 @@ def test_learner_field_names_are_unique_across_components():
         for component in dataclasses.fields(LearnerSettings)
         for inner in dataclasses.fields(getattr(LearnerSettings(), component.name))
     ]
-    assert len(names) == len(set(names)) == 56
+    assert len(names) == len(set(names)) == 57
 
 
 def test_demo_mode_turns_the_curriculum_off_unless_set():
