@@ -492,5 +492,5 @@ def copy_recorded_pairs(source: Path, target: Path) -> tuple[int, tuple[str, ...
     if not lines:
         raise ValueError(f"{source}: no preference pairs")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_atomic(target, "\n".join(lines) + "\n")
     return len(lines), tuple(sorted(ids - {""}))

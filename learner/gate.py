@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from core.types import BASE_ADAPTER, ChatModel
+from learner.adapter_manifest import atomic_write
 from learner.checks import CheckRegression, CriticFreeChecks, regressions
 from learner.critic import Critic
 from learner.generate import run_dialogues
@@ -268,20 +269,19 @@ def write_gate_transcripts(
 ) -> Path:
     """One line per dialogue: side (candidate / baseline), adapter, seed, user and the whole
     `DialogueRecord` with the gate critic's scores; written whole, then renamed."""
+    rows = [
+        {
+            "side": side,
+            "adapter": record.adapter or BASE_ADAPTER,
+            "seed": seeds[min(k // max(n_users, 1), len(seeds) - 1)],
+            "persona_id": record.persona_id,
+            "dialogue": asdict(record),
+        }
+        for side, dialogues in sides.items()
+        for k, record in enumerate(dialogues)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for side, dialogues in sides.items():
-            for k, record in enumerate(dialogues):
-                row = {
-                    "side": side,
-                    "adapter": record.adapter or BASE_ADAPTER,
-                    "seed": seeds[min(k // max(n_users, 1), len(seeds) - 1)],
-                    "persona_id": record.persona_id,
-                    "dialogue": asdict(record),
-                }
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     return path
 
 

@@ -454,7 +454,7 @@ def train(
     sft: Path | None = selection.sft_path
     parent = None if parent_id == BASE_ADAPTER else parent_id
     pairs = selection.pairs_path
-    dpo_alone = config.dpo and config.epochs <= 0 and config.max_steps <= 0
+    dpo_alone = config.dpo and not config.sft_on
     if selection.source == "pairs":
         if not dpo_alone:
             raise ValueError("recorded pairs train DPO alone: learner.dpo on, learner.epochs 0")

@@ -130,6 +130,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def sft_on(self) -> bool:
+        """False: no SFT step, DPO alone (`epochs` 0 and no `max_steps`)."""
+        return self.epochs > 0 or self.max_steps > 0
+
 
 @dataclass
 class TrainResult:
@@ -342,10 +347,9 @@ def _training_data(
         if config.dpo and pairs_path is not None and Path(pairs_path).is_file()
         else []
     )
-    sft_on = config.epochs > 0 or config.max_steps > 0
-    if not sft_on and not pairs:
+    if not config.sft_on and not pairs:
         raise TrainingDataError("epochs 0 trains DPO alone, and there are no preference pairs")
-    if sft_on and not examples:
+    if config.sft_on and not examples:
         raise TrainingDataError("SFT needs examples: pairs alone train with learner.epochs = 0")
     return tokenizer, examples, heldout, pairs
 
@@ -411,8 +415,7 @@ def train_adapter(
     tokenizer, examples, heldout, pairs = _training_data(
         base_model, sft_path, heldout_path, pairs_path, config, system_prompt
     )
-    sft_on = config.epochs > 0 or config.max_steps > 0
-    total_steps, warmup = plan_steps(len(examples), config) if sft_on else (0, 0)
+    total_steps, warmup = plan_steps(len(examples), config) if config.sft_on else (0, 0)
     if status is not None:
         status.start(run_id, iteration=iteration, adapter_id=adapter_id, total_steps=total_steps)
     output_dir = Path(output_dir)
@@ -427,7 +430,7 @@ def train_adapter(
         if status is not None:
             status.update(run_id, stage="sft", step=0, total_steps=total_steps)
         train_seconds, seen = 0.0, 0
-        if sft_on:
+        if config.sft_on:
             loop = run_sft(
                 model, examples, pad_id=pad_id, device=device, total_steps=total_steps,
                 warmup_steps=warmup, **_loop_settings(config), rank=rank,
@@ -533,7 +536,7 @@ def _train_dpo(
         pairs = [p for p, drifts in zip(pairs, flags, strict=True) if not drifts]
         log.info("DPO: %d of %d pairs drop for drifting from the user", drifting, len(flags))
     examples, built = dpo_pairs(tokenizer, pairs, config)
-    if not examples and config.epochs <= 0 and config.max_steps <= 0:
+    if not examples and not config.sft_on:
         # DPO alone with nothing to learn would publish the base under a new id.
         raise TrainingDataError(
             f"DPO alone, and none of the {offered} preference pairs is left to train on"
